@@ -1,0 +1,25 @@
+"""Shared fixtures: the real data folder beside the checkout, and small helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("TILESEGMENT_DATA", ROOT.parent / "shared" / "data")).resolve()
+
+
+def data_path(*parts: str) -> Path:
+    """Path of a file in the shared data folder; skips the test with a reason when absent."""
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real test data not found at {path} (set TILESEGMENT_DATA to ../shared/data)")
+    return path
+
+
+@pytest.fixture
+def cmu_slide() -> Path:
+    """The real Aperio slide CMU-1-Small-Region.svs (2967 x 2220 px, 0.499 um/px)."""
+    return data_path("slides", "CMU-1-Small-Region.svs")

@@ -1,0 +1,7 @@
+"""tilesegment: seamless valid-convolution U-Net segmentation of images too large for memory."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,74 @@
+"""The reader protocol every slide backend implements, and the value object it describes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class SlideInfo:
+    """What a reader knows about an image, without reading its pixels."""
+
+    path: Path
+    """The file or directory that was opened."""
+    backend: str
+    """Name of the reader backend: ``"openslide"``, ``"tiff"``, ``"image"`` or ``"zarr"``."""
+    vendor: str
+    """Format/vendor as detected (``"aperio"``, ``"generic-tiff"``, ``"ome-tiff"``, ``"png"``...)."""
+    level_shapes: tuple[tuple[int, int], ...]
+    """(height, width) of every pyramid level, level 0 (full resolution) first."""
+    level_downsamples: tuple[float, ...]
+    """Downsample factor of each level relative to level 0 (1.0 for level 0)."""
+    mpp: tuple[float, float] | None
+    """Micrometres per pixel of level 0 as (y, x), or None when the file does not say."""
+    channels: int
+    """Channels returned by ``read_region``: 3 for colour (RGBA is flattened to RGB), 1 for gray."""
+    properties: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    """Backend-specific metadata, for display only."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of level 0."""
+        return self.level_shapes[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_shapes)
+
+    def level_mpp(self, level: int) -> tuple[float, float] | None:
+        """Micrometres per pixel of ``level`` as (y, x), or None when unknown."""
+        if self.mpp is None:
+            return None
+        d = self.level_downsamples[level]
+        return self.mpp[0] * d, self.mpp[1] * d
+
+
+@runtime_checkable
+class SlideReader(Protocol):
+    """A source of uint8 pixels at several pyramid levels.
+
+    Lifecycle: open with :func:`tilesegment.io.open_slide`, use, then ``close()`` (readers are
+    context managers). Thread-safety: ``read_region`` may be called from several threads at once.
+    Picklability: readers are not pickled; workers receive the path and open their own reader.
+    """
+
+    info: SlideInfo
+
+    def read_region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """Pixels of the box (y, x, h, w) of ``level``, in that level's coordinates.
+
+        The box must lie inside the level (callers mirror-pad themselves). Returns a C-contiguous
+        (h, w, C) uint8 array with C = ``info.channels``. Raises ``SlideReadError`` naming the file
+        when the data cannot be decoded.
+        """
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> SlideReader: ...
+
+    def __exit__(self, *exc: object) -> None: ...
