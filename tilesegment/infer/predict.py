@@ -1,0 +1,143 @@
+"""Predict one batch of tiles: uint8 pixels in, class probabilities out. Pure, no I/O.
+
+A :class:`Predictor` owns one model copy on one device. It is not thread-safe (one caller per
+predictor); the worker pool gives every device its own predictor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Literal
+
+import numpy as np
+import torch
+
+from tilesegment.errors import ConfigError
+from tilesegment.geometry import PAD_MODE, whole_image_padding
+from tilesegment.model.checkpoint import ModelSpec
+from tilesegment.model.unet import UNet
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+#: ITU-R BT.601 luma weights, used when a grayscale model meets an RGB image.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def to_model_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
+    """Convert (..., C) uint8 pixels to the model's channel count (1 or 3).
+
+    Gray → RGB repeats the channel; RGB → gray takes BT.601 luma (rounded).
+    """
+    c = pixels.shape[-1]
+    if c == channels:
+        return pixels
+    if c == 1 and channels == 3:
+        return np.repeat(pixels, 3, axis=-1)
+    if c == 3 and channels == 1:
+        luma = pixels.astype(np.float32) @ _LUMA
+        return np.clip(np.rint(luma), 0, 255).astype(np.uint8)[..., None]
+    raise ConfigError(f"cannot convert {c}-channel pixels to the model's {channels} channels")
+
+
+class Predictor:
+    """Runs a U-Net on batches of mirror-padded uint8 tiles on one device.
+
+    Parameters
+    ----------
+    model : UNet
+        The network (moved to ``device`` and set to eval mode here).
+    spec : ModelSpec
+        Input normalisation and channel order.
+    device : str or torch.device
+    precision : {"fp32", "bf16", "fp16"}
+        Autocast dtype for the forward pass; fp32 disables autocast. fp16 is CUDA-only.
+    channels_last : bool
+        Use the channels-last memory format (faster convolutions on CPU and tensor cores).
+    """
+
+    def __init__(
+        self,
+        model: UNet,
+        spec: ModelSpec,
+        *,
+        device: str | torch.device = "cpu",
+        precision: Precision = "fp32",
+        channels_last: bool = True,
+    ) -> None:
+        self.device = torch.device(device)
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("`precision` fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        self.precision = precision
+        self.channels_last = channels_last
+        self.spec = spec
+        self.model = model.to(self.device).eval()
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        c = spec.unet.in_channels
+        self._mean = torch.tensor(spec.mean, device=self.device).view(1, c, 1, 1)
+        self._inv_std = (1.0 / torch.tensor(spec.std, device=self.device)).view(1, c, 1, 1)
+
+    @property
+    def halo(self) -> int:
+        return self.model.halo
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities for a batch.
+
+        Parameters
+        ----------
+        batch : (N, H, W, C) uint8 ndarray
+            Mirror-padded input tiles with H and W valid input sizes and C the model's channels.
+
+        Returns
+        -------
+        (N, classes, H - 2·halo, W - 2·halo) float32 ndarray
+            Softmax probabilities.
+        """
+        return self.probabilities(batch).cpu().numpy()
+
+    @torch.inference_mode()
+    def probabilities(self, batch: np.ndarray) -> torch.Tensor:
+        """Like ``__call__`` but returns the (float32, CPU or device) tensor."""
+        if batch.ndim != 4 or batch.dtype != np.uint8:
+            raise ConfigError(f"batch must be (N, H, W, C) uint8, got {batch.shape} {batch.dtype}")
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().mul_(1.0 / 255.0)
+        x = (x - self._mean) * self._inv_std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            logits = self.model(x)
+        return torch.softmax(logits.float(), dim=1).contiguous()
+
+
+def predict_image(image: np.ndarray, predictor: Predictor) -> np.ndarray:
+    """Whole-image pass: mirror-pad by the halo (plus bottom/right to a valid size), run the
+    network once and crop back. The reference every tiled path must reproduce.
+
+    Parameters
+    ----------
+    image : (H, W, C) uint8 ndarray
+
+    Returns
+    -------
+    (classes, H, W) float32 ndarray
+    """
+    if image.ndim == 2:
+        image = image[..., None]
+    image = to_model_channels(image, predictor.spec.unet.in_channels)
+    net = predictor.model
+    residue = net.output_size(net.valid_input_sizes(1)[0]) % net.pooling
+    pads = whole_image_padding(image.shape[:2], halo=net.halo, pooling=net.pooling, residue=residue)
+    padded = np.pad(image, (*pads, (0, 0)), mode=PAD_MODE)
+    probs = predictor(padded[None])[0]
+    return probs[:, : image.shape[0], : image.shape[1]]
