@@ -18,7 +18,7 @@ class SlideInfo:
     backend: str
     """Name of the reader backend: ``"openslide"``, ``"tiff"``, ``"image"`` or ``"zarr"``."""
     vendor: str
-    """Format/vendor as detected (``"aperio"``, ``"generic-tiff"``, ``"ome-tiff"``, ``"png"``...)."""
+    """Format or vendor as detected (``"aperio"``, ``"generic-tiff"``, ``"ome-tiff"``, ...)."""
     level_shapes: tuple[tuple[int, int], ...]
     """(height, width) of every pyramid level, level 0 (full resolution) first."""
     level_downsamples: tuple[float, ...]
