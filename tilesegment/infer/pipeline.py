@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from tilesegment import __version__
-from tilesegment.errors import ConfigError
+from tilesegment.errors import ConfigError, TilesegmentError
 from tilesegment.geometry import Box, Tile, TileGrid, tile_grid, tile_indices
 from tilesegment.infer.predict import Precision, Predictor, to_model_channels
 from tilesegment.io import SlideReader, open_slide
@@ -231,7 +231,12 @@ def run_slide(
             attrs=attrs,
         )
         predictor = Predictor(net, spec, device=opts.device, precision=opts.precision)
-        seconds = _stream(reader, grid, chunks, predictor, store, spec, opts)
+        try:
+            seconds = _stream(reader, grid, chunks, predictor, store, spec, opts)
+        except TilesegmentError as exc:
+            # The same public error class (so the same exit code), plus where the output is.
+            public = next(c for c in type(exc).__mro__ if c.__module__ == "tilesegment.errors")
+            raise public(f"{exc}; {output} was left incomplete") from exc
     store.finalize()
     h, w = image_shape
     return RunSummary(

@@ -1,0 +1,110 @@
+"""End to end on the real Aperio slide: the stitched output does not depend on the tile size or
+the batch size, and equals one whole-image forward pass of the mirror-padded slide."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from tilesegment.infer.pipeline import RunOptions, run_slide
+from tilesegment.infer.predict import Predictor, predict_image
+from tilesegment.io import open_slide
+from tilesegment.model import ModelSpec, UNetConfig, load_checkpoint, new_model, save_checkpoint
+from tilesegment.store import OutputStore, is_complete
+
+# 252: many small tiles (stride 64); 572: the paper's tile; 3164: one tile larger than the slide.
+TILE_SIZES = (252, 572, 3164)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A fixed random depth-4 model, small enough to run the whole slide several times."""
+    spec = ModelSpec.default(UNetConfig(depth=4, base_channels=4, classes=3), name="tiny")
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    save_checkpoint(new_model(spec, seed=11), spec, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory) -> dict[int, Path]:
+    from tests.conftest import data_path
+
+    slide = data_path("slides", "CMU-1-Small-Region.svs")
+    out = tmp_path_factory.mktemp("runs")
+    paths = {}
+    for i, tile in enumerate(TILE_SIZES):
+        paths[tile] = out / f"t{tile}.zarr"
+        opts = RunOptions(tile_size=tile, batch_size=(1, 3, 1)[i], progress=False)
+        summary = run_slide(slide, paths[tile], tiny_model, opts)
+        assert summary.image_shape == (2967, 2220)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def whole_image(tiny_model) -> np.ndarray:
+    from tests.conftest import data_path
+
+    slide = data_path("slides", "CMU-1-Small-Region.svs")
+    net, spec = load_checkpoint(tiny_model)
+    with open_slide(slide) as reader:
+        h, w = reader.info.shape
+        image = reader.read_region(0, 0, 0, h, w)
+    return predict_image(image, Predictor(net, spec))
+
+
+def test_tile_size_does_not_change_the_output(runs):
+    stores = {t: OutputStore.open(p) for t, p in runs.items()}
+    probs = {t: s.probabilities[:] for t, s in stores.items()}
+    masks = {t: s.mask[:] for t, s in stores.items()}
+    ref_p, ref_m = probs[TILE_SIZES[0]], masks[TILE_SIZES[0]]
+    for t in TILE_SIZES[1:]:
+        diff = np.abs(probs[t].astype(np.int16) - ref_p.astype(np.int16))
+        assert diff.max() <= 1, f"tile {t}: probabilities differ by {diff.max()}/255"
+        agree = (masks[t] == ref_m).mean()
+        assert agree >= 0.9999, f"tile {t}: masks agree on only {agree:.6%}"
+
+
+def test_output_equals_the_whole_image_pass(runs, whole_image):
+    expected = np.rint(whole_image * 255)
+    expected_mask = whole_image.argmax(axis=0)
+    for t, path in runs.items():
+        store = OutputStore.open(path)
+        got = store.probabilities[:].astype(np.float32)
+        assert got.shape == expected.shape
+        assert np.abs(got - expected).max() <= 1, f"tile {t}"
+        assert (store.mask[:] == expected_mask).mean() >= 0.9999, f"tile {t}"
+
+
+def test_output_is_valid_ngff_with_the_slide_scale(runs):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+    from ome_zarr_models.v04 import Image, ImageLabel
+
+    path = runs[572]
+    assert is_complete(path)
+    root = zarr.open_group(path, mode="r")
+    image = Image.from_zarr(root)
+    ImageLabel.from_zarr(root["labels/mask"])
+    ms = image.attributes.multiscales[0]
+    scale = ms.datasets[0].coordinateTransformations[0].scale
+    assert scale[1:] == pytest.approx([0.499, 0.499])
+    assert [a.unit for a in ms.axes[1:]] == ["micrometer", "micrometer"]
+    nodes = list(Reader(parse_url(str(path)))())
+    assert nodes[0].data[0].shape == (3, 2967, 2220)
+    # Pyramid down to <= 1024 px.
+    assert max(nodes[0].data[-1].shape[1:]) <= 1024
+    attrs = root.attrs["tilesegment"]
+    assert attrs["tile_size"] == [572, 572] and attrs["halo"] == 92
+
+
+def test_existing_output_is_refused(runs, tiny_model):
+    from tests.conftest import data_path
+    from tilesegment.errors import StoreError
+
+    slide = data_path("slides", "CMU-1-Small-Region.svs")
+    with pytest.raises(StoreError, match="--overwrite"):
+        run_slide(slide, runs[572], tiny_model, RunOptions(progress=False))
+    assert is_complete(runs[572])
