@@ -37,7 +37,9 @@ def runs(tiny_model, tmp_path_factory) -> dict[int, Path]:
     paths = {}
     for i, tile in enumerate(TILE_SIZES):
         paths[tile] = out / f"t{tile}.zarr"
-        opts = RunOptions(tile_size=tile, batch_size=(1, 3, 1)[i], progress=False)
+        opts = RunOptions(
+            tile_size=tile, batch_size=(1, 3, 1)[i], tissue="none", preview=False, progress=False
+        )
         summary = run_slide(slide, paths[tile], tiny_model, opts)
         assert summary.image_shape == (2967, 2220)
     return paths
@@ -108,3 +110,55 @@ def test_existing_output_is_refused(runs, tiny_model):
     with pytest.raises(StoreError, match="--overwrite"):
         run_slide(slide, runs[572], tiny_model, RunOptions(progress=False))
     assert is_complete(runs[572])
+
+
+def test_resampled_runs_are_tile_invariant(tmp_path):
+    """Through resampling to the model's µm/px, the output still equals a whole-image pass."""
+    from tests.conftest import data_path
+    from tilesegment.io.resample import ResampledReader
+
+    slide = data_path("slides", "CMU-1-Small-Region.svs")
+    spec = ModelSpec.default(UNetConfig(depth=3, base_channels=4), name="coarse", mpp=1.3)
+    save_checkpoint(new_model(spec, seed=5), spec, tmp_path / "coarse")
+    outs = []
+    for tile in (140, 572):
+        out = tmp_path / f"r{tile}.zarr"
+        opts = RunOptions(tile_size=tile, tissue="none", preview=False, progress=False)
+        summary = run_slide(slide, out, tmp_path / "coarse", opts)
+        assert summary.extra["mpp"] == pytest.approx(1.3)
+        outs.append(OutputStore.open(out))
+    assert outs[0].image_shape == (1139, 852)
+    assert outs[0].mpp == pytest.approx((1.3, 1.3))
+    p0, p1 = (o.probabilities[:].astype(np.int16) for o in outs)
+    assert np.abs(p0 - p1).max() <= 1
+    net, spec = load_checkpoint(tmp_path / "coarse")
+    with open_slide(slide) as reader:
+        view = ResampledReader(reader, 0, source_mpp=0.499, target_mpp=1.3)
+        image = view.read_region(0, 0, 0, *view.info.shape)
+    whole = np.rint(predict_image(image, Predictor(net, spec)) * 255)
+    assert np.abs(p0 - whole).max() <= 1
+
+
+def test_tissue_masking_skips_glass_and_keeps_tissue_output(tmp_path, tiny_model):
+    from tilesegment.synthetic import write_slide
+
+    # 90 % glass, one compact tissue region.
+    slide = write_slide(tmp_path / "glass.tif", (6000, 6000), tissue_fraction=0.1, patches=1)
+    runs = {}
+    for tissue in ("auto", "none"):
+        out = tmp_path / f"{tissue}.zarr"
+        opts = RunOptions(tile_size=572, tissue=tissue, progress=False)
+        runs[tissue] = (run_slide(slide, out, tiny_model, opts), OutputStore.open(out))
+    auto, none = runs["auto"][0].extra, runs["none"][0].extra
+    assert none["tiles_processed"] == runs["none"][0].tiles
+    share = auto["tiles_processed"] / runs["auto"][0].tiles
+    # Tiles whose input window (halo included) touches the tissue edge are processed too.
+    assert 0.08 <= share <= 0.2, share
+    assert 0.07 <= auto["tissue_fraction"] <= 0.15
+    tissue = runs["auto"][1].label("tissue")[:].astype(bool)
+    p_auto = runs["auto"][1].probabilities[:]
+    p_none = runs["none"][1].probabilities[:]
+    # On tissue, masking changes nothing; on skipped glass, probabilities stay at the fill value.
+    np.testing.assert_array_equal(p_auto[:, tissue], p_none[:, tissue])
+    assert runs["auto"][1].is_complete()
+    assert Path(runs["auto"][0].extra["preview"]).is_file()

@@ -17,11 +17,10 @@ STROMA = np.array([226, 160, 196], dtype=np.float32)
 NUCLEUS = np.array([92, 58, 140], dtype=np.float32)
 
 
-def _patches(size: tuple[int, int], tissue_fraction: float, seed: int) -> np.ndarray:
-    """Ellipses (cy, cx, ry, rx) of tissue covering about ``tissue_fraction`` of the slide."""
+def _patches(size: tuple[int, int], tissue_fraction: float, seed: int, n: int = 6) -> np.ndarray:
+    """``n`` ellipses (cy, cx, ry, rx) of tissue covering about ``tissue_fraction`` of the slide."""
     rng = np.random.default_rng(seed)
     h, w = size
-    n = 6
     # Area of n ellipses with radii r = a * min(h, w) / 2 is n * pi * r^2.
     r = np.sqrt(tissue_fraction * h * w / (n * np.pi))
     cy = rng.uniform(r, max(r + 1, h - r), n)
@@ -41,6 +40,7 @@ def render(
     downsample: float = 1.0,
     tissue_fraction: float = 0.3,
     seed: int = 0,
+    patches: int = 6,
     nucleus_spacing: float = 24.0,
 ) -> np.ndarray:
     """Pixels (h, w, 3) uint8 of the box (y0, x0, h, w) of the level with ``downsample``."""
@@ -48,7 +48,7 @@ def render(
     xs = (np.arange(x0, x0 + w, dtype=np.float32) + 0.5) * downsample
     yy, xx = np.meshgrid(ys, xs, indexing="ij")
     tissue = np.zeros((h, w), dtype=bool)
-    for cy, cx, ry, rx in _patches(size, tissue_fraction, seed):
+    for cy, cx, ry, rx in _patches(size, tissue_fraction, seed, patches):
         tissue |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
     out = np.broadcast_to(GLASS, (h, w, 3)).copy()
     if tissue.any():
@@ -76,6 +76,7 @@ def write_slide(
     compression: str | None = "jpeg",
     tissue_fraction: float = 0.3,
     seed: int = 0,
+    patches: int = 6,
     mpp: float = 0.5,
 ) -> Path:
     """Write a tiled pyramidal TIFF (level 0 + SubIFDs downsampled by 2) of an H&E-like scene.
@@ -110,6 +111,7 @@ def write_slide(
                     downsample=ds,
                     tissue_fraction=tissue_fraction,
                     seed=seed,
+                    patches=patches,
                 )
                 yield block
 

@@ -48,8 +48,14 @@ class RunOptions:
     """Input tile edge in px (a valid U-Net input size); None picks the model's size nearest 572."""
     batch_size: int = 1
     """Tiles per forward pass."""
-    level: int = 0
-    """Pyramid level to segment."""
+    level: int | None = None
+    """Pyramid level to read; None picks the coarsest level at or finer than the model's µm/px."""
+    mpp: float | None = None
+    """The slide's µm/px, for files that lack it or state it wrongly; None trusts the file."""
+    tissue: str = "auto"
+    """``"auto"`` (detect on a thumbnail), ``"none"`` (process every tile) or a mask path."""
+    preview: bool = True
+    """Write ``OUT.preview.png`` (thumbnail with mask contours) next to the output."""
     overwrite: bool = False
     """Replace an existing output."""
     dtype: str = "uint8"
@@ -139,7 +145,7 @@ class ChunkAssembler:
         box = self._boxes[ci]
         buf = self._buffers.get(ci)
         if buf is None:
-            buf = np.empty((self._classes, box.h, box.w), dtype=np.float32)
+            buf = np.zeros((self._classes, box.h, box.w), dtype=np.float32)
             self._buffers[ci] = buf
         w, c = tile.write, tile.core
         buf[:, w.y - box.y : w.y - box.y + w.h, w.x - box.x : w.x - box.x + w.w] = output[
@@ -182,6 +188,75 @@ def _progress(total: int, enabled: bool):
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Source:
+    """The pixels a run segments: a reader view at the model's resolution."""
+
+    reader: SlideReader
+    """Reader to take tiles from (level ``level``); may be a resampled view."""
+    level: int
+    """Level of ``reader`` to read."""
+    source_level: int
+    """Pyramid level of the slide the pixels come from."""
+    image_shape: tuple[int, int]
+    """(h, w) of the segmented image."""
+    mpp: tuple[float, float] | None
+    """µm/px of the segmented image, None when unknown."""
+    level0_per_px: float
+    """Level-0 slide px per segmented px (for coordinates exported in level-0 frame)."""
+
+
+def open_source(reader: SlideReader, spec: ModelSpec, opts: RunOptions) -> Source:
+    """Pick the level to read and, when the model declares a µm/px, resample to it."""
+    from tilesegment.io.resample import MPP_TOLERANCE, ResampledReader, choose_level
+
+    info = reader.info
+    name = info.path.name
+    if opts.level is not None and not 0 <= opts.level < info.level_count:
+        raise ConfigError(
+            f"--level {opts.level} out of range: {name} has levels 0..{info.level_count - 1}"
+        )
+    base = opts.mpp if opts.mpp is not None else (info.mpp[1] if info.mpp else None)
+    if base is None and spec.mpp is not None:
+        log.warning(
+            "%s has no µm/px; taking it to be at the model's %.4g µm/px (pass --mpp to state it)",
+            name,
+            spec.mpp,
+        )
+        base = spec.mpp
+    if spec.mpp is None or base is None:
+        level = opts.level or 0
+        ds = info.level_downsamples[level]
+        mpp = None if base is None else (base * ds, base * ds)
+        return Source(reader, level, level, info.level_shapes[level], mpp, ds)
+    level = choose_level(info, spec.mpp, mpp=base) if opts.level is None else opts.level
+    ds = info.level_downsamples[level]
+    level_mpp = base * ds
+    if abs(level_mpp / spec.mpp - 1) <= MPP_TOLERANCE:
+        shape = info.level_shapes[level]
+        return Source(reader, level, level, shape, (level_mpp, level_mpp), ds)
+    view = ResampledReader(reader, level, source_mpp=level_mpp, target_mpp=spec.mpp)
+    log.info(
+        "%s: resampling level %d (%.4g µm/px) to the model's %.4g µm/px",
+        name,
+        level,
+        level_mpp,
+        spec.mpp,
+    )
+    return Source(view, 0, level, view.info.shape, (spec.mpp, spec.mpp), spec.mpp / base)
+
+
+def _tissue_map(reader: SlideReader, source: Source, tissue: str):
+    """The tissue map for this run (None = process everything) and the thumbnail used."""
+    from tilesegment.tissue import TissueMap, detect_tissue, load_tissue_mask, read_thumbnail
+
+    thumbnail, _ = read_thumbnail(reader)
+    if tissue == "none":
+        return None, thumbnail
+    mask = detect_tissue(thumbnail) if tissue == "auto" else load_tissue_mask(Path(tissue))
+    return TissueMap(mask, source.image_shape), thumbnail
+
+
 def run_slide(
     slide: str | Path,
     output: str | Path,
@@ -196,75 +271,109 @@ def run_slide(
     opts = options or RunOptions()
     if opts.batch_size < 1:
         raise ConfigError(f"`batch_size` ({opts.batch_size}) must be >= 1")
+    if opts.tissue not in ("auto", "none") and not Path(opts.tissue).exists():
+        raise ConfigError(f"--tissue {opts.tissue}: no such mask file; use auto, none or a path")
     net, spec = load_checkpoint(model, device="cpu")
     tile_size = resolve_tile_size(net, opts.tile_size)
     with open_slide(slide) as reader:
-        info = reader.info
-        if not 0 <= opts.level < info.level_count:
-            raise ConfigError(
-                f"--level {opts.level} out of range: {info.path.name} has levels "
-                f"0..{info.level_count - 1}"
-            )
-        image_shape = info.level_shapes[opts.level]
-        grid = plan_grid(image_shape, net, tile_size)
+        source = open_source(reader, spec, opts)
+        grid = plan_grid(source.image_shape, net, tile_size)
         chunks = grid.chunks(tiles_per_chunk(grid, opts.chunk_target_px))
-        chunk_shape = chunks[0][0].shape
+        tissue, thumbnail = _tissue_map(reader, source, opts.tissue)
         weights, _ = checkpoint_paths(model)
         attrs = {
             "tilesegment_version": __version__,
             "slide": str(Path(slide).resolve()),
-            "level": opts.level,
+            "level": source.source_level,
+            "level0_per_px": source.level0_per_px,
             "model": spec.name,
             "model_sha256": file_sha256(weights),
             "tile_size": list(grid.input_shape),
             "stride": list(grid.stride),
             "halo": net.halo,
+            "tissue": opts.tissue,
         }
         store = OutputStore.create(
             output,
-            image_shape=image_shape,
+            image_shape=source.image_shape,
             classes=ClassSpec(spec.class_names, spec.class_colours),
-            chunk_shape=chunk_shape,
-            mpp=info.level_mpp(opts.level),
+            chunk_shape=chunks[0][0].shape,
+            mpp=source.mpp,
             dtype=opts.dtype,
             overwrite=opts.overwrite,
             attrs=attrs,
         )
         predictor = Predictor(net, spec, device=opts.device, precision=opts.precision)
         try:
-            seconds = _stream(reader, grid, chunks, predictor, store, spec, opts)
+            if tissue is not None:
+                _write_tissue(store, tissue, chunks)
+            seconds, processed = _stream(source, grid, chunks, predictor, store, tissue, opts)
         except TilesegmentError as exc:
             # The same public error class (so the same exit code), plus where the output is.
             public = next(c for c in type(exc).__mro__ if c.__module__ == "tilesegment.errors")
             raise public(f"{exc}; {output} was left incomplete") from exc
-    store.finalize()
-    h, w = image_shape
+        store.finalize()
+        preview = None
+        if opts.preview:
+            from tilesegment.preview import write_preview
+
+            preview = write_preview(store, thumbnail, preview_path(output), source=source)
+    h, w = source.image_shape
     return RunSummary(
         output=Path(output),
         tiles=len(grid),
-        image_shape=image_shape,
+        image_shape=source.image_shape,
         tile_size=grid.input_shape,
         seconds=seconds,
         megapixels=h * w / 1e6,
+        extra={
+            "tiles_processed": processed,
+            "tiles_skipped": len(grid) - processed,
+            "tissue_fraction": None if tissue is None else tissue.fraction,
+            "mpp": None if source.mpp is None else source.mpp[0],
+            "level": source.source_level,
+            "preview": None if preview is None else str(preview),
+        },
     )
 
 
+def preview_path(output: str | Path) -> Path:
+    """``OUT.preview.png`` beside ``OUT.zarr``."""
+    out = Path(output)
+    return out.with_name(out.name.removesuffix(".zarr") + ".preview.png")
+
+
+def _write_tissue(store: OutputStore, tissue, chunks: list[tuple[Box, list[Tile]]]) -> None:
+    store.create_label("tissue", dtype="uint8", colours={1: (60, 180, 75, 128)})
+    for box, _ in chunks:
+        store.write_label_chunk("tissue", box, tissue.render(box))
+
+
 def _stream(
-    reader: SlideReader,
+    source: Source,
     grid: TileGrid,
     chunks: list[tuple[Box, list[Tile]]],
     predictor: Predictor,
     store: OutputStore,
-    spec: ModelSpec,
+    tissue,
     opts: RunOptions,
-) -> float:
-    """Run every tile through the model and write every chunk; returns wall seconds."""
+) -> tuple[float, int]:
+    """Run every tile with tissue through the model and write every chunk that has one.
+
+    Returns wall seconds and the number of tiles processed. Tiles without tissue in their input
+    window are skipped; their cores stay zero, and chunks with no processed tile are not written
+    at all (they read as the store's fill value).
+    """
+    if tissue is not None:
+        chunks = [(box, [t for t in ts if tissue.any_in(t.read)]) for box, ts in chunks]
+        chunks = [(box, ts) for box, ts in chunks if ts]
     tiles = [t for _, ts in chunks for t in ts]
-    assembler = ChunkAssembler(chunks, spec.unet.classes)
-    channels = spec.unet.in_channels
+    assembler = ChunkAssembler(chunks, predictor.spec.unet.classes)
+    channels = predictor.spec.unet.in_channels
+    reader, level = source.reader, source.level
 
     def load(tile: Tile) -> np.ndarray:
-        return read_tile(reader, opts.level, tile, grid.image_shape, channels)
+        return read_tile(reader, level, tile, grid.image_shape, channels)
 
     window = max(2 * opts.batch_size, opts.read_threads * 2)
     t0 = time.perf_counter()
@@ -304,4 +413,4 @@ def _stream(
             writes.popleft().result()
     if assembler.open_chunks:
         raise RuntimeError(f"{assembler.open_chunks} chunks were left incomplete (bug)")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, len(tiles)
