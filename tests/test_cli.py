@@ -115,10 +115,22 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, command, model, tmp_pa
     assert not out.exists()
 
 
-def test_corrupt_tiles_fail_on_read_and_leave_an_incomplete_output(model, tmp_path):
+def test_corrupt_tiles_fail_before_any_output_is_written(model, tmp_path):
+    """The tissue thumbnail is read first, so corrupt tiles stop the run before the output."""
     slide = data_path("bad", "unreadable.svs")
     out = tmp_path / "out.zarr"
     result = invoke("run", slide, "-o", out, "--model", model, "--no-progress")
+    assert result.exit_code == 2, result.output
+    message = result.output.strip()
+    assert "\n" not in message and "unreadable.svs" in message
+    assert not out.exists()
+
+
+def test_corrupt_tiles_mid_run_leave_an_incomplete_output(model, tmp_path):
+    slide = data_path("bad", "unreadable.svs")
+    out = tmp_path / "out.zarr"
+    args = ["run", slide, "-o", out, "--model", model, "--tissue", "none", "--no-preview"]
+    result = invoke(*args)
     assert result.exit_code == 2, result.output
     message = result.output.strip()
     assert "\n" not in message and "unreadable.svs" in message

@@ -246,11 +246,12 @@ def open_source(reader: SlideReader, spec: ModelSpec, opts: RunOptions) -> Sourc
     return Source(view, 0, level, view.info.shape, (spec.mpp, spec.mpp), spec.mpp / base)
 
 
-def _tissue_map(reader: SlideReader, source: Source, tissue: str):
-    """The tissue map for this run (None = process everything) and the thumbnail used."""
+def _tissue_map(reader: SlideReader, source: Source, tissue: str, preview: bool):
+    """The tissue map for this run (None = process everything) and the thumbnail, read only
+    when tissue detection or the preview needs it."""
     from tilesegment.tissue import TissueMap, detect_tissue, load_tissue_mask, read_thumbnail
 
-    thumbnail, _ = read_thumbnail(reader)
+    thumbnail = read_thumbnail(reader)[0] if preview or tissue == "auto" else None
     if tissue == "none":
         return None, thumbnail
     mask = detect_tissue(thumbnail) if tissue == "auto" else load_tissue_mask(Path(tissue))
@@ -279,7 +280,7 @@ def run_slide(
         source = open_source(reader, spec, opts)
         grid = plan_grid(source.image_shape, net, tile_size)
         chunks = grid.chunks(tiles_per_chunk(grid, opts.chunk_target_px))
-        tissue, thumbnail = _tissue_map(reader, source, opts.tissue)
+        tissue, thumbnail = _tissue_map(reader, source, opts.tissue, opts.preview)
         weights, _ = checkpoint_paths(model)
         attrs = {
             "tilesegment_version": __version__,
@@ -314,7 +315,7 @@ def run_slide(
             raise public(f"{exc}; {output} was left incomplete") from exc
         store.finalize()
         preview = None
-        if opts.preview:
+        if thumbnail is not None and opts.preview:
             from tilesegment.preview import write_preview
 
             preview = write_preview(store, thumbnail, preview_path(output), source=source)
