@@ -2,7 +2,7 @@
 
 Two panels side by side in one PNG: the whole slide at the mask pyramid level whose long side is
 at most :data:`OVERVIEW_PX`, and a full-resolution detail of the :data:`DETAIL_PX` window with the
-most foreground, where individual objects (nuclei) are visible.
+most object outlines, where individual objects (nuclei) are visible.
 """
 
 from __future__ import annotations
@@ -74,12 +74,13 @@ def write_preview(
 
 
 def _detail(store: OutputStore, source, coarse_mask: np.ndarray, level: int, colours):
-    """Full-resolution window with the most foreground, read from ``source`` (a Source)."""
+    """Full-resolution window with the most object outlines, read from ``source`` (a Source)."""
     h, w = store.image_shape
     size = min(DETAIL_PX, h, w)
     f = 2**level
     k = max(1, size // f)
-    fg = (coarse_mask > 0).astype(np.float64)
+    # Most object outlines, not most foreground: many nuclei beat one large false blob.
+    fg = _contours(coarse_mask).astype(np.float64)
     if fg.sum() == 0:
         return None
     sat = np.pad(fg.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
