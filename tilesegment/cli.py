@@ -168,6 +168,28 @@ def model_init(
     )
 
 
+@main.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def models_cmd(as_json: bool) -> None:
+    """List the models shipped with tilesegment (usable as `run --model NAME`)."""
+    from tilesegment.model.registry import DEFAULT_MODEL, shipped_models
+
+    found = shipped_models()
+    if as_json:
+        doc = [
+            {"name": m.name, "path": str(m.path), "mpp": m.mpp, "classes": list(m.classes)}
+            for m in found
+        ]
+        click.echo(json.dumps(doc, indent=2))
+        return
+    if not found:
+        click.echo("no models are shipped with this installation")
+    for m in found:
+        mark = " (default)" if m.name == DEFAULT_MODEL else ""
+        mpp = f"{m.mpp:g} um/px" if m.mpp else "any um/px"
+        click.echo(f"{m.name}{mark}: {', '.join(m.classes)}; {mpp}. {m.summary}")
+
+
 # --------------------------------------------------------------------------- run
 @main.command()
 @click.argument("slide", type=click.Path(path_type=Path))
@@ -177,13 +199,34 @@ def model_init(
 @click.option(
     "--model",
     "model_path",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Checkpoint NAME (or NAME.json / NAME.safetensors).",
+    default="nuclei-he",
+    show_default=True,
+    help="A shipped model name (see `tilesegment models`) or a checkpoint path.",
 )
 @click.option("--tile-size", type=click.IntRange(1), help="Input tile edge in px (valid size).")
 @click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--level", type=click.IntRange(0), default=0, show_default=True)
+@click.option(
+    "--level",
+    type=click.IntRange(0),
+    help="Pyramid level to read (default: the coarsest at or finer than the model's um/px).",
+)
+@click.option(
+    "--mpp",
+    type=click.FloatRange(0, min_open=True),
+    help="The slide's um/px, when the file lacks it or states it wrongly.",
+)
+@click.option(
+    "--tissue",
+    default="auto",
+    show_default=True,
+    help="Skip tiles without tissue: auto (detect), none, or a mask image/Zarr path.",
+)
+@click.option("--preview/--no-preview", default=True, help="Write OUT.preview.png.")
+@click.option(
+    "--geojson",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also label instances and export them as QuPath GeoJSON (see `tilesegment export`).",
+)
 @click.option(
     "--dtype",
     type=click.Choice(["uint8", "float32"]),
@@ -191,40 +234,159 @@ def model_init(
     show_default=True,
     help="Stored probability type.",
 )
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0.")
+@click.option(
+    "--devices",
+    "--device",
+    "device",
+    default="cpu",
+    show_default=True,
+    help="cpu, cuda:0, cuda:0,cuda:1 (one worker process per device) or auto (all GPUs, "
+    "else the CPU).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    help="CPU worker processes (default 1, in-process); they split the cores.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default="auto",
+    show_default=True,
+    help="auto: fp32 on the CPU, bf16 (else fp16) on CUDA.",
+)
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
 @click.option("--read-threads", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted OUTPUT, skipping its finished chunks (or start it if absent).",
+)
+@click.option(
+    "--max-retries",
+    type=click.IntRange(0, 100),
+    default=2,
+    show_default=True,
+    help="Retries of a unit of work whose worker died or raised.",
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a tty).")
 def run(
     slide: Path,
     output: Path,
-    model_path: Path,
+    model_path: str,
     tile_size: int | None,
     batch_size: int,
-    level: int,
+    level: int | None,
+    mpp: float | None,
+    tissue: str,
+    preview: bool,
+    geojson: Path | None,
     dtype: str,
     device: str,
+    workers: int | None,
+    precision: str,
+    compile_model: bool,
     read_threads: int,
     overwrite: bool,
+    resume: bool,
+    max_retries: int,
     progress: bool | None,
 ) -> None:
-    """Segment SLIDE into the OME-Zarr OUTPUT with a valid U-Net."""
-    from tilesegment.infer.pipeline import RunOptions, run_slide
+    """Segment SLIDE into the OME-Zarr OUTPUT with a valid U-Net.
 
+    Resumable: a run killed at any point continues with --resume and gives the same bytes.
+    Ctrl-C (or SIGTERM) stops after writing the finished chunks (exit code 130 or 143). A JSON
+    report is written to OUTPUT/tilesegment-report.json.
+    """
+    import signal
+
+    from tilesegment.infer.pipeline import RunOptions, run_slide
+    from tilesegment.model.registry import resolve_model
+
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite contradict each other; pass one")
     opts = RunOptions(
         tile_size=tile_size,
         batch_size=batch_size,
         level=level,
+        mpp=mpp,
+        tissue=tissue,
+        preview=preview,
         overwrite=overwrite,
         dtype=dtype,
         device=device,
+        workers=workers,
+        precision=precision,
+        compile=compile_model,
         read_threads=read_threads,
+        resume=resume,
+        max_retries=max_retries,
         progress=sys.stderr.isatty() if progress is None else progress,
     )
-    summary = run_slide(slide, output, model_path, opts)
+    terminated = []
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        summary = run_slide(slide, output, resolve_model(model_path), opts)
+    except KeyboardInterrupt as exc:
+        click.echo(f"stopped: {output}: {exc or 'interrupted'}", err=True)
+        sys.exit(143 if terminated else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     h, w = summary.image_shape
+    x = summary.extra
+    if x.get("already_complete"):
+        click.echo(f"done: {summary.output} was already complete; nothing to resume", err=True)
+        return
+    mpp = f"{x['mpp']:.4g} um/px" if x["mpp"] else "unknown um/px"
+    tissue = "" if x["tissue_fraction"] is None else f", tissue {x['tissue_fraction']:.1%}"
+    resumed = f", {x['tiles_resumed']} done before" if x["tiles_resumed"] else ""
     click.echo(
-        f"done: {summary.output} ({h} x {w} px, {summary.tiles} tiles of "
-        f"{summary.tile_size[0]} px, {summary.seconds:.1f} s, {summary.mpx_per_s:.2f} Mpx/s)",
+        f"done: {summary.output} ({h} x {w} px at {mpp} from level {x['level']}; "
+        f"{x['tiles_processed']} of {summary.tiles} tiles of {summary.tile_size[0]} px processed, "
+        f"{x['tiles_skipped']} skipped{tissue}{resumed}; {summary.seconds:.1f} s, "
+        f"{summary.mpx_per_s:.2f} Mpx/s)",
         err=True,
     )
+    for d in x["devices"]:
+        rate = f"{d['mpx_per_s']:.2f} Mpx/s" if d["mpx_per_s"] else "idle"
+        restarts = f", {d['restarts']} restarts" if d["restarts"] else ""
+        click.echo(
+            f"  worker {d['worker']}: {d['device']} {d['precision']} x{d['threads']} threads, "
+            f"{d['tiles']} tiles, {rate}{restarts}",
+            err=True,
+        )
+    rss = x["peak_rss_mb"]
+    workers_rss = f", workers {rss['workers']:.0f} MB" if rss["workers"] else ""
+    click.echo(f"  peak RSS: main {rss['main']:.0f} MB{workers_rss}", err=True)
+    click.echo(f"report: {x['report_path']}", err=True)
+    if x["preview"]:
+        click.echo(f"preview: {x['preview']}", err=True)
+    if geojson is not None:
+        from tilesegment.postprocess import postprocess_output
+
+        result = postprocess_output(output, geojson=geojson)
+        tables = ", ".join(str(t) for t in result.tables)
+        click.echo(
+            f"instances: {result.instances} in labels/nuclei; GeoJSON {result.geojson}; "
+            f"table {tables or 'not written'}",
+            err=True,
+        )
+
+
+def _register_optional_commands() -> None:
+    """Commands defined next to their stage; each module imports only click at top level."""
+    from tilesegment.export_cli import export
+    from tilesegment.train.cli import evaluate, train
+
+    main.add_command(train)
+    main.add_command(evaluate)
+    main.add_command(export)
+
+
+_register_optional_commands()

@@ -1,29 +1,57 @@
-"""The local run: read → tile → predict → stitch into OME-Zarr, with bounded memory.
+"""The run: read → tile → predict → stitch into OME-Zarr, with bounded memory, resumable.
 
-Reader threads read and mirror-pad tiles (decoding releases the GIL), the calling thread batches
-them through the :class:`~tilesegment.infer.predict.Predictor`, and a writer thread compresses
-finished chunks into the store. Tiles are visited chunk by chunk, so only the chunks being
-assembled and a bounded window of tiles are ever in memory, whatever the slide size.
+Work is planned as *chunks* (whole tile cores, one output chunk each, so a chunk has exactly
+one writer) grouped into *units* (a block of neighbouring chunks whose tiles are read with one
+``read_region``, so overlapping halos and JPEG tiles are decoded about once, not twice).
+
+Two executors run the same per-unit code (:func:`stream_units`):
+
+* in-process (the default on a CPU): reader threads read and mirror-pad tiles (decoding
+  releases the GIL), the calling thread batches them through the
+  :class:`~tilesegment.infer.predict.Predictor` with all torch threads, and a writer thread
+  compresses finished chunks into the store;
+* the worker pool (:mod:`tilesegment.infer.pool`, ``--devices cuda:0,cuda:1`` or
+  ``--workers N``): one process per device runs :func:`stream_units` on the units it is sent
+  and writes its chunks itself; the parent plans, dispatches, retries and records.
+
+Either way the coordinating process records each chunk in the durable done log
+(:mod:`tilesegment.infer.resume`) once its files are on disk, so a killed run resumes with
+``resume=True`` and produces the same bytes. Queues and prefetch windows are bounded by a few
+units, so memory does not grow with the slide.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import platform
+import resource
 import sys
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from tilesegment import __version__
 from tilesegment.errors import ConfigError, TilesegmentError
 from tilesegment.geometry import Box, Tile, TileGrid, tile_grid, tile_indices
-from tilesegment.infer.predict import Precision, Predictor, to_model_channels
+from tilesegment.infer.predict import to_model_channels
+from tilesegment.infer.resume import (
+    DoneLog,
+    RunLock,
+    check_params,
+    read_params,
+    remove_partial_files,
+    write_durably,
+    write_params,
+)
 from tilesegment.io import SlideReader, open_slide
 from tilesegment.model.checkpoint import (
     ModelSpec,
@@ -32,12 +60,15 @@ from tilesegment.model.checkpoint import (
     load_checkpoint,
 )
 from tilesegment.model.unet import UNet
-from tilesegment.store import ClassSpec, OutputStore
+from tilesegment.store import ClassSpec, OutputStore, is_complete
 
 log = logging.getLogger(__name__)
 
 #: Default input tile edge: the paper's 572 px (or the nearest valid size for other depths).
 DEFAULT_TILE_SIZE = 572
+
+#: The JSON run report written into the output at the end of every run (also failed ones).
+REPORT_NAME = "tilesegment-report.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +78,7 @@ class RunOptions:
     tile_size: int | None = None
     """Input tile edge in px (a valid U-Net input size); None picks the model's size nearest 572."""
     batch_size: int = 1
-    """Tiles per forward pass."""
+    """Tiles per forward pass (halved automatically on CUDA out-of-memory)."""
     level: int | None = None
     """Pyramid level to read; None picks the coarsest level at or finer than the model's µm/px."""
     mpp: float | None = None
@@ -58,18 +89,37 @@ class RunOptions:
     """Write ``OUT.preview.png`` (thumbnail with mask contours) next to the output."""
     overwrite: bool = False
     """Replace an existing output."""
+    resume: bool = False
+    """Continue an interrupted output (skipping its finished chunks), or start it if absent."""
     dtype: str = "uint8"
     """Stored probability dtype: ``"uint8"`` (0–255) or ``"float32"``."""
     device: str = "cpu"
-    """torch device for the forward pass."""
-    precision: Precision = "fp32"
-    """Autocast precision (see :class:`Predictor`)."""
+    """Device(s): ``"cpu"``, ``"cuda:0"``, ``"cuda:0,cuda:1"`` (one worker process each) or
+    ``"auto"`` (every visible GPU, else the CPU)."""
+    workers: int | None = None
+    """CPU worker processes (None: 1). One CPU worker runs in-process, several split the cores."""
+    precision: str = "auto"
+    """``"auto"`` (fp32 on CPU; bf16 on CUDA where supported, else fp16), ``"fp32"``,
+    ``"bf16"`` or ``"fp16"`` (CUDA only)."""
+    compile: bool = False
+    """``torch.compile`` the model in every worker (worth it on GPUs for long runs)."""
     read_threads: int = 2
-    """Threads that read, decode and mirror-pad tiles."""
+    """Threads that read, decode and mirror-pad tiles (split between CPU workers)."""
     chunk_target_px: int = 512
     """Aim for output chunks of about this edge; chunks are a whole number of tile strides."""
+    read_block_px: int = 1536
+    """Aim for read blocks (units of work) of about this edge; a whole number of chunks."""
+    max_retries: int = 2
+    """Times a unit of work is retried on another worker after its worker died or raised."""
+    fsync: bool = True
+    """fsync chunk files and the done log (durable across power cuts, not only crashes)."""
+    in_process: bool | None = None
+    """Force (True) or forbid (False) the in-process executor; None: in-process for one CPU
+    worker, worker processes otherwise."""
     progress: bool = True
     """Show a progress bar on stderr."""
+    command: tuple[str, ...] | None = None
+    """Command line recorded in the run report (None: ``sys.argv``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +137,17 @@ class RunSummary:
     @property
     def mpx_per_s(self) -> float:
         return self.megapixels / self.seconds if self.seconds > 0 else float("nan")
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT/SIGTERM after flushing its finished chunks; resumable.
+
+    Still a :class:`KeyboardInterrupt`; its message says how far the run got.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# geometry of a run
 
 
 def resolve_tile_size(net: UNet, tile_size: int | None) -> int:
@@ -109,6 +170,106 @@ def tiles_per_chunk(grid: TileGrid, target_px: int) -> tuple[int, int]:
     return tuple(max(1, round(target_px / s)) for s in grid.stride)  # type: ignore[return-value]
 
 
+ChunkKey = tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkTask:
+    """One output chunk to compute: small and picklable (workers rebuild tiles from the grid)."""
+
+    unit: int
+    """Index of the unit (read block) the chunk belongs to."""
+    key: ChunkKey
+    """(row, column) of the chunk in the store's chunk grid."""
+    box: Box
+    """The chunk in image coordinates (clipped to the image)."""
+    tiles: tuple[tuple[int, int], ...]
+    """Grid indices of the tiles to compute; their cores tile ``box`` exactly, except tiles
+    skipped for lack of tissue, whose cores stay 0."""
+
+
+Unit = tuple[ChunkTask, ...]
+"""A block of neighbouring chunks read together; the unit of dispatch and retry."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkPlan:
+    """Everything needed to process chunks of one run, picklable for worker processes."""
+
+    grid: TileGrid
+    chunk_shape: tuple[int, int]
+    """Level-0 chunk size of the store; chunk (i, j) starts at (i * cy, j * cx)."""
+    tiles_per_chunk: tuple[int, int]
+    units: list[Unit]
+    """Units still to compute, in row-major order of their blocks."""
+    tiles_total: int
+    tiles_no_tissue: int
+    tiles_done_before: int
+    chunks_done_before: int
+
+
+def plan_work(
+    grid: TileGrid,
+    opts: RunOptions,
+    *,
+    tissue=None,
+    done: set[ChunkKey] | frozenset[ChunkKey] = frozenset(),
+) -> WorkPlan:
+    """Chunks to compute (minus ``done`` ones and tissue-free tiles), grouped into units.
+
+    Tiles are built one at a time and kept only as indices, so planning an 80k² slide needs
+    memory for the chunks that have tissue only.
+    """
+    ky, kx = tiles_per_chunk(grid, opts.chunk_target_px)
+    gy, gx = grid.grid_shape
+    cy, cx = ky * grid.stride[0], kx * grid.stride[1]
+    h, w = grid.image_shape
+    nrows, ncols = -(-gy // ky), -(-gx // kx)
+    # Read blocks of whole chunks, about read_block_px on a side.
+    by = max(1, round(opts.read_block_px / cy))
+    bx = max(1, round(opts.read_block_px / cx))
+    units: list[Unit] = []
+    no_tissue = done_tiles = done_chunks = 0
+    for r0 in range(0, nrows, by):
+        for c0 in range(0, ncols, bx):
+            unit: list[ChunkTask] = []
+            for r in range(r0, min(r0 + by, nrows)):
+                for c in range(c0, min(c0 + bx, ncols)):
+                    rows = range(r * ky, min((r + 1) * ky, gy))
+                    cols = range(c * kx, min((c + 1) * kx, gx))
+                    if (r, c) in done:
+                        done_chunks += 1
+                        done_tiles += len(rows) * len(cols)
+                        continue
+                    keep = tuple(
+                        (i, j)
+                        for i in rows
+                        for j in cols
+                        if tissue is None or tissue.any_in(grid.tile(i, j).read)
+                    )
+                    no_tissue += len(rows) * len(cols) - len(keep)
+                    if keep:
+                        y, x = r * cy, c * cx
+                        box = Box(y, x, min(cy, h - y), min(cx, w - x))
+                        unit.append(ChunkTask(len(units), (r, c), box, keep))
+            if unit:
+                units.append(tuple(unit))
+    return WorkPlan(
+        grid=grid,
+        chunk_shape=(min(cy, h), min(cx, w)),
+        tiles_per_chunk=(ky, kx),
+        units=units,
+        tiles_total=len(grid),
+        tiles_no_tissue=no_tissue,
+        tiles_done_before=done_tiles,
+        chunks_done_before=done_chunks,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
 def read_tile(
     reader: SlideReader, level: int, tile: Tile, image_shape: tuple[int, int], channels: int
 ) -> np.ndarray:
@@ -122,64 +283,320 @@ def read_tile(
     return block[np.ix_(rows, cols)]
 
 
-class ChunkAssembler:
-    """Collects tile cores into chunk buffers and hands out each chunk once it is whole."""
+def _cut_tile(block: np.ndarray, origin: tuple[int, int], tile: Tile, shape) -> np.ndarray:
+    """A tile's mirror-padded input from a block read at ``origin`` covering its source."""
+    dy, dx = tile.source.y - origin[0], tile.source.x - origin[1]
+    if tile.pad == ((0, 0), (0, 0)):
+        return block[dy : dy + tile.source.h, dx : dx + tile.source.w]  # a view
+    rows, cols = tile_indices(tile, shape)
+    return block[np.ix_(rows + dy, cols + dx)]
 
-    def __init__(self, chunks: list[tuple[Box, list[Tile]]], classes: int) -> None:
+
+def read_unit(
+    reader: SlideReader, level: int, grid: TileGrid, unit: Unit, channels: int
+) -> list[tuple[Tile, np.ndarray]]:
+    """Every tile of ``unit`` with its (h, w, C) uint8 input, in chunk then tile order.
+
+    Reads the bounding box of the tiles' sources once when that decodes at most twice the
+    pixels that reading tile by tile would (neighbouring tiles share their halos, and a JPEG
+    tile under two tile reads is decoded twice); sparse units are read tile by tile.
+    """
+    tiles = [grid.tile(i, j) for task in unit for (i, j) in task.tiles]
+    shape = grid.image_shape
+    y0 = min(t.source.y for t in tiles)
+    x0 = min(t.source.x for t in tiles)
+    y1 = max(t.source.y + t.source.h for t in tiles)
+    x1 = max(t.source.x + t.source.w for t in tiles)
+    tile_area = sum(t.source.h * t.source.w for t in tiles)
+    if len(tiles) == 1 or (y1 - y0) * (x1 - x0) > 2 * tile_area:
+        return [(t, read_tile(reader, level, t, shape, channels)) for t in tiles]
+    block = to_model_channels(reader.read_region(level, y0, x0, y1 - y0, x1 - x0), channels)
+    return [(t, _cut_tile(block, (y0, x0), t, shape)) for t in tiles]
+
+
+# ---------------------------------------------------------------------------------------------
+# assembling and writing chunks
+
+
+class ChunkAssembler:
+    """Collects tile cores into chunk buffers and hands out each chunk once it is whole.
+
+    Chunks are registered up front (``chunks``) or as they come (:meth:`expect`). Tiles
+    skipped for lack of tissue are simply not expected; their cores stay 0.
+    """
+
+    def __init__(self, chunks: Iterable[tuple[Box, list[Tile]]], classes: int) -> None:
         self._classes = classes
-        self._chunk_of: dict[tuple[int, int], int] = {}
-        self._boxes = [box for box, _ in chunks]
-        self._remaining = [len(tiles) for _, tiles in chunks]
-        for ci, (_, tiles) in enumerate(chunks):
-            for t in tiles:
-                self._chunk_of[t.index] = ci
-        self._buffers: dict[int, np.ndarray] = {}
+        self._chunk_of: dict[tuple[int, int], Box] = {}
+        self._remaining: dict[Box, int] = {}
+        self._buffers: dict[Box, np.ndarray] = {}
+        for box, tiles in chunks:
+            self.expect(box, [t.index for t in tiles])
+
+    def expect(self, box: Box, tiles: Iterable[tuple[int, int]]) -> None:
+        """Register a chunk and the indices of the tiles that make it up."""
+        n = 0
+        for index in tiles:
+            self._chunk_of[index] = box
+            n += 1
+        self._remaining[box] = n
 
     @property
     def open_chunks(self) -> int:
-        return len(self._buffers)
+        return len(self._remaining)
+
+    def discard_open(self) -> int:
+        """Forget every partially assembled chunk (a stopped run); returns how many."""
+        n = len(self._remaining)
+        self._chunk_of.clear()
+        self._remaining.clear()
+        self._buffers.clear()
+        return n
 
     def add(self, tile: Tile, output: np.ndarray) -> tuple[Box, np.ndarray] | None:
         """Place ``output`` (classes, oh, ow) of ``tile``; returns (box, chunk) when complete."""
-        ci = self._chunk_of[tile.index]
-        box = self._boxes[ci]
-        buf = self._buffers.get(ci)
+        box = self._chunk_of.pop(tile.index)
+        w, c = tile.write, tile.core
+        if self._remaining[box] == 1 and box not in self._buffers and w == box:
+            # A chunk that is one tile's core: hand out a view, no copy.
+            del self._remaining[box]
+            return box, output[:, c.y : c.y + c.h, c.x : c.x + c.w]
+        buf = self._buffers.get(box)
         if buf is None:
             buf = np.zeros((self._classes, box.h, box.w), dtype=np.float32)
-            self._buffers[ci] = buf
-        w, c = tile.write, tile.core
+            self._buffers[box] = buf
         buf[:, w.y - box.y : w.y - box.y + w.h, w.x - box.x : w.x - box.x + w.w] = output[
             :, c.y : c.y + c.h, c.x : c.x + c.w
         ]
-        self._remaining[ci] -= 1
-        if self._remaining[ci] == 0:
-            return box, self._buffers.pop(ci)
+        self._remaining[box] -= 1
+        if self._remaining[box] == 0:
+            del self._remaining[box]
+            return box, self._buffers.pop(box)
         return None
 
 
-def _bounded_map(
-    fn: Callable[[Tile], np.ndarray], tiles: list[Tile], pool: ThreadPoolExecutor, window: int
-) -> Iterator[tuple[Tile, np.ndarray]]:
-    """``(tile, fn(tile))`` in order, with at most ``window`` calls in flight."""
-    pending: deque[tuple[Tile, Future[np.ndarray]]] = deque()
-    it = iter(tiles)
-    for tile in it:
-        pending.append((tile, pool.submit(fn, tile)))
-        if len(pending) >= window:
-            break
-    while pending:
-        tile, fut = pending.popleft()
-        yield tile, fut.result()
-        nxt = next(it, None)
-        if nxt is not None:
-            pending.append((nxt, pool.submit(fn, nxt)))
+def chunk_files(output: Path, key: ChunkKey, *, tissue: bool) -> tuple[Path, ...]:
+    """The files one level-0 chunk occupies (Zarr v2 keys with '/' separators, see store)."""
+    i, j = (str(v) for v in key)
+    files = [output / "0" / "0" / i / j, output / "labels" / "mask" / "0" / i / j]
+    if tissue:
+        files.append(output / "labels" / "tissue" / "0" / i / j)
+    return tuple(files)
 
 
-def _progress(total: int, enabled: bool):
+def write_chunk(store: OutputStore, task: ChunkTask, probabilities: np.ndarray, tissue) -> None:
+    """Write a finished chunk: probabilities, mask and (with a tissue map) its tissue label."""
+    store.write_chunk(task.box, probabilities)
+    if tissue is not None:
+        store.write_label_chunk("tissue", task.box, tissue.render(task.box))
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming units through a predictor
+
+
+class UnitSource(Protocol):
+    """Where :func:`stream_units` takes its units from."""
+
+    def next(self, *, block: bool) -> Unit | None:
+        """The next unit; None when there is none (with ``block``: when there will be none)."""
+
+
+class ListSource:
+    """A fixed list of units."""
+
+    def __init__(self, units: Iterable[Unit]) -> None:
+        self._it = iter(units)
+
+    def next(self, *, block: bool) -> Unit | None:
+        return next(self._it, None)
+
+
+def _prefetch(
+    source: UnitSource, load: Callable[[Unit], Any], pool: ThreadPoolExecutor, window: int
+) -> Iterator[tuple[Unit, Any]]:
+    """``(unit, load(unit))`` in order with at most ``window`` loads in flight.
+
+    Tops up without blocking, so a worker whose next unit has not arrived yet keeps
+    computing the ones it has; blocks only when nothing is pending.
+    """
+    pending: deque[tuple[Unit, Future]] = deque()
+    while True:
+        while len(pending) < window:
+            unit = source.next(block=not pending)
+            if unit is None:
+                break
+            pending.append((unit, pool.submit(load, unit)))
+        if not pending:
+            return
+        unit, fut = pending.popleft()
+        yield unit, fut.result()
+
+
+class BatchSize:
+    """The batch size of a stream, halved for good when the device runs out of memory."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def predict(self, predictor: Callable[[np.ndarray], np.ndarray], batch: np.ndarray):
+        """``predictor(batch)``, splitting the batch in halves on ``torch.OutOfMemoryError``.
+
+        The halves run one after the other and are concatenated in order, so the result is
+        that of the whole batch. A batch of one that does not fit re-raises.
+        """
+        import torch
+
+        try:
+            return predictor(batch)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = (len(batch) + 1) // 2
+            if half < self.size:
+                log.warning(
+                    "out of device memory with %d tiles per batch; continuing with %d",
+                    len(batch),
+                    half,
+                )
+                self.size = half
+            return np.concatenate(
+                [self.predict(predictor, batch[:half]), self.predict(predictor, batch[half:])]
+            )
+
+
+@dataclass(slots=True)
+class StreamStats:
+    """What :func:`stream_units` did."""
+
+    tiles: int = 0
+    core_px: int = 0
+    chunks: int = 0
+    seconds: float = 0.0
+    stopped: bool = False
+    batch_size: int = 0
+
+
+def stream_units(
+    source: UnitSource,
+    *,
+    reader: SlideReader,
+    level: int,
+    grid: TileGrid,
+    predictor: Callable[[np.ndarray], np.ndarray],
+    classes: int,
+    channels: int,
+    store: OutputStore,
+    tissue=None,
+    batch_size: int = 1,
+    read_threads: int = 2,
+    on_chunk: Callable[[ChunkTask], None] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+    on_tile: Callable[[Tile], None] | None = None,
+    on_unit: Callable[[Unit], None] | None = None,
+    stop: threading.Event | None = None,
+) -> StreamStats:
+    """Compute and write every chunk of the units ``source`` yields.
+
+    Reader threads read whole units ahead (at most ``read_threads + 1``); the calling thread
+    runs the predictor; one writer thread writes finished chunks and then calls
+    ``on_chunk(task)`` (from the writer thread). ``on_unit(unit)`` is called when the
+    computation of a unit starts, ``on_batch(tiles, core_px)`` after each forward pass,
+    ``on_tile`` before a tile enters a batch (a test hook). When ``stop``
+    is set the stream ends after the current batch: finished chunks are written, partial ones
+    dropped. An exception stops the stream the same way, then propagates.
+    """
+    assembler = ChunkAssembler((), classes)
+    tasks: dict[Box, ChunkTask] = {}
+    sizer = BatchSize(batch_size)
+    stats = StreamStats(batch_size=batch_size)
+    writes: deque[Future[None]] = deque()
+
+    def load(unit: Unit) -> list[tuple[Tile, np.ndarray]]:
+        return read_unit(reader, level, grid, unit, channels)
+
+    def write(task: ChunkTask, probs: np.ndarray) -> None:
+        write_chunk(store, task, probs, tissue)
+        if on_chunk is not None:
+            on_chunk(task)
+
+    t0 = time.perf_counter()
+    with (
+        ThreadPoolExecutor(read_threads, thread_name_prefix="ts-read") as readers,
+        ThreadPoolExecutor(1, thread_name_prefix="ts-write") as writer,
+    ):
+        batch_tiles: list[Tile] = []
+        batch_pixels: list[np.ndarray] = []
+
+        def flush() -> None:
+            probs = sizer.predict(predictor, np.stack(batch_pixels))
+            px = 0
+            for tile, out in zip(batch_tiles, probs, strict=True):
+                finished = assembler.add(tile, out)
+                if finished is not None:
+                    box, chunk = finished
+                    writes.append(writer.submit(write, tasks.pop(box), chunk))
+                    stats.chunks += 1
+                    while len(writes) > 2:
+                        writes.popleft().result()
+                px += tile.write.h * tile.write.w
+            stats.tiles += len(batch_tiles)
+            stats.core_px += px
+            if on_batch is not None:
+                on_batch(len(batch_tiles), px)
+            batch_tiles.clear()
+            batch_pixels.clear()
+
+        try:
+            for unit, tiles in _prefetch(source, load, readers, read_threads + 1):
+                if on_unit is not None:
+                    on_unit(unit)
+                for task in unit:
+                    assembler.expect(task.box, task.tiles)
+                    tasks[task.box] = task
+                for tile, pixels in tiles:
+                    if on_tile is not None:
+                        on_tile(tile)
+                    batch_tiles.append(tile)
+                    batch_pixels.append(pixels)
+                    if len(batch_tiles) >= sizer.size:
+                        flush()
+                        if stop is not None and stop.is_set():
+                            raise _Stop
+                if batch_tiles:  # a unit's last chunk must not wait for the next unit
+                    flush()
+                if stop is not None and stop.is_set():
+                    raise _Stop
+        except _Stop:
+            stats.stopped = True
+        finally:
+            dropped = assembler.discard_open()
+            if dropped:
+                log.debug("dropped %d partially computed chunks", dropped)
+            # Finished chunks are written even when the stream stops or fails.
+            while writes:
+                writes.popleft().result()
+    stats.seconds = time.perf_counter() - t0
+    stats.batch_size = sizer.size
+    return stats
+
+
+class _Stop(Exception):
+    """Internal: ``stop`` was set."""
+
+
+# ---------------------------------------------------------------------------------------------
+# sources, tissue, options
+
+
+def _progress(total: int, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
     return tqdm(
         total=total,
+        initial=initial,
         unit="tile",
         disable=not enabled,
         file=sys.stderr,
@@ -204,6 +621,8 @@ class Source:
     """µm/px of the segmented image, None when unknown."""
     level0_per_px: float
     """Level-0 slide px per segmented px (for coordinates exported in level-0 frame)."""
+    slide_mpp: float | None = None
+    """The µm/px taken for the slide's level 0 (the file's, ``--mpp`` or the model's)."""
 
 
 def open_source(reader: SlideReader, spec: ModelSpec, opts: RunOptions) -> Source:
@@ -228,13 +647,13 @@ def open_source(reader: SlideReader, spec: ModelSpec, opts: RunOptions) -> Sourc
         level = opts.level or 0
         ds = info.level_downsamples[level]
         mpp = None if base is None else (base * ds, base * ds)
-        return Source(reader, level, level, info.level_shapes[level], mpp, ds)
+        return Source(reader, level, level, info.level_shapes[level], mpp, ds, base)
     level = choose_level(info, spec.mpp, mpp=base) if opts.level is None else opts.level
     ds = info.level_downsamples[level]
     level_mpp = base * ds
     if abs(level_mpp / spec.mpp - 1) <= MPP_TOLERANCE:
         shape = info.level_shapes[level]
-        return Source(reader, level, level, shape, (level_mpp, level_mpp), ds)
+        return Source(reader, level, level, shape, (level_mpp, level_mpp), ds, base)
     view = ResampledReader(reader, level, source_mpp=level_mpp, target_mpp=spec.mpp)
     log.info(
         "%s: resampling level %d (%.4g µm/px) to the model's %.4g µm/px",
@@ -243,7 +662,7 @@ def open_source(reader: SlideReader, spec: ModelSpec, opts: RunOptions) -> Sourc
         level_mpp,
         spec.mpp,
     )
-    return Source(view, 0, level, view.info.shape, (spec.mpp, spec.mpp), spec.mpp / base)
+    return Source(view, 0, level, view.info.shape, (spec.mpp, spec.mpp), spec.mpp / base, base)
 
 
 def _tissue_map(reader: SlideReader, source: Source, tissue: str, preview: bool):
@@ -258,6 +677,48 @@ def _tissue_map(reader: SlideReader, source: Source, tissue: str, preview: bool)
     return TissueMap(mask, source.image_shape), thumbnail
 
 
+def _check_options(opts: RunOptions) -> None:
+    if opts.batch_size < 1:
+        raise ConfigError(f"`batch_size` ({opts.batch_size}) must be >= 1")
+    if opts.tissue not in ("auto", "none") and not Path(opts.tissue).exists():
+        raise ConfigError(f"--tissue {opts.tissue}: no such mask file; use auto, none or a path")
+    if opts.resume and opts.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
+    if opts.workers is not None and opts.workers < 1:
+        raise ConfigError(f"`workers` ({opts.workers}) must be >= 1")
+    if opts.max_retries < 0:
+        raise ConfigError(f"`max_retries` ({opts.max_retries}) must be >= 0")
+    if opts.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"--precision {opts.precision!r} must be auto, fp32, bf16 or fp16")
+
+
+def preview_path(output: str | Path) -> Path:
+    """``OUT.preview.png`` beside ``OUT.zarr``."""
+    out = Path(output)
+    return out.with_name(out.name.removesuffix(".zarr") + ".preview.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class _Run:
+    """Mutable bookkeeping of one run, for the report."""
+
+    started: str
+    t0: float
+    resumed: bool = False
+    tiles_processed: int = 0
+    core_px: int = 0
+    chunks_written: int = 0
+    stream_seconds: float = 0.0
+    devices: list[dict[str, Any]] = field(default_factory=list)
+    failed_tiles: list[tuple[int, int]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    worker_peak_rss_mb: float = 0.0
+
+
 def run_slide(
     slide: str | Path,
     output: str | Path,
@@ -267,151 +728,527 @@ def run_slide(
     """Segment ``slide`` with the checkpoint ``model`` into the OME-Zarr ``output``.
 
     The output is marked complete only after every chunk, pyramid level and metadata document is
-    written; any failure leaves it visibly incomplete (see :mod:`tilesegment.store`).
+    written; any failure leaves it visibly incomplete (see :mod:`tilesegment.store`) and
+    resumable with ``resume=True``. A JSON report is written into the output either way.
+
+    Raises
+    ------
+    StoreError
+        Another run holds ``output`` (its lock names it), or the output cannot be written.
+    RunInterrupted
+        SIGINT (KeyboardInterrupt) arrived; finished chunks were flushed and recorded.
+    WorkerError
+        Tiles still failed after ``max_retries`` retries on the worker pool.
     """
+    from tilesegment.infer.pool import resolve_devices, resolve_precision
+
     opts = options or RunOptions()
-    if opts.batch_size < 1:
-        raise ConfigError(f"`batch_size` ({opts.batch_size}) must be >= 1")
-    if opts.tissue not in ("auto", "none") and not Path(opts.tissue).exists():
-        raise ConfigError(f"--tissue {opts.tissue}: no such mask file; use auto, none or a path")
+    _check_options(opts)
+    run = _Run(started=_now(), t0=time.perf_counter())
     net, spec = load_checkpoint(model, device="cpu")
     tile_size = resolve_tile_size(net, opts.tile_size)
+    devices = resolve_devices(opts.device, opts.workers)
+    precisions = sorted({resolve_precision(opts.precision, d) for d in devices})
+    in_process = devices == ["cpu"] if opts.in_process is None else opts.in_process
+    if in_process and len(devices) > 1:
+        raise ConfigError("several devices or workers need worker processes (in_process=False)")
     with open_slide(slide) as reader:
         source = open_source(reader, spec, opts)
         grid = plan_grid(source.image_shape, net, tile_size)
-        chunks = grid.chunks(tiles_per_chunk(grid, opts.chunk_target_px))
-        tissue, thumbnail = _tissue_map(reader, source, opts.tissue, opts.preview)
-        weights, _ = checkpoint_paths(model)
-        attrs = {
-            "tilesegment_version": __version__,
-            "slide": str(Path(slide).resolve()),
-            "level": source.source_level,
-            "level0_per_px": source.level0_per_px,
-            "model": spec.name,
-            "model_sha256": file_sha256(weights),
-            "tile_size": list(grid.input_shape),
-            "stride": list(grid.stride),
-            "halo": net.halo,
-            "tissue": opts.tissue,
-        }
-        store = OutputStore.create(
-            output,
-            image_shape=source.image_shape,
-            classes=ClassSpec(spec.class_names, spec.class_colours),
-            chunk_shape=chunks[0][0].shape,
-            mpp=source.mpp,
-            dtype=opts.dtype,
-            overwrite=opts.overwrite,
-            attrs=attrs,
+        # Inputs are valid: take the output before reading anything slow.
+        with RunLock(output):
+            job = _Job(
+                slide=Path(slide),
+                model=Path(model),
+                output=Path(output),
+                opts=opts,
+                reader=reader,
+                source=source,
+                grid=grid,
+                net=net,
+                spec=spec,
+                devices=devices,
+                precisions=precisions,
+                in_process=in_process,
+            )
+            return _run_locked(job, run)
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """The validated inputs of a run."""
+
+    slide: Path
+    model: Path
+    output: Path
+    opts: RunOptions
+    reader: SlideReader
+    source: Source
+    grid: TileGrid
+    net: UNet
+    spec: ModelSpec
+    devices: list[str]
+    precisions: list[str]
+    in_process: bool
+
+
+def _run_locked(job: _Job, run: _Run) -> RunSummary:
+    """Create or reopen the output, compute what is missing, finalise, report."""
+    opts, source, grid, output = job.opts, job.source, job.grid, job.output
+    tissue, thumbnail = _tissue_map(job.reader, source, opts.tissue, opts.preview)
+    model_sha = file_sha256(checkpoint_paths(job.model)[0])
+    ky, kx = tiles_per_chunk(grid, opts.chunk_target_px)
+    chunk_shape = (ky * grid.stride[0], kx * grid.stride[1])
+    params = {
+        "slide": job.slide.name,
+        "slide_bytes": job.slide.stat().st_size if job.slide.is_file() else None,
+        "image_shape": list(source.image_shape),
+        "level": source.source_level,
+        "mpp": None if source.mpp is None else list(source.mpp),
+        "model_sha256": model_sha,
+        "tile_size": list(grid.input_shape),
+        "stride": list(grid.stride),
+        "halo": grid.halo,
+        "chunk_shape": list(chunk_shape),
+        "tissue": _tissue_param(opts.tissue),
+        "dtype": opts.dtype,
+        "precision": ",".join(job.precisions),
+    }
+    attrs = {
+        "tilesegment_version": __version__,
+        "slide": str(job.slide.resolve()),
+        "level": source.source_level,
+        "level0_per_px": source.level0_per_px,
+        "model": job.spec.name,
+        "model_sha256": model_sha,
+        "tile_size": list(grid.input_shape),
+        "stride": list(grid.stride),
+        "halo": grid.halo,
+        "tissue": opts.tissue,
+    }
+    info = {
+        "command": list(opts.command or sys.argv),
+        "batch_size": opts.batch_size,
+        "devices": job.devices,
+        "created": run.started,
+    }
+    store, finished = _open_output(
+        output, opts, params, info, attrs, source, job.spec, chunk_shape, tissue is not None
+    )
+    if finished:
+        summary = _summary(output, grid, source, tissue, run, None)
+        summary.extra["already_complete"] = True
+        return summary
+    run.resumed = opts.resume
+    with DoneLog(output, fsync=opts.fsync) as done_log:
+        plan = plan_work(grid, opts, tissue=tissue, done=done_log.done)
+        context = _Context(
+            slide=job.slide,
+            model=job.model,
+            output=output,
+            options=replace(opts, level=source.source_level, mpp=source.slide_mpp),
+            spec=job.spec,
+            tissue=tissue,
         )
-        predictor = Predictor(net, spec, device=opts.device, precision=opts.precision)
         try:
-            if tissue is not None:
-                _write_tissue(store, tissue, chunks)
-            seconds, processed = _stream(source, grid, chunks, predictor, store, tissue, opts)
+            if job.in_process:
+                _run_in_process(
+                    context, plan, source, job.net, job.devices[0], job.precisions[0], done_log, run
+                )
+            else:
+                _run_pool(context, plan, job.devices, done_log, run)
         except TilesegmentError as exc:
+            _finish_failed(done_log, output, plan, run, opts, params, "failed", exc)
             # The same public error class (so the same exit code), plus where the output is.
             public = next(c for c in type(exc).__mro__ if c.__module__ == "tilesegment.errors")
-            raise public(f"{exc}; {output} was left incomplete") from exc
-        store.finalize()
-        preview = None
-        if thumbnail is not None and opts.preview:
-            from tilesegment.preview import write_preview
+            raise public(f"{exc}; {output} was left incomplete (resume with --resume)") from exc
+        except Exception as exc:
+            _finish_failed(done_log, output, plan, run, opts, params, "failed", exc)
+            raise
+        except KeyboardInterrupt as exc:
+            _finish_failed(done_log, output, plan, run, opts, params, "interrupted", exc)
+            left = plan.tiles_total - plan.tiles_no_tissue - plan.tiles_done_before
+            raise RunInterrupted(
+                f"interrupted after {run.tiles_processed} of {left} tiles; finished chunks "
+                "are recorded: resume with --resume"
+            ) from None
+    t_final = time.perf_counter()
+    store.finalize()
+    finalize_s = time.perf_counter() - t_final
+    preview = None
+    if thumbnail is not None and opts.preview:
+        from tilesegment.preview import write_preview
 
-            preview = write_preview(store, thumbnail, preview_path(output), source=source)
+        preview = write_preview(store, thumbnail, preview_path(output), source=source)
+    summary = _summary(output, grid, source, tissue, run, preview, plan=plan)
+    report = _report(output, opts, params, plan, run, "complete", finalize_s=finalize_s)
+    summary.extra["report"] = report
+    summary.extra["report_path"] = str(_write_report(output, report))
+    return summary
+
+
+def _tissue_param(tissue: str) -> str:
+    if tissue in ("auto", "none"):
+        return tissue
+    path = Path(tissue)
+    if path.is_file():
+        return "mask sha256 " + file_sha256(path)
+    return "mask " + path.name  # a Zarr folder: its name
+
+
+def _open_output(
+    output: Path,
+    opts: RunOptions,
+    params: dict[str, Any],
+    info: dict[str, Any],
+    attrs: dict[str, Any],
+    source: Source,
+    spec: ModelSpec,
+    chunk_shape: tuple[int, int],
+    with_tissue: bool,
+) -> tuple[OutputStore, bool]:
+    """Create the output, or reopen it to resume; (store, already complete)."""
+    if opts.resume and output.exists():
+        stored = read_params(output)
+        if stored is not None:
+            check_params(stored, params, output=output)
+            store = OutputStore.open(output, mode="r+")
+            if store.is_complete():
+                log.info("%s is already complete; nothing to resume", output)
+                return store, True
+            removed = remove_partial_files(output)
+            if removed:
+                log.info("removed %d partial chunk files left by the interrupted run", removed)
+            log.info("resuming %s", output)
+            return store, False
+        if is_complete(output):
+            log.warning("%s is complete but has no run record to check; leaving it", output)
+            return OutputStore.open(output, mode="r+"), True
+        log.warning("%s has no run record (killed while being created); starting again", output)
+    store = OutputStore.create(
+        output,
+        image_shape=source.image_shape,
+        classes=ClassSpec(spec.class_names, spec.class_colours),
+        chunk_shape=chunk_shape,
+        mpp=source.mpp,
+        dtype=opts.dtype,
+        overwrite=opts.overwrite or opts.resume,
+        attrs=attrs,
+    )
+    if with_tissue:
+        store.create_label("tissue", dtype="uint8", colours={1: (60, 180, 75, 128)})
+    # Last: the record that makes the output resumable.
+    write_params(output, params, info)
+    return store, False
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    """What every executor needs besides the plan; picklable (paths, options, small arrays)."""
+
+    slide: Path
+    model: Path
+    output: Path
+    options: RunOptions
+    """With ``level`` and ``mpp`` resolved, so that every worker reads the same pixels."""
+    spec: ModelSpec
+    tissue: Any
+    """The run's :class:`~tilesegment.tissue.TissueMap` or None."""
+
+
+def _run_in_process(
+    ctx: _Context,
+    plan: WorkPlan,
+    source: Source,
+    net: UNet,
+    device: str,
+    precision: str,
+    done_log: DoneLog,
+    run: _Run,
+) -> None:
+    import torch
+
+    from tilesegment.infer.pool import make_predictor
+
+    opts = ctx.options
+    predictor = make_predictor(net, ctx.spec, device, precision, compile=opts.compile)
+    store = OutputStore.open(ctx.output, mode="r+")
+    todo = sum(len(t.tiles) for u in plan.units for t in u)
+    with _progress(todo, opts.progress) as bar:
+
+        def on_batch(tiles: int, px: int) -> None:
+            run.tiles_processed += tiles
+            run.core_px += px
+            bar.update(tiles)
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix_str(f"{run.core_px / 1e6 / max(elapsed, 1e-9):.2f} Mpx/s")
+
+        def on_chunk(task: ChunkTask) -> None:
+            run.chunks_written += 1
+            done_log.add(task.key, chunk_files(ctx.output, task.key, tissue=ctx.tissue is not None))
+
+        t0 = time.perf_counter()
+        try:
+            stream_units(
+                ListSource(plan.units),
+                reader=source.reader,
+                level=source.level,
+                grid=plan.grid,
+                predictor=predictor,
+                classes=ctx.spec.unet.classes,
+                channels=ctx.spec.unet.in_channels,
+                store=store,
+                tissue=ctx.tissue,
+                batch_size=opts.batch_size,
+                read_threads=opts.read_threads,
+                on_chunk=on_chunk,
+                on_batch=on_batch,
+            )
+        finally:
+            run.stream_seconds = time.perf_counter() - t0
+            run.devices = [
+                {
+                    "worker": "in-process",
+                    "device": device,
+                    "threads": torch.get_num_threads(),
+                    "precision": precision,
+                    "tiles": run.tiles_processed,
+                    "megapixels": run.core_px / 1e6,
+                    "busy_seconds": run.stream_seconds,
+                    "mpx_per_s": run.core_px / 1e6 / max(run.stream_seconds, 1e-9),
+                    "restarts": 0,
+                }
+            ]
+
+
+def _run_pool(
+    ctx: _Context, plan: WorkPlan, devices: list[str], done_log: DoneLog, run: _Run
+) -> None:
+    from tilesegment.errors import WorkerError
+    from tilesegment.infer.pool import WorkerPool
+
+    opts = ctx.options
+    todo = sum(len(t.tiles) for u in plan.units for t in u)
+    with _progress(todo, opts.progress) as bar:
+        t0 = time.perf_counter()
+
+        def on_chunk(task: ChunkTask, slot: int) -> None:
+            run.chunks_written += 1
+            run.tiles_processed += len(task.tiles)
+            px = _core_px(plan.grid, task)
+            run.core_px += px
+            done_log.add(task.key, chunk_files(ctx.output, task.key, tissue=ctx.tissue is not None))
+            bar.update(len(task.tiles))
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix_str(f"{run.core_px / 1e6 / max(elapsed, 1e-9):.2f} Mpx/s")
+
+        pool = WorkerPool(ctx, plan, devices)
+        try:
+            result = pool.run(on_chunk)
+        finally:
+            run.stream_seconds = time.perf_counter() - t0
+            run.devices = pool.device_stats()
+            run.worker_peak_rss_mb = pool.peak_rss_mb()
+            run.errors.extend(pool.errors)
+    if result.failed:
+        run.failed_tiles = sorted(
+            ij for uid in result.failed for task in result.failed[uid] for ij in task.tiles
+        )
+        shown = ", ".join(f"({i}, {j})" for i, j in run.failed_tiles[:8])
+        more = f" and {len(run.failed_tiles) - 8} more" if len(run.failed_tiles) > 8 else ""
+        attempts = "1 attempt" if opts.max_retries == 0 else f"{opts.max_retries + 1} attempts"
+        raise WorkerError(
+            f"{len(run.failed_tiles)} tiles failed after {attempts} "
+            f"(tiles {shown}{more}); last error: {pool.errors[-1] if pool.errors else 'unknown'}"
+        )
+
+
+def _core_px(grid: TileGrid, task: ChunkTask) -> int:
+    total = 0
+    for i, j in task.tiles:
+        w = grid.tile(i, j).write
+        total += w.h * w.w
+    return total
+
+
+def _finish_failed(
+    done_log: DoneLog,
+    output: Path,
+    plan: WorkPlan,
+    run: _Run,
+    opts: RunOptions,
+    params: dict[str, Any],
+    status: str,
+    exc: BaseException,
+) -> None:
+    """Flush the done log and write the report of a run that did not complete."""
+    try:
+        done_log.flush()
+    except TilesegmentError as flush_exc:
+        run.errors.append(str(flush_exc))
+    if str(exc):
+        run.errors.append(f"{type(exc).__name__}: {exc}")
+    report = _report(output, opts, params, plan, run, status)
+    try:
+        _write_report(output, report)
+    except OSError as write_exc:
+        log.warning("could not write the run report into %s: %s", output, write_exc)
+
+
+def _summary(
+    output: Path,
+    grid: TileGrid,
+    source: Source,
+    tissue,
+    run: _Run,
+    preview: Path | None,
+    *,
+    plan: WorkPlan | None = None,
+) -> RunSummary:
     h, w = source.image_shape
     return RunSummary(
-        output=Path(output),
+        output=output,
         tiles=len(grid),
         image_shape=source.image_shape,
         tile_size=grid.input_shape,
-        seconds=seconds,
+        seconds=run.stream_seconds,
         megapixels=h * w / 1e6,
         extra={
-            "tiles_processed": processed,
-            "tiles_skipped": len(grid) - processed,
+            "tiles_processed": run.tiles_processed,
+            "tiles_skipped": 0 if plan is None else plan.tiles_no_tissue,
+            "tiles_resumed": 0 if plan is None else plan.tiles_done_before,
             "tissue_fraction": None if tissue is None else tissue.fraction,
             "mpp": None if source.mpp is None else source.mpp[0],
             "level": source.source_level,
             "preview": None if preview is None else str(preview),
+            "devices": run.devices,
+            "resumed": run.resumed,
+            "processed_mpx_per_s": run.core_px / 1e6 / max(run.stream_seconds, 1e-9),
+            "peak_rss_mb": _peak_rss_mb(run),
         },
     )
 
 
-def preview_path(output: str | Path) -> Path:
-    """``OUT.preview.png`` beside ``OUT.zarr``."""
-    out = Path(output)
-    return out.with_name(out.name.removesuffix(".zarr") + ".preview.png")
+# ---------------------------------------------------------------------------------------------
+# the report
 
 
-def _write_tissue(store: OutputStore, tissue, chunks: list[tuple[Box, list[Tile]]]) -> None:
-    store.create_label("tissue", dtype="uint8", colours={1: (60, 180, 75, 128)})
-    for box, _ in chunks:
-        store.write_label_chunk("tissue", box, tissue.render(box))
+def _now() -> str:
+    from tilesegment.infer.resume import now_iso
+
+    return now_iso()
 
 
-def _stream(
-    source: Source,
-    grid: TileGrid,
-    chunks: list[tuple[Box, list[Tile]]],
-    predictor: Predictor,
-    store: OutputStore,
-    tissue,
+def _peak_rss_mb(run: _Run) -> dict[str, float]:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {
+        "main": round(own, 1),
+        "workers": round(max(children, run.worker_peak_rss_mb), 1),
+    }
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import torch
+    import zarr
+
+    return {
+        "tilesegment": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "zarr": zarr.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def _report(
+    output: Path,
     opts: RunOptions,
-) -> tuple[float, int]:
-    """Run every tile with tissue through the model and write every chunk that has one.
+    params: dict[str, Any],
+    plan: WorkPlan,
+    run: _Run,
+    status: str,
+    *,
+    finalize_s: float | None = None,
+) -> dict[str, Any]:
+    to_do = plan.tiles_total - plan.tiles_no_tissue - plan.tiles_done_before
+    h, w = params["image_shape"]
+    doc: dict[str, Any] = {
+        "status": status,
+        "output": str(output),
+        "started": run.started,
+        "finished": _now(),
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "command": list(opts.command or sys.argv),
+        "resumed": run.resumed,
+        "params": params,
+        "options": {k: v for k, v in asdict(opts).items() if k != "command"},
+        "tiles": {
+            "total": plan.tiles_total,
+            "processed": run.tiles_processed,
+            "skipped_no_tissue": plan.tiles_no_tissue,
+            "done_before": plan.tiles_done_before,
+            "failed": len(run.failed_tiles),
+            "not_done": max(0, to_do - run.tiles_processed),
+            "failed_tiles": [list(t) for t in run.failed_tiles],
+        },
+        "chunks": {
+            "written": run.chunks_written,
+            "done_before": plan.chunks_done_before,
+        },
+        "megapixels": {"image": h * w / 1e6, "processed": run.core_px / 1e6},
+        "seconds": {
+            "total": round(time.perf_counter() - run.t0, 3),
+            "stream": round(run.stream_seconds, 3),
+            "finalize": None if finalize_s is None else round(finalize_s, 3),
+        },
+        "mpx_per_s": round(run.core_px / 1e6 / max(run.stream_seconds, 1e-9), 4),
+        "devices": run.devices,
+        "peak_rss_mb": _peak_rss_mb(run),
+        "versions": _versions(),
+        "errors": run.errors,
+    }
+    # Earlier attempts on this output (interrupted or failed runs), oldest first.
+    doc["history"] = []
+    previous = _read_report(output)
+    if previous is not None:
+        keep = ("status", "started", "finished", "command", "tiles", "seconds")
+        doc["history"] = [*previous.get("history", []), {k: previous.get(k) for k in keep}]
+    return doc
 
-    Returns wall seconds and the number of tiles processed. Tiles without tissue in their input
-    window are skipped; their cores stay zero, and chunks with no processed tile are not written
-    at all (they read as the store's fill value).
-    """
-    if tissue is not None:
-        chunks = [(box, [t for t in ts if tissue.any_in(t.read)]) for box, ts in chunks]
-        chunks = [(box, ts) for box, ts in chunks if ts]
-    tiles = [t for _, ts in chunks for t in ts]
-    assembler = ChunkAssembler(chunks, predictor.spec.unet.classes)
-    channels = predictor.spec.unet.in_channels
-    reader, level = source.reader, source.level
 
-    def load(tile: Tile) -> np.ndarray:
-        return read_tile(reader, level, tile, grid.image_shape, channels)
+def _read_report(output: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads((output / REPORT_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
-    window = max(2 * opts.batch_size, opts.read_threads * 2)
-    t0 = time.perf_counter()
-    done_px = 0
-    writes: deque[Future[None]] = deque()
-    with (
-        ThreadPoolExecutor(opts.read_threads, thread_name_prefix="ts-read") as readers,
-        ThreadPoolExecutor(1, thread_name_prefix="ts-write") as writer,
-        _progress(len(tiles), opts.progress) as bar,
-    ):
-        batch_tiles: list[Tile] = []
-        batch_pixels: list[np.ndarray] = []
 
-        def flush() -> None:
-            nonlocal done_px
-            probs = predictor(np.stack(batch_pixels))
-            for tile, out in zip(batch_tiles, probs, strict=True):
-                finished = assembler.add(tile, out)
-                if finished is not None:
-                    writes.append(writer.submit(store.write_chunk, *finished))
-                    while len(writes) > 2:
-                        writes.popleft().result()
-                done_px += tile.write.h * tile.write.w
-            bar.update(len(batch_tiles))
-            bar.set_postfix_str(f"{done_px / 1e6 / (time.perf_counter() - t0):.2f} Mpx/s")
-            batch_tiles.clear()
-            batch_pixels.clear()
+def _write_report(output: Path, report: dict[str, Any]) -> Path:
+    path = output / REPORT_NAME
+    write_durably(path, json.dumps(report, indent=2) + "\n")
+    return path
 
-        for tile, pixels in _bounded_map(load, tiles, readers, window):
-            batch_tiles.append(tile)
-            batch_pixels.append(pixels)
-            if len(batch_tiles) == opts.batch_size:
-                flush()
-        if batch_tiles:
-            flush()
-        while writes:
-            writes.popleft().result()
-    if assembler.open_chunks:
-        raise RuntimeError(f"{assembler.open_chunks} chunks were left incomplete (bug)")
-    return time.perf_counter() - t0, len(tiles)
+
+__all__ = [
+    "REPORT_NAME",
+    "ChunkAssembler",
+    "ChunkTask",
+    "RunInterrupted",
+    "RunOptions",
+    "RunSummary",
+    "Source",
+    "WorkPlan",
+    "is_complete",
+    "open_source",
+    "plan_grid",
+    "plan_work",
+    "read_tile",
+    "read_unit",
+    "run_slide",
+    "stream_units",
+]

@@ -1,0 +1,399 @@
+"""Benchmarks of the production run (issue 5): pipeline efficiency, peak RSS against slide
+size, and 1 vs 2 CPU workers. Every measurement runs in a fresh child process.
+
+    python benchmarks/bench_pool.py efficiency --size 7680 --repeats 3
+    python benchmarks/bench_pool.py rss --sizes 20000 40000 80000
+    python benchmarks/bench_pool.py workers --size 7680 --repeats 3
+    python benchmarks/bench_pool.py profile --size 3840
+
+efficiency  In one child: bare forward on identical tiles (real tiles of the slide, read once,
+            batch 1, the same predictor and threads as the run), then ``run_slide`` end to end
+            (``--tissue none``: every tile), then the bare forward again. Efficiency = output
+            Mpx/s of the run (image px / stream seconds; and / whole wall time including
+            tissue detection, pyramid and report) ÷ output Mpx/s of the bare forward (its
+            388² output per 572 tile). Medians over ``--repeats`` children, for fp32 and bf16.
+rss         Peak RSS of ``run_slide`` on mostly-glass synthetic slides of growing size
+            (tissue fraction ~0.05, ``--tissue auto``).
+workers     The same slide in-process (2 torch threads), with 1 worker process (2 threads)
+            and with 2 worker processes (1 thread each), alternating, medians.
+profile     CPU milliseconds per tile of each thread group of one in-process run: where the
+            time that is not the forward pass goes (Linux /proc sampling).
+
+The machine is shared: ratios are taken inside one child (efficiency) or from alternating
+children (workers), and medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "_work" / "pool"
+
+
+# ------------------------------------------------------------------------------------ children
+
+
+def _bare_forward(predictor, tiles, out_px: int, repeats: int) -> tuple[float, float]:
+    """Output Mpx/s of the predictor alone on ``tiles`` (batch 1, median per-tile wall time)
+    and its CPU seconds per tile (all threads)."""
+    import numpy as np
+
+    for t in tiles[:2]:
+        predictor(t[None])
+    times = []
+    cpu0 = time.process_time()
+    for _ in range(repeats):
+        for t in tiles:
+            t0 = time.perf_counter()
+            predictor(t[None])
+            times.append(time.perf_counter() - t0)
+    cpu = (time.process_time() - cpu0) / len(times)
+    return out_px * out_px / float(np.median(times)) / 1e6, cpu
+
+
+def child_efficiency(slide: str, model: str, tile: int, precision: str, out: str) -> dict:
+    import numpy as np
+    import torch
+
+    from tilesegment.infer.pipeline import RunOptions, plan_grid, read_tile, run_slide
+    from tilesegment.infer.pool import make_predictor
+    from tilesegment.io import open_slide
+    from tilesegment.model import load_checkpoint
+
+    net, spec = load_checkpoint(model)
+    predictor = make_predictor(net, spec, "cpu", precision)
+    with open_slide(slide) as reader:
+        grid = plan_grid(reader.info.shape, net, tile)
+        gy, gx = grid.grid_shape
+        picks = [grid.tile(gy // 2, j) for j in range(gx // 2 - 4, gx // 2 + 4)]
+        tiles = [read_tile(reader, 0, t, grid.image_shape, 3) for t in picks]
+    out_px = net.output_size(tile)
+    before, cpu_before = _bare_forward(predictor, tiles, out_px, 2)
+    del predictor
+    opts = RunOptions(
+        tile_size=tile,
+        precision=precision,
+        tissue="none",
+        preview=False,
+        progress=False,
+        overwrite=True,
+    )
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    summary = run_slide(slide, out, model, opts)
+    wall, run_cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    predictor = make_predictor(net, spec, "cpu", precision)
+    after, cpu_after = _bare_forward(predictor, tiles, out_px, 2)
+    bare = float(np.median([before, after]))
+    tile_cpu = float(np.median([cpu_before, cpu_after]))
+    run_rate = summary.megapixels / summary.seconds
+    return {
+        "precision": precision,
+        "threads": torch.get_num_threads(),
+        "tiles": summary.tiles,
+        "image_mpx": summary.megapixels,
+        "bare_mpx_per_s": [round(before, 3), round(after, 3)],
+        "run_stream_s": round(summary.seconds, 2),
+        "run_wall_s": round(wall, 2),
+        "run_mpx_per_s": round(run_rate, 3),
+        "efficiency": round(run_rate / bare, 3),
+        "efficiency_wall": round(summary.megapixels / wall / bare, 3),
+        # Contention-robust diagnostic: CPU seconds the bare forward needs for the run's tiles
+        # over the CPU seconds the whole run used (reading, writing, pyramid included).
+        "bare_cpu_s_per_tile": round(tile_cpu, 4),
+        "run_cpu_s": round(run_cpu, 2),
+        "cpu_efficiency": round(summary.tiles * tile_cpu / run_cpu, 3),
+    }
+
+
+#: Executors compared by ``workers``: (CPU workers, in-process).
+MODES = {"in-process": (1, True), "1 worker process": (1, False), "2 worker processes": (2, False)}
+
+
+def child_run(slide: str, model: str, tile: int, out: str, mode: str, tissue: str) -> dict:
+    from tilesegment.infer.pipeline import RunOptions, run_slide
+
+    workers, in_process = MODES[mode]
+    opts = RunOptions(
+        tile_size=tile,
+        workers=workers,
+        in_process=in_process,
+        tissue=tissue,
+        preview=False,
+        progress=False,
+        overwrite=True,
+    )
+    t0 = time.perf_counter()
+    summary = run_slide(slide, out, model, opts)
+    wall = time.perf_counter() - t0
+    x = summary.extra
+    return {
+        "mode": mode,
+        "tiles": summary.tiles,
+        "tiles_processed": x["tiles_processed"],
+        "image_mpx": summary.megapixels,
+        "stream_s": round(summary.seconds, 2),
+        "wall_s": round(wall, 2),
+        "processed_mpx_per_s": round(x["processed_mpx_per_s"], 3),
+        "devices": [
+            {k: d[k] for k in ("worker", "threads", "tiles", "mpx_per_s")} for d in x["devices"]
+        ],
+        "peak_rss_workers_mb": x["peak_rss_mb"]["workers"],
+    }
+
+
+def child_profile(slide: str, model: str, tile: int, precision: str, out: str) -> dict:
+    """CPU seconds per thread group of one in-process run (sampled from /proc every 0.2 s)."""
+    import collections
+    import threading
+
+    from tilesegment.infer.pipeline import RunOptions, run_slide
+
+    last: dict[str, tuple[str, float]] = {}
+    stop = threading.Event()
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def sample() -> None:
+        while not stop.is_set():
+            names = {str(t.native_id): t.name for t in threading.enumerate()}
+            for tid in os.listdir("/proc/self/task"):
+                try:
+                    stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+                except OSError:
+                    continue
+                fields = stat[stat.rfind(")") + 2 :].split()
+                name = names.get(tid, "native (OpenMP, blosc, ...)")
+                if name.startswith(("ts-", "asyncio_", "ThreadPoolExecutor")):
+                    name = name.rsplit("_", 1)[0]
+                last[tid] = (name, (int(fields[11]) + int(fields[12])) / tick)
+            time.sleep(0.2)
+
+    threading.Thread(target=sample, daemon=True, name="sampler").start()
+    opts = RunOptions(
+        tile_size=tile,
+        precision=precision,
+        tissue="none",
+        preview=False,
+        progress=False,
+        overwrite=True,
+    )
+    summary = run_slide(slide, out, model, opts)
+    time.sleep(0.5)
+    stop.set()
+    groups: collections.Counter[str] = collections.Counter()
+    for name, seconds in last.values():
+        groups[name] += seconds
+    groups.pop("sampler", None)
+    return {
+        "precision": precision,
+        "tiles": summary.tiles,
+        "stream_s": round(summary.seconds, 2),
+        "cpu_ms_per_tile": {k: round(v / summary.tiles * 1000, 1) for k, v in groups.most_common()},
+    }
+
+
+def _child(*args: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "child", *args], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {args} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------ parent
+
+
+def _machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()}; Python "
+        f"{platform.python_version()}, torch {torch.__version__}; load average "
+        f"{os.getloadavg()[0]:.1f} at start"
+    )
+
+
+def _model(base: int) -> Path:
+    from tilesegment.model import ModelSpec, UNetConfig, new_model, save_checkpoint
+
+    path = WORK / f"unet-b{base}"
+    if not path.with_suffix(".json").exists():
+        spec = ModelSpec.default(UNetConfig(base_channels=base), name=path.name)
+        save_checkpoint(new_model(spec, seed=0), spec, path)
+    return path
+
+
+def _slide(size: int, tissue_fraction: float, patches: int = 6) -> Path:
+    from tilesegment.synthetic import write_slide
+
+    path = WORK / f"synthetic-{size}-t{tissue_fraction:g}.tif"
+    if not path.exists():
+        t0 = time.perf_counter()
+        write_slide(path, (size, size), tissue_fraction=tissue_fraction, patches=patches, seed=1)
+        print(f"wrote {path.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return path
+
+
+def efficiency(args) -> dict:
+    slide = _slide(args.size, 0.5)
+    model = _model(args.base_channels)
+    rows = {p: [] for p in args.precisions}
+    for _ in range(args.repeats):
+        for p in args.precisions:
+            out = WORK / f"eff-{p}.zarr"
+            r = _child("efficiency", str(slide), str(model), str(args.tile_size), p, str(out))
+            print(json.dumps(r), file=sys.stderr)
+            rows[p].append(r)
+    summary = {}
+    for p, rs in rows.items():
+        summary[p] = {
+            "efficiency_median": statistics.median(r["efficiency"] for r in rs),
+            "efficiency_wall_median": statistics.median(r["efficiency_wall"] for r in rs),
+            "cpu_efficiency_median": statistics.median(r["cpu_efficiency"] for r in rs),
+            "run_mpx_per_s_median": statistics.median(r["run_mpx_per_s"] for r in rs),
+            "bare_mpx_per_s_median": statistics.median(
+                statistics.median(r["bare_mpx_per_s"]) for r in rs
+            ),
+            "runs": rs,
+        }
+    if {"fp32", "bf16"} <= set(args.precisions):
+        summary["bf16_vs_fp32"] = _compare(WORK / "eff-fp32.zarr", WORK / "eff-bf16.zarr")
+    return {
+        "benchmark": "efficiency",
+        "machine": _machine(),
+        "slide_px": args.size,
+        "model": f"depth 4, base {args.base_channels}, channels-last",
+        "tile_size": args.tile_size,
+        "results": summary,
+    }
+
+
+def _compare(a: Path, b: Path) -> dict:
+    """How far two stored outputs of the same slide are apart (uint8 probabilities, mask)."""
+    import numpy as np
+
+    from tilesegment.store import OutputStore
+
+    sa, sb = OutputStore.open(a), OutputStore.open(b)
+    pa, pb = sa.probabilities[:].astype(np.int16), sb.probabilities[:].astype(np.int16)
+    diff = np.abs(pa - pb)
+    return {
+        "max_abs_diff_of_255": int(diff.max()),
+        "mean_abs_diff_of_255": float(f"{diff.mean():.4g}"),
+        "share_of_values_off_by_more_than_1": float(f"{(diff > 1).mean():.4g}"),
+        "mask_agreement": float(f"{(sa.mask[:] == sb.mask[:]).mean():.6f}"),
+    }
+
+
+def rss(args) -> dict:
+    model = _model(args.base_channels)
+    rows = []
+    for size in args.sizes:
+        slide = _slide(size, 0.05, patches=args.patches)
+        r = _child(
+            "run",
+            str(slide),
+            str(model),
+            str(args.tile_size),
+            str(WORK / "rss.zarr"),
+            "in-process",
+            "auto",
+        )
+        r["slide_px"] = size
+        print(json.dumps(r), file=sys.stderr)
+        rows.append(r)
+    return {
+        "benchmark": "rss",
+        "machine": _machine(),
+        "model": f"depth 4, base {args.base_channels}",
+        "tile_size": args.tile_size,
+        "results": rows,
+    }
+
+
+def workers(args) -> dict:
+    slide = _slide(args.size, 0.5)
+    model = _model(args.base_channels)
+    rows: dict[str, list[dict]] = {mode: [] for mode in MODES}
+    for _ in range(args.repeats):
+        for mode in MODES:
+            out = str(WORK / "workers.zarr")
+            r = _child("run", str(slide), str(model), str(args.tile_size), out, mode, "none")
+            print(json.dumps(r), file=sys.stderr)
+            rows[mode].append(r)
+    return {
+        "benchmark": "workers",
+        "machine": _machine(),
+        "slide_px": args.size,
+        "model": f"depth 4, base {args.base_channels}, fp32",
+        "results": {
+            mode: {
+                # Stream time includes starting the worker processes.
+                "stream_mpx_per_s_median": round(
+                    statistics.median(r["image_mpx"] / r["stream_s"] for r in rs), 3
+                ),
+                "wall_s_median": statistics.median(r["wall_s"] for r in rs),
+                "runs": rs,
+            }
+            for mode, rs in rows.items()
+        },
+    }
+
+
+def profile(args) -> dict:
+    slide = _slide(args.size, 0.5)
+    model = _model(args.base_channels)
+    rows = []
+    for p in args.precisions:
+        r = _child(
+            "profile", str(slide), str(model), str(args.tile_size), p, str(WORK / "profile.zarr")
+        )
+        print(json.dumps(r), file=sys.stderr)
+        rows.append(r)
+    return {"benchmark": "profile", "machine": _machine(), "slide_px": args.size, "results": rows}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "child":
+        kind, *rest = sys.argv[2:]
+        if kind == "efficiency":
+            res = child_efficiency(rest[0], rest[1], int(rest[2]), rest[3], rest[4])
+        elif kind == "profile":
+            res = child_profile(rest[0], rest[1], int(rest[2]), rest[3], rest[4])
+        else:
+            res = child_run(rest[0], rest[1], int(rest[2]), rest[3], rest[4], rest[5])
+        res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        print(json.dumps(res))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    for name in ("efficiency", "rss", "workers", "profile"):
+        p = sub.add_parser(name)
+        p.add_argument("--base-channels", type=int, default=16)
+        p.add_argument("--tile-size", type=int, default=572)
+        p.add_argument("--repeats", type=int, default=3)
+        p.add_argument("--size", type=int, default=7680)
+    for name in ("efficiency", "profile"):
+        sub.choices[name].add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    sub.choices["rss"].add_argument("--sizes", type=int, nargs="+", default=[20000, 40000, 80000])
+    sub.choices["rss"].add_argument("--patches", type=int, default=6)
+    args = ap.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    run = {"efficiency": efficiency, "rss": rss, "workers": workers, "profile": profile}
+    result = run[args.what](args)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""`tilesegment train` / `evaluate` on the command line: bad inputs are one-line errors (exit 2),
+divergence is a runtime failure (exit 1), a trained run is usable by `evaluate` and `run`."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+
+from tests.train.conftest import write_folder
+from tilesegment.cli import main
+
+TINY = ["--depth", "2", "--base-channels", "4", "--tile-size", "60", "--batch-size", "2"]
+SHORT = ["--epochs", "1", "--steps-per-epoch", "2", "--no-progress"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def train_args(images, labels, out, *extra):
+    return ["train", "--images", images, "--labels", labels, "-o", out, *TINY, *SHORT, *extra]
+
+
+def assert_input_error(result, pattern: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert pattern in lines[0], lines[0]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return write_folder(tmp_path / "data", 4)
+
+
+def test_image_label_shape_mismatch(tmp_path, folder):
+    images, labels = folder
+    tifffile.imwrite(labels / "img2.tif", np.zeros((64, 50), np.uint16))
+    result = invoke(*train_args(images, labels, tmp_path / "run"))
+    assert_input_error(result, "img2.png: image is 64 x 64 px but its label img2.tif is 64 x 50")
+
+
+def test_unexpected_label_values(tmp_path):
+    images, labels = write_folder(tmp_path / "data", 3, kind="binary")
+    label = tifffile.imread(labels / "img1.tif")
+    label[0, :3] = 7
+    tifffile.imwrite(labels / "img1.tif", label)
+    result = invoke(*train_args(images, labels, tmp_path / "run", "--label-kind", "binary"))
+    assert_input_error(result, "img1.tif: --label-kind binary expects values 0/1 or 0/255")
+    assert "found [0, 7, 255]" in result.output
+
+
+def test_empty_folders(tmp_path):
+    (tmp_path / "i").mkdir()
+    (tmp_path / "l").mkdir()
+    result = invoke(*train_args(tmp_path / "i", tmp_path / "l", tmp_path / "run"))
+    assert_input_error(result, "no image files (.png, .tif, .tiff, .jpg, .jpeg)")
+
+
+def test_label_without_foreground_is_skipped_or_refused(tmp_path, folder, caplog):
+    images, labels = folder
+    tifffile.imwrite(labels / "img3.tif", np.zeros((64, 64), np.uint16))
+    caplog.set_level(logging.WARNING)
+    result = invoke(*train_args(images, labels, tmp_path / "run", "--val-fraction", "0"))
+    assert result.exit_code == 0, result.output
+    assert "img3.tif: label has no foreground; skipped for training" in caplog.text
+    for i in range(3):
+        tifffile.imwrite(labels / f"img{i}.tif", np.zeros((64, 64), np.uint16))
+    result = invoke(*train_args(images, labels, tmp_path / "run2", "--label-kind", "instances"))
+    assert_input_error(result, "training label images has foreground; nothing to learn")
+
+
+def test_tile_larger_than_images(tmp_path, folder):
+    images, labels = folder
+    result = invoke(*train_args(images, labels, tmp_path / "run"), "--tile-size", "120")
+    assert_input_error(result, "--tile-size 120 px needs images of at least 80 x 80 px")
+    assert "use --tile-size 104 or less" in result.output
+
+
+def test_invalid_tile_size(tmp_path, folder):
+    images, labels = folder
+    result = invoke(*train_args(images, labels, tmp_path / "run"), "--tile-size", "62")
+    assert_input_error(result, "--tile-size 62 px is not valid for this U-Net")
+    assert "nearest valid: 60 or 64" in result.output
+
+
+def test_class_names_must_match_classes(tmp_path, folder):
+    images, labels = folder
+    result = invoke(
+        *train_args(images, labels, tmp_path / "run"), "--class-names", "bg,nucleus,extra"
+    )
+    assert_input_error(result, "--class-names gives 3 names")
+    assert "label kind detected as 'classes': pass --label-kind?" in result.output
+    result = invoke(*train_args(images, labels, tmp_path / "run"), "--class-names", "bg,bg")
+    assert result.exit_code == 2 and "two distinct" in result.output
+
+
+def test_huge_learning_rate_stops_with_exit_1(tmp_path, folder):
+    images, labels = folder
+    args = train_args(images, labels, tmp_path / "run", "--val-fraction", "0")
+    args += ["--optimizer", "sgd", "--lr", "1e9", "--grad-clip", "0", "--epochs", "3"]
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    assert "training diverged: the loss is nan" in result.output
+    assert "lower --lr" in result.output
+
+
+def test_train_then_evaluate_and_run(tmp_path):
+    images, labels = write_folder(tmp_path / "data", 4, rgb=True, shape=(80, 80))
+    out = tmp_path / "run"
+    result = invoke(
+        *train_args(images, labels, out, "--class-names", "background,nucleus", "--mpp", "0.5"),
+        "--label-kind",
+        "instances",
+    )
+    assert result.exit_code == 0, result.output
+    assert "best epoch 1: aji" in result.output
+    assert f"best checkpoint: {out / 'best'}" in result.output
+    spec = json.loads((out / "best.json").read_text())
+    assert spec["input"]["channel_order"] == "RGB" and spec["mpp"] == 0.5
+    assert spec["classes"]["names"] == ["background", "nucleus"]
+    assert len(spec["input"]["mean"]) == 3
+
+    table = invoke("evaluate", "--model", out / "best", "--images", images, "--labels", labels)
+    assert table.exit_code == 0, table.output
+    assert "instances labels, 4 image(s)" in table.output
+    assert "img3" in table.output and "mean" in table.output and "aji" in table.output
+    doc = json.loads(
+        invoke(
+            "evaluate", "--model", out / "best", "--images", images, "--labels", labels, "--json"
+        ).output
+    )
+    assert [row["name"] for row in doc["images"]] == ["img0", "img1", "img2", "img3"]
+    assert {"aji", "object_f1", "foreground_dice"} <= set(doc["mean"])
+
+    ran = invoke("run", images / "img0.png", "-o", tmp_path / "img0.zarr", "--model", out / "best")
+    assert ran.exit_code == 0, ran.output
+
+    again = invoke(*train_args(images, labels, out))
+    assert_input_error(again, "already holds a training run")

@@ -1,0 +1,1 @@
+"""Training: datasets, the weighted-loss loop, checkpoints and evaluation."""
