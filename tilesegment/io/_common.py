@@ -369,3 +369,35 @@ class PixelLayout:
             opacity = pixels[..., self.color, None].astype(np.int16)
             color = np.clip(color.astype(np.int16) + 255 - opacity, 0, 255).astype(np.uint8)
         return np.ascontiguousarray(color, dtype=np.uint8)
+
+
+class ArrayLevelsReader:
+    """Shared reading for backends whose levels are array-likes (tifffile's Zarr store, Zarr).
+
+    Subclasses set ``info``, ``path``, ``_arrays`` (one array per level) and ``_layout`` (an
+    :class:`AxisLayout`-like object with ``selection`` and ``to_output``).
+    """
+
+    info: SlideInfo
+    path: Path
+
+    def _read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        raw = self._arrays[level][self._layout.selection(y, x, h, w)]  # type: ignore[attr-defined]
+        return self._layout.to_output(np.asarray(raw))  # type: ignore[attr-defined]
+
+    def read_region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """Pixels of the box (y, x, h, w) of ``level`` as a C-contiguous (h, w, C) uint8 array.
+
+        Raises
+        ------
+        ConfigError
+            When the box is not inside the level.
+        SlideReadError
+            When a tile, strip or chunk of the box cannot be read or decoded (names the file and
+            the box).
+        """
+        level, y, x, h, w = check_box(self.info, level, y, x, h, w)
+        try:
+            return self._read(level, y, x, h, w)
+        except DECODE_ERRORS as exc:
+            raise region_error(self.path, level, (y, x, h, w), exc) from exc

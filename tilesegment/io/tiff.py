@@ -19,13 +19,12 @@ from tilesegment.io._common import (
     DECODE_ERRORS,
     PROBE_MAX_BYTES,
     UM_PER_UNIT,
+    ArrayLevelsReader,
     PixelLayout,
-    check_box,
     describe,
     first_plane_warning,
     make_info,
     plausible_mpp,
-    region_error,
     slide_error,
 )
 from tilesegment.io.base import SlideInfo
@@ -121,7 +120,7 @@ def _compression_name(page: tifffile.TiffPage) -> str:
         return f"{value} (unknown to tifffile)"
 
 
-class TiffReader:
+class TiffReader(ArrayLevelsReader):
     """A :class:`~tilesegment.io.base.SlideReader` over the first image series of a TIFF file.
 
     Parameters
@@ -335,26 +334,6 @@ class TiffReader:
                 f"{_compression_name(self._series.keyframe)}: {describe(exc)})",
                 "the file is corrupt or uses an unsupported codec; re-export it",
             ) from exc
-
-    def _read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
-        raw = self._arrays[level][self._layout.selection(y, x, h, w)]
-        return self._layout.to_output(np.asarray(raw))
-
-    def read_region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
-        """Pixels of the box (y, x, h, w) of ``level`` as a C-contiguous (h, w, C) uint8 array.
-
-        Raises
-        ------
-        ConfigError
-            When the box is not inside the level.
-        SlideReadError
-            When a strip or tile of the box cannot be decoded (names the file and the box).
-        """
-        level, y, x, h, w = check_box(self.info, level, y, x, h, w)
-        try:
-            return self._read(level, y, x, h, w)
-        except DECODE_ERRORS as exc:
-            raise region_error(self.path, level, (y, x, h, w), exc) from exc
 
     def close(self) -> None:
         """Close the file; idempotent."""

@@ -23,12 +23,11 @@ from tilesegment.io._common import (
     DECODE_ERRORS,
     PROBE_MAX_BYTES,
     UM_PER_UNIT,
+    ArrayLevelsReader,
     PixelLayout,
-    check_box,
     describe,
     first_plane_warning,
     make_info,
-    region_error,
     slide_error,
 )
 from tilesegment.io.base import SlideInfo
@@ -84,7 +83,7 @@ def _scale(transforms: Sequence[Mapping[str, Any]] | None, ndim: int) -> np.ndar
     return scale
 
 
-class ZarrReader:
+class ZarrReader(ArrayLevelsReader):
     """A :class:`~tilesegment.io.base.SlideReader` over a Zarr array or OME-Zarr image.
 
     Parameters
@@ -268,26 +267,6 @@ class ZarrReader:
                 f"cannot decode the first chunk of level 0 ({describe(exc)})",
                 "the store is corrupt or needs a codec that is not installed",
             ) from exc
-
-    def _read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
-        raw = self._arrays[level][self._layout.selection(y, x, h, w)]
-        return self._layout.to_output(np.asarray(raw))
-
-    def read_region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
-        """Pixels of the box (y, x, h, w) of ``level`` as a C-contiguous (h, w, C) uint8 array.
-
-        Raises
-        ------
-        ConfigError
-            When the box is not inside the level.
-        SlideReadError
-            When a chunk of the box cannot be read or decoded (names the file and the box).
-        """
-        level, y, x, h, w = check_box(self.info, level, y, x, h, w)
-        try:
-            return self._read(level, y, x, h, w)
-        except DECODE_ERRORS as exc:
-            raise region_error(self.path, level, (y, x, h, w), exc) from exc
 
     def close(self) -> None:
         """Nothing to release (Zarr opens chunk files per read); kept for the protocol."""
