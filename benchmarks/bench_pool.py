@@ -224,9 +224,15 @@ def _machine() -> str:
     )
 
 
-def _model(base: int) -> Path:
+def _model(args) -> Path:
+    """The shipped model named by ``--model`` (real outputs, so the output store compresses as
+    it does in production), or ``random``: an untrained depth-4 U-Net of ``--base-channels``."""
     from tilesegment.model import ModelSpec, UNetConfig, new_model, save_checkpoint
+    from tilesegment.model.registry import resolve_model
 
+    if args.model != "random":
+        return resolve_model(args.model)
+    base = args.base_channels
     path = WORK / f"unet-b{base}"
     if not path.with_suffix(".json").exists():
         spec = ModelSpec.default(UNetConfig(base_channels=base), name=path.name)
@@ -234,20 +240,32 @@ def _model(base: int) -> Path:
     return path
 
 
+def _model_name(args) -> str:
+    return args.model if args.model != "random" else f"untrained depth 4, base {args.base_channels}"
+
+
 def _slide(size: int, tissue_fraction: float, patches: int = 6) -> Path:
     from tilesegment.synthetic import write_slide
 
-    path = WORK / f"synthetic-{size}-t{tissue_fraction:g}.tif"
+    # 0.25 µm/px: the shipped models' resolution, so level 0 is read as is (no resampling).
+    path = WORK / f"synthetic-{size}-t{tissue_fraction:g}-p{patches}.tif"
     if not path.exists():
         t0 = time.perf_counter()
-        write_slide(path, (size, size), tissue_fraction=tissue_fraction, patches=patches, seed=1)
+        write_slide(
+            path,
+            (size, size),
+            mpp=0.25,
+            tissue_fraction=tissue_fraction,
+            patches=patches,
+            seed=1,
+        )
         print(f"wrote {path.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return path
 
 
 def efficiency(args) -> dict:
     slide = _slide(args.size, 0.5)
-    model = _model(args.base_channels)
+    model = _model(args)
     rows = {p: [] for p in args.precisions}
     for _ in range(args.repeats):
         for p in args.precisions:
@@ -273,7 +291,7 @@ def efficiency(args) -> dict:
         "benchmark": "efficiency",
         "machine": _machine(),
         "slide_px": args.size,
-        "model": f"depth 4, base {args.base_channels}, channels-last",
+        "model": _model_name(args) + ", channels-last",
         "tile_size": args.tile_size,
         "results": summary,
     }
@@ -297,7 +315,7 @@ def _compare(a: Path, b: Path) -> dict:
 
 
 def rss(args) -> dict:
-    model = _model(args.base_channels)
+    model = _model(args)
     rows = []
     for size in args.sizes:
         slide = _slide(size, 0.05, patches=args.patches)
@@ -316,7 +334,7 @@ def rss(args) -> dict:
     return {
         "benchmark": "rss",
         "machine": _machine(),
-        "model": f"depth 4, base {args.base_channels}",
+        "model": _model_name(args),
         "tile_size": args.tile_size,
         "results": rows,
     }
@@ -324,7 +342,7 @@ def rss(args) -> dict:
 
 def workers(args) -> dict:
     slide = _slide(args.size, 0.5)
-    model = _model(args.base_channels)
+    model = _model(args)
     rows: dict[str, list[dict]] = {mode: [] for mode in MODES}
     for _ in range(args.repeats):
         for mode in MODES:
@@ -336,7 +354,7 @@ def workers(args) -> dict:
         "benchmark": "workers",
         "machine": _machine(),
         "slide_px": args.size,
-        "model": f"depth 4, base {args.base_channels}, fp32",
+        "model": _model_name(args) + ", fp32",
         "results": {
             mode: {
                 # Stream time includes starting the worker processes.
@@ -353,7 +371,7 @@ def workers(args) -> dict:
 
 def profile(args) -> dict:
     slide = _slide(args.size, 0.5)
-    model = _model(args.base_channels)
+    model = _model(args)
     rows = []
     for p in args.precisions:
         r = _child(
@@ -380,7 +398,8 @@ def main() -> None:
     sub = ap.add_subparsers(dest="what", required=True)
     for name in ("efficiency", "rss", "workers", "profile"):
         p = sub.add_parser(name)
-        p.add_argument("--base-channels", type=int, default=16)
+        p.add_argument("--model", default="nuclei-he", help="shipped model, path, or random")
+        p.add_argument("--base-channels", type=int, default=16, help="for --model random")
         p.add_argument("--tile-size", type=int, default=572)
         p.add_argument("--repeats", type=int, default=3)
         p.add_argument("--size", type=int, default=7680)

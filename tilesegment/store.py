@@ -293,6 +293,13 @@ def _update_attrs(path: Path, update: Mapping[str, Any]) -> None:
     _open_group(path, "r+").attrs.update(dict(update))
 
 
+#: Blosc zstd level of every array. Level 1 compresses real probability maps within ~10 % of
+#: level 5 at about a fifth of the CPU time (measured on a nuclei-he output of CMU-1: ratio
+#: 3.4 vs 3.7, 7.5 vs 35 ms per 1164² x 2 chunk); on a 2-core machine the writer's CPU time
+#: is taken from the forward pass.
+ZSTD_LEVEL = 1
+
+
 def _create_array(
     group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str
 ) -> zarr.Array:
@@ -304,7 +311,7 @@ def _create_array(
         chunks=tuple(min(c, n) for c, n in zip(chunks, shape, strict=True)),
         dtype=dtype,
         fill_value=0,
-        compressors=numcodecs.Blosc(cname="zstd", clevel=5, shuffle=shuffle),
+        compressors=numcodecs.Blosc(cname="zstd", clevel=ZSTD_LEVEL, shuffle=shuffle),
         chunk_key_encoding={"name": "v2", "separator": "/"},
         overwrite=True,
     )

@@ -36,7 +36,7 @@ def test_block_reads_equal_tile_reads_including_mirrored_borders(cmu_slide):
 
 def test_plan_leaves_out_done_chunks_and_tissue_free_tiles():
     grid = plan_grid((3000, 2000), NET, 572)  # 8 x 6 tiles of 384, one tile per chunk
-    full = plan_work(grid, RunOptions())
+    full = plan_work(grid, RunOptions(chunk_target_px=512))
     keys = [t.key for u in full.units for t in u]
     assert len(keys) == 48 and len(set(keys)) == 48
     assert full.chunk_shape == (384, 384)
@@ -48,7 +48,7 @@ def test_plan_leaves_out_done_chunks_and_tissue_free_tiles():
             return box.x < 1000
 
     done = {(0, 0), (7, 5)}
-    plan = plan_work(grid, RunOptions(), tissue=LeftHalf(), done=done)
+    plan = plan_work(grid, RunOptions(chunk_target_px=512), tissue=LeftHalf(), done=done)
     kept = [ij for u in plan.units for t in u for ij in t.tiles]
     assert all(grid.tile(*ij).read.x < 1000 for ij in kept)
     assert plan.chunks_done_before == 2 and plan.tiles_done_before == 2

@@ -105,7 +105,7 @@ class RunOptions:
     """``torch.compile`` the model in every worker (worth it on GPUs for long runs)."""
     read_threads: int = 2
     """Threads that read, decode and mirror-pad tiles (split between CPU workers)."""
-    chunk_target_px: int = 512
+    chunk_target_px: int = 1024
     """Aim for output chunks of about this edge; chunks are a whole number of tile strides."""
     read_block_px: int = 1536
     """Aim for read blocks (units of work) of about this edge; a whole number of chunks."""
@@ -740,10 +740,11 @@ def run_slide(
     WorkerError
         Tiles still failed after ``max_retries`` retries on the worker pool.
     """
-    from tilesegment.infer.pool import resolve_devices, resolve_precision
+    from tilesegment.infer.pool import limit_malloc_arenas, resolve_devices, resolve_precision
 
     opts = options or RunOptions()
     _check_options(opts)
+    limit_malloc_arenas()  # flat peak RSS whatever the slide size (see the function)
     run = _Run(started=_now(), t0=time.perf_counter())
     net, spec = load_checkpoint(model, device="cpu")
     tile_size = resolve_tile_size(net, opts.tile_size)
