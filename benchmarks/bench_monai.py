@@ -9,8 +9,9 @@ depth-4, base-16 U-Net with the *same weights*: tilesegment the valid-convolutio
 on the image in memory, stitched into an array: MONAI's conditions), MONAI the same net
 with padding=1 ("same") convolutions on the image held in memory as a normalised tensor, at
 its common settings: roi 256 with overlap 0.25 and gaussian blending, and roi 256 with
-overlap 0. MONAI runs with its defaults (NCHW) and with the model in channels-last. All fp32,
-same process, same torch threads; medians of ``--repeats`` alternating rounds.
+overlap 0. MONAI runs with its defaults (NCHW) and with the model in channels-last. Both in
+fp32, or both under bf16 autocast (``--precision bf16``); same process, same torch threads;
+medians of ``--repeats`` alternating rounds.
 
 Seam map: for each tool, |tiled - whole-image| / sigma of the class-1 probability, where the
 whole-image output is one forward pass of that tool's network over the whole (padded) image
@@ -21,6 +22,7 @@ and sigma is the standard deviation of that whole-image probability. Drawn to
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -81,16 +83,28 @@ def whole_same(model, x: torch.Tensor, pooling: int) -> np.ndarray:
     h, w = x.shape[-2:]
     ph, pw = (-h) % pooling, (-w) % pooling
     logits = model(F.pad(x, (0, pw, 0, ph)))[..., :h, :w]
-    return torch.softmax(logits, dim=1)[0].numpy()
+    return torch.softmax(logits.float(), dim=1)[0].numpy()
+
+
+def autocast(precision: str):
+    """bf16 autocast on the CPU, or nothing for fp32 (the same switch for both tools)."""
+    import contextlib
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
 @torch.inference_mode()
-def monai_tiled(model, x: torch.Tensor, overlap: float, mode: str) -> tuple[np.ndarray, float]:
+def monai_tiled(
+    model, x: torch.Tensor, overlap: float, mode: str, precision: str
+) -> tuple[np.ndarray, float]:
     from monai.inferers import sliding_window_inference
 
     t0 = time.perf_counter()
-    logits = sliding_window_inference(x, (256, 256), 1, model, overlap=overlap, mode=mode)
-    probs = torch.softmax(logits, dim=1)[0].numpy()
+    with autocast(precision):
+        logits = sliding_window_inference(x, (256, 256), 1, model, overlap=overlap, mode=mode)
+    probs = torch.softmax(logits.float(), dim=1)[0].numpy()
     return probs, time.perf_counter() - t0
 
 
@@ -104,13 +118,13 @@ class ArrayReader:
         return self.image[y : y + h, x : x + w]
 
 
-def ours_in_memory(image: np.ndarray, valid, spec) -> tuple[np.ndarray, float]:
+def ours_in_memory(image: np.ndarray, valid, spec, precision: str) -> tuple[np.ndarray, float]:
     """tilesegment's tiling on the image in memory, stitched into an array: the same work as
     MONAI's call (no file decoding, no Zarr, no pyramid)."""
     from tilesegment.infer.pipeline import plan_grid, read_tile
     from tilesegment.infer.pool import make_predictor
 
-    predictor = make_predictor(valid, spec, "cpu", "fp32")
+    predictor = make_predictor(copy.deepcopy(valid), spec, "cpu", precision)
     grid = plan_grid(image.shape[:2], valid, 572)
     reader = ArrayReader(image)
     out = np.empty((spec.unet.classes, *image.shape[:2]), dtype=np.float32)
@@ -122,11 +136,17 @@ def ours_in_memory(image: np.ndarray, valid, spec) -> tuple[np.ndarray, float]:
     return out, time.perf_counter() - t0
 
 
-def ours(slide: Path, model: Path, out: Path, dtype: str) -> tuple[Path, float]:
+def ours(slide: Path, model: Path, out: Path, dtype: str, precision: str) -> tuple[Path, float]:
     from tilesegment.infer.pipeline import RunOptions, run_slide
 
     opts = RunOptions(
-        tile_size=572, tissue="none", preview=False, progress=False, overwrite=True, dtype=dtype
+        tile_size=572,
+        tissue="none",
+        preview=False,
+        progress=False,
+        overwrite=True,
+        dtype=dtype,
+        precision=precision,
     )
     t0 = time.perf_counter()
     run_slide(slide, out, model, opts)
@@ -138,6 +158,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--base-channels", type=int, default=16)
     ap.add_argument("--png", type=Path, default=HERE / "seams.png")
+    ap.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="fp32", help="both tools alike"
+    )
     args = ap.parse_args()
 
     from tilesegment.infer.predict import Predictor, predict_image
@@ -169,22 +192,24 @@ def main() -> None:
     seconds: dict[str, list[float]] = {e2e: [], in_memory: [], **{k: [] for k in configs}}
     tiled: dict[str, np.ndarray] = {}
     out = WORK / "monai-ours.zarr"
-    ours(slide, model_path, out, "uint8")  # warm-up (file cache, oneDNN kernels)
+    prec = args.precision
+    ours(slide, model_path, out, "uint8", prec)  # warm-up (file cache, oneDNN kernels)
     for r in range(args.repeats):
-        seconds[e2e].append(ours(slide, model_path, out, "uint8")[1])
-        seconds[in_memory].append(ours_in_memory(image, valid, spec)[1])
+        seconds[e2e].append(ours(slide, model_path, out, "uint8", prec)[1])
+        seconds[in_memory].append(ours_in_memory(image, valid, spec, prec)[1])
         for name, (model, inp, overlap, mode) in configs.items():
-            probs, s = monai_tiled(model, inp, overlap, mode)
+            probs, s = monai_tiled(model, inp, overlap, mode, prec)
             seconds[name].append(s)
             if r == 0 and "channels-last" not in name:
                 tiled[name] = probs[1]
         print(json.dumps({k: round(v[-1], 2) for k, v in seconds.items()}), file=sys.stderr)
 
     # Seam maps: each tool against one whole-image pass of its own network.
-    ours_f32, _ = ours(slide, model_path, WORK / "monai-ours-f32.zarr", "float32")
+    ours_f32, _ = ours(slide, model_path, WORK / "monai-ours-f32.zarr", "float32", prec)
     ours_tiled = OutputStore.open(ours_f32).probabilities[1]
-    ours_whole = predict_image(image, Predictor(valid, spec))[1]
-    same_whole = whole_same(same, x, 2**spec.unet.depth)[1]
+    ours_whole = predict_image(image, Predictor(copy.deepcopy(valid), spec, precision=prec))[1]
+    with autocast(prec):
+        same_whole = whole_same(same, x, 2**spec.unet.depth)[1]
     maps = {
         "tilesegment (valid U-Net, tile 572)": np.abs(ours_tiled - ours_whole) / ours_whole.std()
     }
@@ -201,7 +226,7 @@ def main() -> None:
             f"{os.getloadavg()[0]:.1f} at the end"
         ),
         "image": f"{slide.name} {h} x {w} px",
-        "model": f"depth 4, base {args.base_channels}, fp32, same weights",
+        "model": f"depth 4, base {args.base_channels}, {prec}, same weights",
         "mpx_per_s_median": {k: round(v, 3) for k, v in rates.items()},
         "seconds": {k: [round(s, 2) for s in v] for k, v in seconds.items()},
         "ratios": {

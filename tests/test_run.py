@@ -38,7 +38,12 @@ def runs(tiny_model, tmp_path_factory) -> dict[int, Path]:
     for i, tile in enumerate(TILE_SIZES):
         paths[tile] = out / f"t{tile}.zarr"
         opts = RunOptions(
-            tile_size=tile, batch_size=(1, 3, 1)[i], tissue="none", preview=False, progress=False
+            tile_size=tile,
+            batch_size=(1, 3, 1)[i],
+            tissue="none",
+            preview=False,
+            progress=False,
+            precision="fp32",  # the reference arithmetic (auto may pick bf16 on this CPU)
         )
         summary = run_slide(slide, paths[tile], tiny_model, opts)
         assert summary.image_shape == (2967, 2220)
@@ -78,6 +83,32 @@ def test_output_equals_the_whole_image_pass(runs, whole_image):
         assert got.shape == expected.shape
         assert np.abs(got - expected).max() <= 1, f"tile {t}"
         assert (store.mask[:] == expected_mask).mean() >= 0.9999, f"tile {t}"
+
+
+def test_bf16_runs_are_tile_invariant_within_two_levels(tiny_model, runs, tmp_path):
+    """bf16 autocast (``--precision auto`` on CPUs with native bf16) rounds differently per
+    tile size, but stays within 2/255 across tilings and a few /255 of fp32, with the same
+    mask almost everywhere (pixels within a rounding step of a class tie may flip)."""
+    from tests.conftest import data_path
+
+    slide = data_path("slides", "CMU-1-Small-Region.svs")
+    got = {}
+    for tile in (252, 572):
+        out = tmp_path / f"bf16-{tile}.zarr"
+        opts = RunOptions(
+            tile_size=tile, tissue="none", preview=False, progress=False, precision="bf16"
+        )
+        run_slide(slide, out, tiny_model, opts)
+        store = OutputStore.open(out)
+        got[tile] = (store.probabilities[:].astype(np.int16), store.mask[:])
+    tiling = np.abs(got[572][0] - got[252][0])
+    assert tiling.max() <= 2 and (tiling > 0).mean() < 0.01, (tiling.max(), (tiling > 0).mean())
+    assert (got[572][1] == got[252][1]).mean() >= 0.9995
+    # Against fp32 (this random model has many near-ties between its 3 classes).
+    fp32 = OutputStore.open(runs[572])
+    arith = np.abs(got[572][0] - fp32.probabilities[:].astype(np.int16))
+    assert arith.max() <= 5 and (arith > 1).mean() < 0.02, (arith.max(), (arith > 1).mean())
+    assert (got[572][1] == fp32.mask[:]).mean() >= 0.99
 
 
 def test_output_is_valid_ngff_with_the_slide_scale(runs):
@@ -123,7 +154,9 @@ def test_resampled_runs_are_tile_invariant(tmp_path):
     outs = []
     for tile in (140, 572):
         out = tmp_path / f"r{tile}.zarr"
-        opts = RunOptions(tile_size=tile, tissue="none", preview=False, progress=False)
+        opts = RunOptions(
+            tile_size=tile, tissue="none", preview=False, progress=False, precision="fp32"
+        )
         summary = run_slide(slide, out, tmp_path / "coarse", opts)
         assert summary.extra["mpp"] == pytest.approx(1.3)
         outs.append(OutputStore.open(out))

@@ -28,6 +28,7 @@ from tilesegment.infer.pool import (
     FAULT_ENV,
     FaultInjector,
     FaultSpec,
+    cpu_has_native_bf16,
     resolve_devices,
     resolve_precision,
 )
@@ -35,6 +36,8 @@ from tilesegment.infer.resume import lock_path
 from tilesegment.store import is_complete
 
 POOL_ARGS = ("--workers", "2", *RUN_ARGS)
+#: What ``--precision auto`` is on this machine's CPU.
+AUTO_CPU = "bf16" if cpu_has_native_bf16() else "fp32"
 
 # ------------------------------------------------------------------------------- unit level
 
@@ -68,7 +71,8 @@ def test_devices_and_precision_are_resolved_per_device():
             resolve_devices("cuda:0,cuda:1")
     with pytest.raises(ConfigError, match="'tpu' is not cpu, cuda or cuda:N"):
         resolve_devices("tpu")
-    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("auto", "cpu") == AUTO_CPU
+    assert resolve_precision("fp32", "cpu") == "fp32"
     assert resolve_precision("bf16", "cpu") == "bf16"
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         resolve_precision("fp16", "cpu")
@@ -97,7 +101,7 @@ def pool_clean(tiny_model, slide, tmp_path_factory):
     out = tmp_path_factory.mktemp("pool") / "out.zarr"
     result = invoke("run", slide, "-o", out, "--model", tiny_model, *POOL_ARGS)
     assert result.exit_code == 0, result.output
-    assert "worker 0: cpu fp32 x1 threads" in result.output
+    assert f"worker 0: cpu {AUTO_CPU} x1 threads" in result.output
     return out
 
 
@@ -109,7 +113,7 @@ def test_injected_worker_crash_is_retried_into_identical_output(
     result = invoke("run", slide, "-o", out, "--model", tiny_model, *POOL_ARGS)
     assert result.exit_code == 0, result.output
     assert "worker 0 (cpu, pid" in caplog.text and "exited with code 86" in caplog.text
-    assert "worker 0: cpu fp32 x1 threads" in result.output and "1 restarts" in result.output
+    assert f"worker 0: cpu {AUTO_CPU} x1 threads" in result.output and "1 restarts" in result.output
     assert_identical(out, pool_clean)
     report = json.loads((out / REPORT_NAME).read_text())
     assert report["status"] == "complete"

@@ -132,13 +132,33 @@ def resolve_devices(device: str, workers: int | None = None) -> list[str]:
     return out
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matrix maths natively (AVX-512 BF16 or AMX on x86-64).
+
+    Elsewhere torch emulates bf16 on the CPU, which is slower than fp32, so ``auto`` keeps fp32.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def resolve_precision(precision: str, device: str) -> str:
-    """The autocast precision for ``device``: ``auto`` is fp32 on the CPU (bit-stable, within
-    1/255 of every other tiling) and bf16 on CUDA devices that support it, else fp16."""
+    """The autocast precision for ``device``.
+
+    ``auto`` is bf16 on a CPU with native bf16 (about twice the fp32 speed; outputs within
+    2/255 of fp32) and fp32 on other CPUs; on CUDA it is bf16 where the device supports it,
+    else fp16. fp32 gives the tightest tiling invariance (within 1/255 of a whole-image pass).
+    """
     is_cuda = device.startswith("cuda")
     if precision == "auto":
         if not is_cuda:
-            return "fp32"
+            return "bf16" if cpu_has_native_bf16() else "fp32"
         import torch
 
         with torch.cuda.device(device):
