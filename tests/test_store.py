@@ -410,3 +410,16 @@ def test_label_added_after_completion_reopens_the_run(tmp_path):
     assert is_complete(path)
     assert json.loads((path / "labels" / ".zattrs").read_text())["labels"] == ["mask", "nuclei"]
     assert json.loads((path / ".zattrs").read_text())["multiscales"] == image_attrs
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, 5])
+def test_class_map_is_numpys_argmax_with_first_class_winning_ties(classes):
+    from tilesegment.store import class_map
+
+    rng = np.random.default_rng(classes)
+    p = rng.random((classes, 67, 45)).astype(np.float32)
+    p[:, :5, :5] = 0.5  # exact ties: the first class wins, as in np.argmax
+    p[-1, 10:12, 10:12] = 2.0
+    got = class_map(p)
+    assert got.dtype == np.uint8 and got.shape == (67, 45)
+    np.testing.assert_array_equal(got, np.argmax(p, axis=0))

