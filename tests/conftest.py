@@ -23,3 +23,25 @@ def data_path(*parts: str) -> Path:
 def cmu_slide() -> Path:
     """The real Aperio slide CMU-1-Small-Region.svs (2967 x 2220 px, 0.499 um/px)."""
     return data_path("slides", "CMU-1-Small-Region.svs")
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """A client of a real local dask cluster: 2 worker processes of 1 thread each, localhost.
+
+    Not the default client: tests pass ``scheduler=dask_client`` (or its address) explicitly.
+    """
+    distributed = pytest.importorskip(
+        "distributed", reason="dask.distributed is not installed (pip install -e '.[dev]')"
+    )
+    with (
+        distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",  # no fixed port to clash with
+        ) as cluster,
+        distributed.Client(cluster, set_as_default=False) as client,
+    ):
+        yield client

@@ -79,6 +79,21 @@ def test_invalid_tile_size_names_the_nearest_valid(model, tmp_path):
     assert not out.exists()
 
 
+def test_valid_but_too_small_tile_size_is_refused(tmp_path):
+    from tilesegment.model import ModelSpec, UNetConfig, new_model, save_checkpoint
+
+    spec = ModelSpec.default(UNetConfig(depth=4, base_channels=2), name="d4")
+    save_checkpoint(new_model(spec, seed=0), spec, tmp_path / "d4")
+    out = tmp_path / "o.zarr"
+    slide = data_path("slides", "small.svs")
+    # 188 is a valid depth-4 input, but its 4 px output cannot advance on the 16 px grid.
+    result = invoke("run", slide, "-o", out, "--model", tmp_path / "d4", "--tile-size", 188)
+    assert result.exit_code == 2, result.output
+    assert "--tile-size 188 px leaves a 4 px output" in result.output
+    assert "use at least 204" in result.output
+    assert not out.exists()
+
+
 def _zero_size_zarr(tmp_path: Path) -> Path:
     path = tmp_path / "empty.zarr"
     zarr.create_array(path, shape=(0, 10, 3), dtype="uint8", chunks=(1, 10, 3))
@@ -170,3 +185,19 @@ def test_tiny_image_smaller_than_the_halo(model, tmp_path):
     result = invoke("run", png, "-o", out, "--model", model, "--no-progress")
     assert result.exit_code == 0, result.output
     assert zarr.open_group(out, mode="r")["labels/mask/0"].shape == (7, 5)
+
+
+def test_resume_of_a_complete_output_still_writes_the_missing_geojson(model, tmp_path):
+    import json
+
+    slide = data_path("slides", "small.svs")
+    out, geojson = tmp_path / "o.zarr", tmp_path / "o.geojson"
+    first = invoke("run", slide, "-o", out, "--model", model, "--no-preview", "--no-progress")
+    assert first.exit_code == 0, first.output
+    assert not geojson.exists()
+    again = invoke(
+        "run", slide, "-o", out, "--model", model, "--resume", "--geojson", geojson, "--no-progress"
+    )
+    assert again.exit_code == 0, again.output
+    assert "already complete" in again.output
+    assert json.loads(geojson.read_text())["type"] == "FeatureCollection"

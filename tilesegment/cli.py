@@ -7,12 +7,14 @@ Heavy imports (torch, zarr, openslide) happen inside commands so ``--help`` stay
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -24,6 +26,10 @@ from tilesegment.errors import (
     StoreError,
     TilesegmentError,
 )
+
+if TYPE_CHECKING:
+    from tilesegment.batch import BatchItem
+    from tilesegment.infer.pipeline import RunOptions, RunSummary
 
 log = logging.getLogger("tilesegment")
 
@@ -192,9 +198,13 @@ def models_cmd(as_json: bool) -> None:
 
 # --------------------------------------------------------------------------- run
 @main.command()
-@click.argument("slide", type=click.Path(path_type=Path))
+@click.argument("slides", nargs=-1, required=True, metavar="SLIDE...")
 @click.option(
-    "-o", "--output", type=click.Path(path_type=Path), required=True, help="OUT.zarr to write."
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="OUT.zarr to write; with several slides the folder OUTDIR for OUTDIR/<stem>.zarr.",
 )
 @click.option(
     "--model",
@@ -224,8 +234,9 @@ def models_cmd(as_json: bool) -> None:
 @click.option("--preview/--no-preview", default=True, help="Write OUT.preview.png.")
 @click.option(
     "--geojson",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Also label instances and export them as QuPath GeoJSON (see `tilesegment export`).",
+    type=click.Path(path_type=Path),
+    help="Also label instances and export them as QuPath GeoJSON (see `tilesegment export`); "
+    "with several slides a folder (may be OUTDIR) for <stem>.geojson.",
 )
 @click.option(
     "--dtype",
@@ -253,7 +264,10 @@ def models_cmd(as_json: bool) -> None:
     type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
     default="auto",
     show_default=True,
-    help="auto: fp32 on the CPU, bf16 (else fp16) on CUDA.",
+    help=(
+        "auto: bf16 on CPUs with native bf16 (AVX-512 BF16, AMX), else fp32; "
+        "bf16 (else fp16) on CUDA."
+    ),
 )
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
 @click.option("--read-threads", type=click.IntRange(1, 64), default=2, show_default=True)
@@ -270,9 +284,21 @@ def models_cmd(as_json: bool) -> None:
     show_default=True,
     help="Retries of a unit of work whose worker died or raised.",
 )
+@click.option(
+    "--scheduler",
+    metavar="ADDRESS",
+    help="Compute on the workers of this dask scheduler (e.g. tcp://host:8786); the output "
+    "must be on a filesystem they share. Needs tilesegment[cluster].",
+)
+@click.option(
+    "--dask-workers",
+    type=click.IntRange(1, 1024),
+    help="Compute on a local dask cluster of N worker processes started for the run. Needs "
+    "tilesegment[cluster].",
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a tty).")
 def run(
-    slide: Path,
+    slides: tuple[str, ...],
     output: Path,
     model_path: str,
     tile_size: int | None,
@@ -291,6 +317,8 @@ def run(
     overwrite: bool,
     resume: bool,
     max_retries: int,
+    scheduler: str | None,
+    dask_workers: int | None,
     progress: bool | None,
 ) -> None:
     """Segment SLIDE into the OME-Zarr OUTPUT with a valid U-Net.
@@ -298,9 +326,23 @@ def run(
     Resumable: a run killed at any point continues with --resume and gives the same bytes.
     Ctrl-C (or SIGTERM) stops after writing the finished chunks (exit code 130 or 143). A JSON
     report is written to OUTPUT/tilesegment-report.json.
-    """
-    import signal
 
+    Many slides: give several SLIDEs, quoted shell-style globs ('slides/*.svs', '**' recurses)
+    or @LIST (a text file, one path or glob per line, # comments, relative to the list's
+    folder). Then -o names a folder OUTDIR that receives OUTDIR/<stem>.zarr per slide (stem:
+    the file name without extension), and --geojson a folder for <stem>.geojson (it may be
+    OUTDIR). Two slides with the same stem are refused before anything runs. A slide that
+    fails is reported in one line and the batch goes on; a summary ends it, with exit code 1
+    if any slide failed. Ctrl-C stops the whole batch. With --resume, complete outputs made
+    from the same slide file and model are skipped without reading the slide.
+
+    \b
+    Examples:
+      tilesegment run slide.svs -o out/slide.zarr --geojson out/slide.geojson
+      tilesegment run 'slides/*.svs' 'more/*.ndpi' -o out --geojson out
+      tilesegment run @slides.txt -o out --resume
+    """
+    from tilesegment.batch import is_batch
     from tilesegment.infer.pipeline import RunOptions, run_slide
     from tilesegment.model.registry import resolve_model
 
@@ -322,27 +364,38 @@ def run(
         read_threads=read_threads,
         resume=resume,
         max_retries=max_retries,
+        scheduler=scheduler,
+        dask_workers=dask_workers,
         progress=sys.stderr.isatty() if progress is None else progress,
     )
-    terminated = []
+    if is_batch(slides):
+        _run_batch(slides, output, geojson, resolve_model(model_path), opts)
+        return
+    slide = Path(slides[0])
+    if geojson is not None and geojson.is_dir():
+        raise click.BadParameter(
+            f"{geojson} is a folder; give FILE.geojson", param_hint="'--geojson'"
+        )
+    with _sigterm_interrupts() as terminated:
+        try:
+            summary = run_slide(slide, output, resolve_model(model_path), opts)
+        except KeyboardInterrupt as exc:
+            click.echo(f"stopped: {output}: {exc or 'interrupted'}", err=True)
+            sys.exit(143 if terminated else 130)
+    complete_before = bool(summary.extra.get("already_complete"))
+    if complete_before:
+        click.echo(f"done: {summary.output} was already complete; nothing to resume", err=True)
+    else:
+        _echo_summary(summary)
+    # A resumed complete output still gets the GeoJSON it lacks (as in a batch).
+    if geojson is not None and not (complete_before and geojson.exists()):
+        _export_instances(output, geojson)
 
-    def on_sigterm(signum: int, frame: Any) -> None:
-        terminated.append(signum)
-        raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        summary = run_slide(slide, output, resolve_model(model_path), opts)
-    except KeyboardInterrupt as exc:
-        click.echo(f"stopped: {output}: {exc or 'interrupted'}", err=True)
-        sys.exit(143 if terminated else 130)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def _echo_summary(summary: RunSummary) -> None:
+    """What a finished run did, on stderr: totals, one line per worker, memory, files."""
     h, w = summary.image_shape
     x = summary.extra
-    if x.get("already_complete"):
-        click.echo(f"done: {summary.output} was already complete; nothing to resume", err=True)
-        return
     mpp = f"{x['mpp']:.4g} um/px" if x["mpp"] else "unknown um/px"
     tissue = "" if x["tissue_fraction"] is None else f", tissue {x['tissue_fraction']:.1%}"
     resumed = f", {x['tiles_resumed']} done before" if x["tiles_resumed"] else ""
@@ -367,16 +420,154 @@ def run(
     click.echo(f"report: {x['report_path']}", err=True)
     if x["preview"]:
         click.echo(f"preview: {x['preview']}", err=True)
-    if geojson is not None:
-        from tilesegment.postprocess import postprocess_output
 
-        result = postprocess_output(output, geojson=geojson)
-        tables = ", ".join(str(t) for t in result.tables)
-        click.echo(
-            f"instances: {result.instances} in labels/nuclei; GeoJSON {result.geojson}; "
-            f"table {tables or 'not written'}",
-            err=True,
+
+def _export_instances(output: Path, geojson: Path) -> None:
+    """Label the instances of a finished ``output`` and write its table and ``geojson``."""
+    from tilesegment.postprocess import postprocess_output
+
+    result = postprocess_output(output, geojson=geojson)
+    tables = ", ".join(str(t) for t in result.tables)
+    click.echo(
+        f"instances: {result.instances} in labels/nuclei; GeoJSON {result.geojson}; "
+        f"table {tables or 'not written'}",
+        err=True,
+    )
+
+
+# --------------------------------------------------------------------------- run: many slides
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[list[int]]:
+    """Turn SIGTERM into KeyboardInterrupt inside the block; yields the signals received."""
+    import signal
+
+    received: list[int] = []
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _check_batch_paths(outdir: Path, geojson_dir: Path | None, tissue: str) -> None:
+    """Refuse single-slide paths and options in a batch, before anything is read."""
+    if outdir.suffix.lower() == ".zarr" or (outdir.exists() and not outdir.is_dir()):
+        raise click.UsageError(
+            f"-o {outdir}: with several slides -o names a folder that receives <stem>.zarr per "
+            "slide; give a folder name such as -o results"
         )
+    if geojson_dir is not None and (
+        geojson_dir.suffix.lower() in (".geojson", ".json")
+        or (geojson_dir.exists() and not geojson_dir.is_dir())
+    ):
+        raise click.UsageError(
+            f"--geojson {geojson_dir}: with several slides --geojson names a folder that "
+            "receives <stem>.geojson per slide (it may be the -o folder)"
+        )
+    if tissue not in ("auto", "none"):
+        raise click.UsageError(
+            f"--tissue {tissue}: one mask cannot serve several slides; use auto or none, "
+            "or run each slide with its own mask"
+        )
+
+
+def _expected_params(model: Path, opts: RunOptions) -> dict[str, Any]:
+    """Run parameters a complete output must have been made with, as recorded in its run.json.
+
+    Loads the model once, which also refuses a bad checkpoint or tile size before the first
+    slide instead of once per slide.
+    """
+    from tilesegment.infer.pipeline import resolve_tile_size
+    from tilesegment.model.checkpoint import checkpoint_paths, file_sha256, load_checkpoint
+
+    net, _ = load_checkpoint(model, device="cpu")
+    tile_size = resolve_tile_size(net, opts.tile_size)
+    expected: dict[str, Any] = {
+        "model_sha256": file_sha256(checkpoint_paths(model)[0]),
+        "dtype": opts.dtype,
+        "tissue": opts.tissue,
+    }
+    if opts.tile_size is not None:  # the default shrinks to fit small images
+        expected["tile_size"] = [tile_size, tile_size]
+    if opts.level is not None:
+        expected["level"] = opts.level
+    if opts.precision != "auto":
+        expected["precision"] = opts.precision
+    return expected
+
+
+def _run_batch(
+    args: tuple[str, ...], outdir: Path, geojson_dir: Path | None, model: Path, opts: RunOptions
+) -> None:
+    """Run every slide named by ``args`` into ``outdir``; report failures and go on."""
+    from tilesegment.batch import expand_slides, plan_batch
+
+    _check_batch_paths(outdir, geojson_dir, opts.tissue)
+    items = plan_batch(expand_slides(args), outdir, geojson_dir)
+    expected = _expected_params(model, opts)
+    for folder in [f for f in (outdir, geojson_dir) if f is not None]:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{folder}: cannot create the output folder ({exc})") from exc
+    failed: list[Path] = []
+    n, i = len(items), 0
+    with _sigterm_interrupts() as terminated:
+        try:
+            for i, item in enumerate(items, 1):
+                click.echo(f"[{i}/{n}] {item.slide} -> {item.output}", err=True)
+                try:
+                    _run_item(item, model, opts, expected)
+                except Exception as exc:  # reported, counted, and the batch goes on
+                    log.debug("%s failed", item.slide, exc_info=True)
+                    failed.append(item.slide)
+                    click.echo(f"failed: {_describe(exc, item.slide)}", err=True)
+        except KeyboardInterrupt as exc:
+            click.echo(f"stopped: {items[i - 1].output}: {exc or 'interrupted'}", err=True)
+            succeeded = i - 1 - len(failed)
+            click.echo(
+                f"batch stopped at slide {i} of {n}: {succeeded} succeeded, {len(failed)} "
+                f"failed, {n - i + 1} not done (run again with --resume)",
+                err=True,
+            )
+            sys.exit(143 if terminated else 130)
+    counts = f"{n - len(failed)} succeeded, {len(failed)} failed"
+    if failed:
+        click.echo(f"batch: {counts}: {', '.join(map(str, failed))}", err=True)
+        sys.exit(1)
+    click.echo(f"batch: {counts}", err=True)
+
+
+def _run_item(item: BatchItem, model: Path, opts: RunOptions, expected: dict[str, Any]) -> None:
+    """One slide of a batch: skip it if finished, else run it; then its GeoJSON if asked."""
+    from tilesegment.batch import finished
+    from tilesegment.infer.pipeline import run_slide
+
+    complete = opts.resume and finished(item, expected)
+    if complete:
+        click.echo(f"done: {item.output} was already complete; skipped", err=True)
+    else:
+        summary = run_slide(item.slide, item.output, model, opts)
+        complete = bool(summary.extra.get("already_complete"))
+        if complete:
+            click.echo(f"done: {item.output} was already complete; nothing to resume", err=True)
+        else:
+            _echo_summary(summary)
+    if item.geojson is not None and not (complete and item.geojson.exists()):
+        _export_instances(item.output, item.geojson)
+
+
+def _describe(exc: Exception, slide: Path) -> str:
+    """One line for a failed slide, starting with its path; unexpected errors name their type."""
+    message = _one_line(exc)
+    if not isinstance(exc, TilesegmentError):
+        message = f"{type(exc).__name__}: {message} (rerun with --log-level debug for details)"
+    return message if message.startswith(str(slide)) else f"{slide}: {message}"
 
 
 def _register_optional_commands() -> None:

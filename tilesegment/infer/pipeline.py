@@ -99,8 +99,8 @@ class RunOptions:
     workers: int | None = None
     """CPU worker processes (None: 1). One CPU worker runs in-process, several split the cores."""
     precision: str = "auto"
-    """``"auto"`` (fp32 on CPU; bf16 on CUDA where supported, else fp16), ``"fp32"``,
-    ``"bf16"`` or ``"fp16"`` (CUDA only)."""
+    """``"auto"`` (bf16 on CPUs with native bf16, else fp32; bf16 on CUDA where supported, else
+    fp16), ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA only)."""
     compile: bool = False
     """``torch.compile`` the model in every worker (worth it on GPUs for long runs)."""
     read_threads: int = 2
@@ -116,6 +116,11 @@ class RunOptions:
     in_process: bool | None = None
     """Force (True) or forbid (False) the in-process executor; None: in-process for one CPU
     worker, worker processes otherwise."""
+    scheduler: str | None = None
+    """Address of a dask scheduler (``tcp://host:8786``) whose workers compute the units of
+    work (see :mod:`tilesegment.infer.distributed`); the output must be on a shared filesystem."""
+    dask_workers: int | None = None
+    """Start a local dask cluster of this many worker processes (one thread each) for the run."""
     progress: bool = True
     """Show a progress bar on stderr."""
     command: tuple[str, ...] | None = None
@@ -155,6 +160,14 @@ def resolve_tile_size(net: UNet, tile_size: int | None) -> int:
     if tile_size is None:
         return net.nearest_valid_inputs(DEFAULT_TILE_SIZE)[0]
     net.check_input_size(tile_size, name="--tile-size")
+    # Tiles advance by a multiple of the pooling factor and overlap by 4 px (ARCHITECTURE.md).
+    smallest = next(s for s in net.valid_input_sizes(64) if net.output_size(s) >= net.pooling + 4)
+    if tile_size < smallest:
+        raise ConfigError(
+            f"--tile-size {tile_size} px leaves a {net.output_size(tile_size)} px output, too "
+            f"small for tiles to advance on the {net.pooling} px pooling grid; use at least "
+            f"{smallest} (default {net.nearest_valid_inputs(DEFAULT_TILE_SIZE)[0]})"
+        )
     return tile_size
 
 
@@ -690,6 +703,25 @@ def _check_options(opts: RunOptions) -> None:
         raise ConfigError(f"`max_retries` ({opts.max_retries}) must be >= 0")
     if opts.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision {opts.precision!r} must be auto, fp32, bf16 or fp16")
+    if opts.scheduler is not None or opts.dask_workers is not None:
+        _check_dask_options(opts)
+
+
+def _check_dask_options(opts: RunOptions) -> None:
+    from tilesegment.infer.distributed import require_distributed
+
+    if opts.scheduler is not None and opts.dask_workers is not None:
+        raise ConfigError("--scheduler and --dask-workers contradict each other; pass one of them")
+    if opts.dask_workers is not None and opts.dask_workers < 1:
+        raise ConfigError(f"`dask_workers` ({opts.dask_workers}) must be >= 1")
+    if opts.workers is not None:
+        raise ConfigError(
+            "--workers sets local worker processes; with --scheduler or --dask-workers the dask "
+            "workers compute (drop --workers)"
+        )
+    if opts.in_process:
+        raise ConfigError("`in_process=True` contradicts a dask run (scheduler or dask_workers)")
+    require_distributed()
 
 
 def preview_path(output: str | Path) -> Path:
@@ -852,7 +884,11 @@ def _run_locked(job: _Job, run: _Run) -> RunSummary:
             tissue=tissue,
         )
         try:
-            if job.in_process:
+            if opts.scheduler is not None or opts.dask_workers is not None:
+                from tilesegment.infer.distributed import run_on_dask
+
+                run_on_dask(context, plan, job.devices[0], job.precisions[0], done_log, run)
+            elif job.in_process:
                 _run_in_process(
                     context, plan, source, job.net, job.devices[0], job.precisions[0], done_log, run
                 )

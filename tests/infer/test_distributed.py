@@ -1,0 +1,143 @@
+"""``tilesegment run --dask-workers N`` / ``--scheduler ADDRESS`` on a real local dask cluster:
+the output equals a local run byte for byte, a worker killed mid-run is replaced without a
+trace in the output, and an interrupted run resumes into the same bytes.
+
+The local reference is the worker pool with as many workers (``--workers 2``): its workers run
+torch with the same thread count as the dask workers (cores // 2), so the float rounding, and
+with it every stored byte, is the same. (Other thread counts may move a rare uint8 by 1.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from tests.infer.conftest import (
+    RUN_ARGS,
+    assert_identical,
+    descendants,
+    done_records,
+    invoke,
+    start_cli,
+    wait_for_records,
+    wait_gone,
+)
+from tilesegment.infer.pipeline import REPORT_NAME
+from tilesegment.infer.resume import lock_path
+from tilesegment.store import is_complete
+
+pytest.importorskip("distributed", reason="dask.distributed is not installed")
+
+
+@pytest.fixture(scope="module")
+def local(tiny_model, cmu_slide_module, tmp_path_factory):
+    """The reference: the same command on the local worker pool with two workers."""
+    out = tmp_path_factory.mktemp("local") / "out.zarr"
+    result = invoke(
+        "run", cmu_slide_module, "-o", out, "--model", tiny_model, *RUN_ARGS, "--workers", "2"
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def cmu_slide_module():
+    from tests.conftest import data_path
+
+    return data_path("slides", "CMU-1-Small-Region.svs")
+
+
+def _report(out):
+    return json.loads((out / REPORT_NAME).read_text())
+
+
+def test_dask_workers_give_the_bytes_of_a_local_run(tiny_model, cmu_slide_module, local, tmp_path):
+    out = tmp_path / "out.zarr"
+    args = ("run", cmu_slide_module, "-o", out, "--model", tiny_model, *RUN_ARGS)
+    result = invoke(*args, "--dask-workers", "2")
+    assert result.exit_code == 0, result.output
+    assert_identical(out, local)
+    report = _report(out)
+    assert report["status"] == "complete" and report["options"]["dask_workers"] == 2
+    devices = report["devices"]
+    assert sorted(d["worker"] for d in devices) == ["0", "1"]  # both LocalCluster workers
+    assert {d["executor"] for d in devices} == {"dask"}
+    assert sum(d["tiles"] for d in devices) == report["tiles"]["processed"] > 0
+    assert "worker 0: cpu" in result.output and "worker 1: cpu" in result.output
+
+
+def test_a_worker_killed_mid_run_is_replaced_and_the_output_is_identical(
+    tiny_model, cmu_slide_module, local, tmp_path, dask_client
+):
+    out = tmp_path / "out.zarr"
+    address = dask_client.scheduler.address
+    proc = start_cli(
+        "run", cmu_slide_module, "-o", out, "--model", tiny_model, *RUN_ARGS, "--scheduler", address
+    )
+    wait_for_records(proc, out, 1)
+    # Kill (SIGKILL) a worker that is computing a unit right now; its nanny starts a new one
+    # and the scheduler gives the unit to a live worker.
+    pids = dask_client.run(os.getpid)
+    victim = None
+    deadline = time.monotonic() + 30
+    while victim is None and time.monotonic() < deadline and proc.poll() is None:
+        busy = [
+            w
+            for w, keys in dask_client.processing().items()
+            if any(str(k).startswith("tilesegment-unit-") for k in keys)
+        ]
+        victim = busy[0] if busy else None
+        time.sleep(0.01)
+    assert victim is not None, "the run ended before a worker could be killed mid-unit"
+    os.kill(pids[victim], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert_identical(out, local)  # also: no temporary file of the killed write is left
+    report = _report(out)
+    assert report["status"] == "complete"
+    assert sum(d["tiles"] for d in report["devices"]) == report["tiles"]["processed"]
+    dask_client.wait_for_workers(2, timeout=60)  # the nanny's replacement, for later tests
+
+
+def test_an_interrupted_dask_run_resumes_into_identical_output(
+    tiny_model, cmu_slide_module, local, tmp_path, dask_client
+):
+    out = tmp_path / "out.zarr"
+    args = ("run", cmu_slide_module, "-o", out, "--model", tiny_model, *RUN_ARGS)
+    proc = start_cli(*args, "--dask-workers", "2")
+    wait_for_records(proc, out, 2)
+    children = descendants(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "resume with --resume" in err
+    assert wait_gone(children, timeout=20) == [], "dask workers outlived the run"
+    assert not is_complete(out) and not lock_path(out).exists()
+    report = _report(out)
+    assert report["status"] == "interrupted" and report["tiles"]["not_done"] > 0
+    recorded = done_records(out)
+    # Resume on another cluster (the test's): only the missing chunks are computed.
+    result = invoke(*args, "--resume", "--scheduler", dask_client.scheduler.address)
+    assert result.exit_code == 0, result.output
+    assert_identical(out, local)
+    assert _report(out)["chunks"]["done_before"] == recorded
+
+
+def test_bad_dask_options_fail_in_one_line_before_any_work(tiny_model, tmp_path, monkeypatch):
+    slide = tmp_path / "absent.svs"  # never opened: the options are checked first
+    out = tmp_path / "out.zarr"
+    base = ("run", slide, "-o", out, "--model", tiny_model, *RUN_ARGS)
+    result = invoke(*base, "--dask-workers", "2", "--workers", "2")
+    assert result.exit_code == 2 and "drop --workers" in result.output
+    result = invoke(*base, "--dask-workers", "2", "--scheduler", "tcp://127.0.0.1:1")
+    assert result.exit_code == 2 and "contradict" in result.output
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as if it were not installed
+    result = invoke(*base, "--dask-workers", "2")
+    assert result.exit_code == 2, result.output
+    assert "pip install 'tilesegment[cluster]'" in result.output
+    assert not out.exists()

@@ -1,0 +1,229 @@
+"""Many slides in one ``tilesegment run``: expand the SLIDE arguments and name the outputs.
+
+The command line decides between two forms from the arguments alone (:func:`is_batch`):
+
+* one plain path: a single run into ``-o OUT.zarr``, exactly as before;
+* several arguments, or any shell-style glob or ``@LIST`` file: a batch. ``-o`` names a
+  folder and slide ``dir/NAME.svs`` is written to ``OUTDIR/NAME.zarr`` (:func:`slide_stem`).
+
+Everything here is checked before the first slide is read, so a typo in a pattern or two
+slides that would write the same output are refused up front (:class:`ConfigError`). Whether
+a slide is readable is left to the run, which reports it per slide and goes on.
+:func:`finished` lets a resumed batch skip complete outputs without opening their slides.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tilesegment.errors import ConfigError, StoreError
+
+#: Characters that make a SLIDE argument a shell-style pattern (``glob`` syntax).
+GLOB_CHARS = frozenset("*?[")
+
+#: Compound suffixes removed whole from slide names: ``a.ome.tif`` -> ``a``.
+_COMPOUND_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One slide of a batch and the files its run writes."""
+
+    slide: Path
+    """The slide as named on the command line (or in the list file, made relative to it)."""
+    output: Path
+    """``OUTDIR/<stem>.zarr``."""
+    geojson: Path | None
+    """``GEOJSON_DIR/<stem>.geojson``, or None when no GeoJSON was asked for."""
+
+
+def is_pattern(arg: str) -> bool:
+    """Whether ``arg`` is a glob pattern rather than a path that exists as written.
+
+    >>> is_pattern("slides/*.svs"), is_pattern("slides/a.svs")
+    (True, False)
+    """
+    return any(c in GLOB_CHARS for c in arg) and not os.path.lexists(arg)
+
+
+def is_batch(args: Sequence[str]) -> bool:
+    """Whether the SLIDE arguments ask for a batch (``-o`` is then a folder).
+
+    A batch is several arguments, or one that is a glob pattern or an ``@LIST`` file, even if
+    it names a single slide: the form of the command, not the number of matches, decides
+    what ``-o`` means.
+
+    >>> is_batch(["a.svs"]), is_batch(["a.svs", "b.svs"]), is_batch(["@slides.txt"])
+    (False, True, True)
+    """
+    return len(args) != 1 or args[0].startswith("@") or is_pattern(args[0])
+
+
+def slide_stem(path: str | os.PathLike[str]) -> str:
+    """The name of a slide without its extension: the stem of its outputs.
+
+    >>> slide_stem("/data/CMU-1.svs"), slide_stem("b.ome.tiff"), slide_stem("c.zarr/")
+    ('CMU-1', 'b', 'c')
+    """
+    name = Path(path).name
+    for suffix in _COMPOUND_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem or name
+
+
+def read_list(path: Path) -> list[str]:
+    """The entries of a slide list: one path or pattern per line.
+
+    Blank lines are ignored, and ``#`` starts a comment at the start of a line or after
+    whitespace. Relative entries are relative to the list file's folder, so a list works
+    from any working directory.
+
+    Raises
+    ------
+    ConfigError
+        The list cannot be read.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"@{path}: cannot read the slide list ({exc}); give a text file, one path per line"
+        ) from exc
+    entries = []
+    for line in text.splitlines():
+        entry = _strip_comment(line).strip()
+        if entry:
+            entries.append(str(path.parent / entry) if not os.path.isabs(entry) else entry)
+    return entries
+
+
+def _strip_comment(line: str) -> str:
+    if line.lstrip().startswith("#"):
+        return ""
+    for i, c in enumerate(line):
+        if c == "#" and line[i - 1].isspace():
+            return line[:i]
+    return line
+
+
+def expand_slides(args: Sequence[str]) -> list[Path]:
+    """The slides named by SLIDE arguments, in order, each once.
+
+    Parameters
+    ----------
+    args : sequence of str
+        Paths, shell-style glob patterns (``*``, ``?``, ``[...]``; ``**`` matches folders
+        recursively; matches are sorted) and ``@LIST`` files (see :func:`read_list`; their
+        entries may be patterns too). A path that exists as written is never a pattern.
+
+    Returns
+    -------
+    list of Path
+        Plain paths are kept even when they do not exist (the run reports them). A file
+        named twice (by two patterns, say) is kept at its first place.
+
+    Raises
+    ------
+    ConfigError
+        A pattern matches nothing, a list cannot be read, or nothing is left.
+    """
+    found: list[Path] = []
+    for arg in args:
+        entries = read_list(Path(arg[1:])) if arg.startswith("@") else [arg]
+        for entry in entries:
+            if is_pattern(entry):
+                matches = sorted(glob.glob(entry, recursive=True))
+                if not matches:
+                    where = f" (from {arg})" if entry != arg else ""
+                    raise ConfigError(
+                        f"{entry}{where}: no file matches this pattern; check it, and quote it "
+                        "so the shell leaves it to tilesegment"
+                    )
+                found += [Path(m) for m in matches]
+            else:
+                found.append(Path(entry))
+    if not found:
+        raise ConfigError(f"{' '.join(args)}: names no slides; give paths, patterns or @LIST")
+    seen: set[Path] = set()
+    unique = []
+    for path in found:
+        key = Path(os.path.abspath(path))
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
+
+
+def plan_batch(
+    slides: Sequence[Path], outdir: Path, geojson_dir: Path | None = None
+) -> list[BatchItem]:
+    """Name the outputs of ``slides``: ``OUTDIR/<stem>.zarr`` (+ ``GEOJSON_DIR/<stem>.geojson``).
+
+    Raises
+    ------
+    ConfigError
+        Two slides have the same stem, so they would write the same output.
+    """
+    by_stem: dict[str, list[Path]] = {}
+    for slide in slides:
+        by_stem.setdefault(slide_stem(slide), []).append(slide)
+    clashes = {stem: paths for stem, paths in by_stem.items() if len(paths) > 1}
+    if clashes:
+        stem, paths = next(iter(clashes.items()))
+        more = f" (and {len(clashes) - 1} more clashes)" if len(clashes) > 1 else ""
+        raise ConfigError(
+            f"{', '.join(map(str, paths))} would all write {outdir / (stem + '.zarr')}{more}; "
+            "rename them or run them into different -o folders"
+        )
+    return [
+        BatchItem(
+            slide=slide,
+            output=outdir / f"{slide_stem(slide)}.zarr",
+            geojson=None if geojson_dir is None else geojson_dir / f"{slide_stem(slide)}.geojson",
+        )
+        for slide in slides
+    ]
+
+
+def finished(item: BatchItem, expected: Mapping[str, Any]) -> bool:
+    """Whether ``item.output`` is complete and was made from this slide file with ``expected``.
+
+    Reads only the output's completion marker and run record (no slide, no model), so a
+    resumed batch passes over finished slides in milliseconds. The slide must match by name
+    and size, and every key of ``expected`` (run parameters such as ``model_sha256``,
+    ``tile_size``, ``dtype``) must equal the recorded value. Anything else returns False, and
+    the full run decides: it resumes, or refuses with a message naming the difference.
+    """
+    from tilesegment.infer.resume import read_params
+    from tilesegment.store import is_complete
+
+    if not is_complete(item.output):
+        return False
+    try:
+        params = read_params(item.output)
+        size = item.slide.stat().st_size if item.slide.is_file() else None
+    except (StoreError, OSError):
+        return False
+    if params is None or params.get("slide") != item.slide.name:
+        return False
+    if params.get("slide_bytes") != size:
+        return False
+    return all(params.get(key) == value for key, value in expected.items())
+
+
+__all__ = [
+    "BatchItem",
+    "expand_slides",
+    "finished",
+    "is_batch",
+    "is_pattern",
+    "plan_batch",
+    "read_list",
+    "slide_stem",
+]
