@@ -389,7 +389,7 @@ def workers(args) -> dict:
         "benchmark": "workers",
         "machine": _machine(),
         "slide_px": args.size,
-        "model": _model_name(args) + ", fp32",
+        "model": _model_name(args) + ", precision auto",
         "results": {
             mode: {
                 # Stream time includes starting the worker processes.

@@ -155,7 +155,9 @@ def _quantise(probabilities: np.ndarray) -> np.ndarray:
 
 
 def _argmax(probabilities: np.ndarray) -> np.ndarray:
-    return np.argmax(probabilities, axis=0).astype(np.uint8)
+    from tilesegment.store import class_map
+
+    return class_map(probabilities)
 
 
 def _model_geometry(path: Path, tile_size: int | None) -> tuple[Any, int, int, int, int]:
@@ -240,7 +242,8 @@ def segment(
         the model's size nearest 572 px, as in ``tilesegment run``). Larger blocks mean fewer,
         heavier tasks; the result does not depend on it (beyond float rounding).
     precision : {"auto", "fp32", "bf16", "fp16"}
-        As ``tilesegment run --precision``; ``auto`` is fp32 on the CPU.
+        As ``tilesegment run --precision``; ``auto`` is bf16 on CPUs with native bf16, fp32
+        on other CPUs (pass ``"fp32"`` for the reference arithmetic).
     device : str
         Torch device every worker runs the model on, e.g. ``"cpu"`` or ``"cuda:0"``.
 

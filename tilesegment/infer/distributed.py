@@ -40,7 +40,6 @@ import contextlib
 import logging
 import math
 import os
-import resource
 import socket
 import threading
 import time
@@ -71,10 +70,13 @@ from tilesegment.infer.pipeline import (
     open_source,
     stream_units,
 )
+from tilesegment.infer.pool import peak_rss_mb
 from tilesegment.infer.resume import DoneLog, remove_partial_files
 
 if TYPE_CHECKING:
     import distributed
+
+    from tilesegment.model.checkpoint import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -164,23 +166,57 @@ class UnitResult:
     peak_rss_mb: float
 
 
-_TISSUE_CACHE: dict[str, Any] = {}
-_TISSUE_LOCK = threading.Lock()
+class _JobResources:
+    """What a worker process opens once per run (not once per task): the slide reader and its
+    source, the tissue map, and one output-store handle per dask thread."""
+
+    def __init__(self, job: UnitJob, spec: ModelSpec) -> None:
+        from tilesegment.io import open_slide
+
+        self.token = job.token
+        self.reader = open_slide(job.slide)
+        try:
+            self.source = open_source(self.reader, spec, job.options)
+        except BaseException:
+            self.reader.close()
+            raise
+        self.tissue = None
+        if job.tissue is not None:
+            from tilesegment.tissue import TissueMap
+
+            self.tissue = TissueMap(job.tissue.unpack(), job.image_shape)
+        self._stores: dict[int, Any] = {}
+
+    def store(self, output: str):
+        """This thread's handle on the output store."""
+        from tilesegment.store import OutputStore
+
+        key = threading.get_ident()
+        if key not in self._stores:
+            self._stores[key] = OutputStore.open(output, mode="r+")
+        return self._stores[key]
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.reader.close()
 
 
-def _tissue_map(job: UnitJob):
-    """The run's :class:`~tilesegment.tissue.TissueMap`, built once per process and run."""
-    if job.tissue is None:
-        return None
-    from tilesegment.tissue import TissueMap
+_RESOURCES: dict[str, _JobResources] = {}
+_RESOURCES_LOCK = threading.Lock()
 
-    with _TISSUE_LOCK:
-        tissue = _TISSUE_CACHE.get(job.token)
-        if tissue is None:
-            _TISSUE_CACHE.clear()  # one run at a time per worker is the rule; keep memory flat
-            tissue = TissueMap(job.tissue.unpack(), job.image_shape)
-            _TISSUE_CACHE[job.token] = tissue
-        return tissue
+
+def _job_resources(job: UnitJob, spec: ModelSpec) -> _JobResources:
+    """The run's resources in this process, opened by its first task. One run at a time per
+    worker is the rule: a new run's first task closes the previous run's (memory stays flat)."""
+    with _RESOURCES_LOCK:
+        res = _RESOURCES.get(job.token)
+        if res is None:
+            for old in _RESOURCES.values():
+                old.close()
+            _RESOURCES.clear()
+            res = _JobResources(job, spec)
+            _RESOURCES[job.token] = res
+        return res
 
 
 def _worker_identity() -> tuple[str, int | None]:
@@ -205,8 +241,6 @@ def compute_unit(job: UnitJob, unit: Unit) -> UnitResult:
 
     from tilesegment.infer.cache import cached_predictor
     from tilesegment.infer.pool import limit_malloc_arenas
-    from tilesegment.io import open_slide
-    from tilesegment.store import OutputStore
 
     limit_malloc_arenas()
     name, worker_threads = _worker_identity()
@@ -215,24 +249,23 @@ def compute_unit(job: UnitJob, unit: Unit) -> UnitResult:
         torch.set_num_threads(threads)
     predictor = cached_predictor(job.model, job.device, job.precision, compile=job.options.compile)
     spec = predictor.spec
+    res = _job_resources(job, spec)
     keys: list[ChunkKey] = []
     t0 = time.perf_counter()
-    with open_slide(job.slide) as reader:
-        source = open_source(reader, spec, job.options)
-        stats = stream_units(
-            ListSource([unit]),
-            reader=source.reader,
-            level=source.level,
-            grid=job.grid,
-            predictor=predictor,
-            classes=spec.unet.classes,
-            channels=spec.unet.in_channels,
-            store=OutputStore.open(job.output, mode="r+"),
-            tissue=_tissue_map(job),
-            batch_size=job.options.batch_size,
-            read_threads=1,  # one unit: its block is read with one read_region
-            on_chunk=lambda task: keys.append(task.key),
-        )
+    stats = stream_units(
+        ListSource([unit]),
+        reader=res.source.reader,
+        level=res.source.level,
+        grid=job.grid,
+        predictor=predictor,
+        classes=spec.unet.classes,
+        channels=spec.unet.in_channels,
+        store=res.store(job.output),
+        tissue=res.tissue,
+        batch_size=job.options.batch_size,
+        read_threads=1,  # one unit: its block is read with one read_region
+        on_chunk=lambda task: keys.append(task.key),
+    )
     return UnitResult(
         keys=tuple(keys),
         worker=name,
@@ -243,20 +276,8 @@ def compute_unit(job: UnitJob, unit: Unit) -> UnitResult:
         tiles=stats.tiles,
         core_px=stats.core_px,
         seconds=time.perf_counter() - t0,
-        peak_rss_mb=_peak_rss_mb(),
+        peak_rss_mb=peak_rss_mb(),
     )
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS. ``VmHWM``, not ``ru_maxrss``: a spawned process inherits the
-    latter from the parent it was forked from, so it would report the driver's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _same(job: UnitJob) -> UnitJob:

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import sys
 import threading
 import time
@@ -1087,6 +1086,11 @@ def _run_pool(
             run.devices = pool.device_stats()
             run.worker_peak_rss_mb = pool.peak_rss_mb()
             run.errors.extend(pool.errors)
+    if pool.errors:
+        # A worker killed mid-write leaves a temporary file; its chunk was written again since.
+        removed = remove_partial_files(ctx.output)
+        if removed:
+            log.info("removed %d temporary files left by workers that died", removed)
     if result.failed:
         run.failed_tiles = sorted(
             ij for uid in result.failed for task in result.failed[uid] for ij in task.tiles
@@ -1177,12 +1181,9 @@ def _now() -> str:
 
 
 def _peak_rss_mb(run: _Run) -> dict[str, float]:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {
-        "main": round(own, 1),
-        "workers": round(max(children, run.worker_peak_rss_mb), 1),
-    }
+    from tilesegment.infer.pool import peak_rss_mb
+
+    return {"main": round(peak_rss_mb(), 1), "workers": round(run.worker_peak_rss_mb, 1)}
 
 
 def _versions() -> dict[str, str]:

@@ -213,25 +213,59 @@ def make_predictor(net, spec, device: str, precision: str, *, compile: bool = Fa
     return predictor
 
 
-def limit_malloc_arenas(arenas: int = 2) -> bool:
-    """Cap glibc's malloc arenas for this process (unless ``MALLOC_ARENA_MAX`` is set).
+def peak_rss_mb() -> float:
+    """This process's own peak RSS in MB.
 
-    glibc gives busy threads arenas of their own (up to 8 per core); the reader, writer, Zarr
-    and OpenMP threads of a run each keep freed tile-sized buffers in theirs, so peak RSS
-    crept up with the number of tiles (measured: +27 MB from a 20k² to an 80k² slide, and
-    ~75 MB more overall). Two arenas keep it flat at no measurable cost to the forward pass
-    (see benchmarks/RESULTS.md). Returns whether the limit was applied.
+    ``VmHWM`` from ``/proc/self/status`` on Linux, not ``ru_maxrss``: a spawned process
+    inherits the latter from the parent it was forked from (it survives ``exec``), so a worker
+    would report the parent's peak.
     """
-    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
-        return False
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+
+
+def _mallopt(option: int, value: int) -> bool:
     import ctypes
 
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_arena_max = -8  # from glibc's malloc.h
-        return bool(libc.mallopt(m_arena_max, arenas))
+        return bool(ctypes.CDLL("libc.so.6").mallopt(option, value))
     except (OSError, AttributeError):
         return False
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Tune glibc's malloc for tile-sized buffers in this process.
+
+    * Cap the arenas (unless ``MALLOC_ARENA_MAX`` is set). glibc gives busy threads arenas of
+      their own (up to 8 per core); the reader, writer, Zarr and OpenMP threads of a run each
+      keep freed tile-sized buffers in theirs, so peak RSS crept up with the number of tiles
+      (measured: +27 MB from a 20k² to an 80k² slide, and ~75 MB more overall). Two arenas
+      keep it flat at no measurable cost to the forward pass (see benchmarks/RESULTS.md).
+    * Undo a small ``MALLOC_TRIM_THRESHOLD_`` (dask's nanny sets 65536 in every worker it
+      spawns): it turns off glibc's adaptive mmap threshold, so every feature map of the
+      forward pass is a fresh ``mmap`` whose pages fault in again, and the forward pass took
+      1.7x as long (75 vs 44 ms per 572 px bf16 tile here). The thresholds go back to the
+      values glibc's adaptation reaches on its own (32 MB mmap, 64 MB trim).
+
+    Returns whether the arena limit was applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    if "MALLOC_TRIM_THRESHOLD_" in os.environ or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+        _mallopt(m_mmap_threshold, 32 * 2**20)
+        _mallopt(m_trim_threshold, 64 * 2**20)
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    m_arena_max = -8
+    return _mallopt(m_arena_max, arenas)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,8 +487,7 @@ def _worker_main(
                 on_unit=lambda unit: out.send("start", unit[0].unit),
                 stop=inbox.stop,
             )
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        out.send("bye", {"peak_rss_mb": rss, "batch_size": stats.batch_size})
+        out.send("bye", {"peak_rss_mb": peak_rss_mb(), "batch_size": stats.batch_size})
     except BaseException as exc:
         out.send("error", *_pack_error(exc))
         sys.exit(1)  # a normal exit, so that finalisers release shared semaphores
@@ -777,9 +810,9 @@ class WorkerPool:
         return out
 
     def peak_rss_mb(self) -> float:
-        own = max((s.peak_rss_mb for s in self._slots), default=0.0)
-        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        return max(own, children)
+        """The largest peak RSS a worker reported (each measures its own; the kernel's
+        ``RUSAGE_CHILDREN`` figure would include the parent's peak, see :func:`peak_rss_mb`)."""
+        return max((s.peak_rss_mb for s in self._slots), default=0.0)
 
 
 def _unpack(blob: bytes | None) -> BaseException | None:
