@@ -68,10 +68,12 @@ from tilesegment.infer.pipeline import (
     _Run,
     chunk_files,
     open_source,
+    raise_failed_tiles,
+    remove_worker_leftovers,
     stream_units,
 )
 from tilesegment.infer.pool import peak_rss_mb
-from tilesegment.infer.resume import DoneLog, remove_partial_files
+from tilesegment.infer.resume import DoneLog
 
 if TYPE_CHECKING:
     import distributed
@@ -444,20 +446,14 @@ def run_on_dask(
             run.stream_seconds = time.perf_counter() - driver.t0
             run.devices = driver.stats.report()
             run.worker_peak_rss_mb = driver.stats.peak_rss_mb()
-    # A worker killed mid-write leaves a temporary file; its chunk was written again since.
-    removed = remove_partial_files(Path(ctx.output))
-    if removed:
-        log.info("removed %d temporary files left by workers that died", removed)
+    remove_worker_leftovers(Path(ctx.output))
     if driver.failed:
-        run.failed_tiles = sorted(
-            ij for unit in driver.failed.values() for task in unit for ij in task.tiles
-        )
-        shown = ", ".join(f"({i}, {j})" for i, j in run.failed_tiles[:8])
-        more = f" and {len(run.failed_tiles) - 8} more" if len(run.failed_tiles) > 8 else ""
-        tries = "1 attempt" if opts.max_retries == 0 else f"{opts.max_retries + 1} attempts"
-        raise WorkerError(
-            f"{len(run.failed_tiles)} tiles failed after {tries} on dask "
-            f"(tiles {shown}{more}); last error: {run.errors[-1]}"
+        raise_failed_tiles(
+            run,
+            [task for unit in driver.failed.values() for task in unit],
+            opts.max_retries,
+            run.errors[-1],
+            where=" on dask",
         )
 
 

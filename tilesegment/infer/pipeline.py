@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
@@ -1060,7 +1060,6 @@ def _run_in_process(
 def _run_pool(
     ctx: _Context, plan: WorkPlan, devices: list[str], done_log: DoneLog, run: _Run
 ) -> None:
-    from tilesegment.errors import WorkerError
     from tilesegment.infer.pool import WorkerPool
 
     opts = ctx.options
@@ -1087,21 +1086,38 @@ def _run_pool(
             run.worker_peak_rss_mb = pool.peak_rss_mb()
             run.errors.extend(pool.errors)
     if pool.errors:
-        # A worker killed mid-write leaves a temporary file; its chunk was written again since.
-        removed = remove_partial_files(ctx.output)
-        if removed:
-            log.info("removed %d temporary files left by workers that died", removed)
+        remove_worker_leftovers(ctx.output)
     if result.failed:
-        run.failed_tiles = sorted(
-            ij for uid in result.failed for task in result.failed[uid] for ij in task.tiles
+        raise_failed_tiles(
+            run,
+            [task for uid in result.failed for task in result.failed[uid]],
+            opts.max_retries,
+            pool.errors[-1] if pool.errors else "unknown",
         )
-        shown = ", ".join(f"({i}, {j})" for i, j in run.failed_tiles[:8])
-        more = f" and {len(run.failed_tiles) - 8} more" if len(run.failed_tiles) > 8 else ""
-        attempts = "1 attempt" if opts.max_retries == 0 else f"{opts.max_retries + 1} attempts"
-        raise WorkerError(
-            f"{len(run.failed_tiles)} tiles failed after {attempts} "
-            f"(tiles {shown}{more}); last error: {pool.errors[-1] if pool.errors else 'unknown'}"
-        )
+
+
+def remove_worker_leftovers(output: Path) -> None:
+    """Delete the temporary files of workers killed mid-write (their chunks were written again
+    since, by the retry)."""
+    removed = remove_partial_files(output)
+    if removed:
+        log.info("removed %d temporary files left by workers that died", removed)
+
+
+def raise_failed_tiles(
+    run: _Run, tasks: Iterable[ChunkTask], max_retries: int, last_error: str, where: str = ""
+) -> NoReturn:
+    """Record the tiles of ``tasks`` as failed in ``run`` and raise the run's WorkerError."""
+    from tilesegment.errors import WorkerError
+
+    run.failed_tiles = sorted(ij for task in tasks for ij in task.tiles)
+    shown = ", ".join(f"({i}, {j})" for i, j in run.failed_tiles[:8])
+    more = f" and {len(run.failed_tiles) - 8} more" if len(run.failed_tiles) > 8 else ""
+    attempts = "1 attempt" if max_retries == 0 else f"{max_retries + 1} attempts"
+    raise WorkerError(
+        f"{len(run.failed_tiles)} tiles failed after {attempts}{where} "
+        f"(tiles {shown}{more}); last error: {last_error}"
+    )
 
 
 def _core_px(grid: TileGrid, task: ChunkTask) -> int:
