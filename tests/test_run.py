@@ -195,3 +195,21 @@ def test_tissue_masking_skips_glass_and_keeps_tissue_output(tmp_path, tiny_model
     np.testing.assert_array_equal(p_auto[:, tissue], p_none[:, tissue])
     assert runs["auto"][1].is_complete()
     assert Path(runs["auto"][0].extra["preview"]).is_file()
+
+
+def test_report_peak_rss_is_this_runs_not_the_processes(tmp_path, tiny_model):
+    """A batch or a notebook runs many slides in one process: each report holds its own peak."""
+    import json
+
+    from tests.conftest import data_path
+    from tilesegment.infer.pipeline import REPORT_NAME
+    from tilesegment.infer.pool import peak_rss_mb
+
+    big = np.ones(600 * 2**20 // 8)  # +600 MB, freed before the run
+    inflated = peak_rss_mb()
+    del big
+    out = tmp_path / "o.zarr"
+    opts = RunOptions(tile_size=572, tissue="none", preview=False, progress=False)
+    run_slide(data_path("slides", "small.svs"), out, tiny_model, opts)
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert 0 < report["peak_rss_mb"]["main"] < inflated - 300, (report["peak_rss_mb"], inflated)

@@ -771,11 +771,17 @@ def run_slide(
     WorkerError
         Tiles still failed after ``max_retries`` retries on the worker pool.
     """
-    from tilesegment.infer.pool import limit_malloc_arenas, resolve_devices, resolve_precision
+    from tilesegment.infer.pool import (
+        limit_malloc_arenas,
+        reset_peak_rss,
+        resolve_devices,
+        resolve_precision,
+    )
 
     opts = options or RunOptions()
     _check_options(opts)
     limit_malloc_arenas()  # flat peak RSS whatever the slide size (see the function)
+    reset_peak_rss()  # the report's peak is this run's, not an earlier run's in this process
     run = _Run(started=_now(), t0=time.perf_counter())
     net, spec = load_checkpoint(model, device="cpu")
     tile_size = resolve_tile_size(net, opts.tile_size)

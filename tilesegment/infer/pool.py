@@ -240,6 +240,18 @@ def _mallopt(option: int, value: int) -> bool:
         return False
 
 
+def reset_peak_rss() -> bool:
+    """Restart this process's peak-RSS count (``VmHWM``) from its current RSS, so that a run's
+    report holds its own peak, not that of an earlier run in the same process (a batch of
+    slides, a notebook). Linux only (``/proc/self/clear_refs``); returns whether it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def limit_malloc_arenas(arenas: int = 2) -> bool:
     """Tune glibc's malloc for tile-sized buffers in this process.
 
