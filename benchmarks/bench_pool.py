@@ -4,6 +4,7 @@ size, and 1 vs 2 CPU workers. Every measurement runs in a fresh child process.
     python benchmarks/bench_pool.py efficiency --size 7680 --repeats 3
     python benchmarks/bench_pool.py rss --sizes 20000 40000 80000
     python benchmarks/bench_pool.py workers --size 7680 --repeats 3
+    python benchmarks/bench_pool.py compile --size 12000 --repeats 2
     python benchmarks/bench_pool.py profile --size 3840
 
 efficiency  In one child: bare forward on identical tiles (real tiles of the slide, read once,
@@ -18,6 +19,8 @@ rss         Peak RSS of ``run_slide`` on mostly-glass synthetic slides of growin
             (tissue fraction ~0.05, ``--tissue auto``).
 workers     The same slide in-process (2 torch threads), with 1 worker process (2 threads)
             and with 2 worker processes (1 thread each), alternating, medians.
+compile     In-process runs without ``torch.compile``, compiling cold (empty inductor cache)
+            and warm (inductor's on-disk cache filled by an earlier run), alternating.
 profile     CPU milliseconds per tile of each thread group of one in-process run: where the
             time that is not the forward pass goes (Linux /proc sampling).
 
@@ -150,7 +153,9 @@ def child_efficiency(slide: str, model: str, tile: int, precision: str, out: str
 MODES = {"in-process": (1, True), "1 worker process": (1, False), "2 worker processes": (2, False)}
 
 
-def child_run(slide: str, model: str, tile: int, out: str, mode: str, tissue: str) -> dict:
+def child_run(
+    slide: str, model: str, tile: int, out: str, mode: str, tissue: str, compile: str = "auto"
+) -> dict:
     from tilesegment.infer.pipeline import RunOptions, run_slide
 
     workers, in_process = MODES[mode]
@@ -162,6 +167,7 @@ def child_run(slide: str, model: str, tile: int, out: str, mode: str, tissue: st
         preview=False,
         progress=False,
         overwrite=True,
+        compile={"auto": None, "on": True, "off": False}[compile],
     )
     t0 = time.perf_counter()
     summary = run_slide(slide, out, model, opts)
@@ -179,6 +185,7 @@ def child_run(slide: str, model: str, tile: int, out: str, mode: str, tissue: st
             {k: d[k] for k in ("worker", "threads", "tiles", "mpx_per_s")} for d in x["devices"]
         ],
         "peak_rss_workers_mb": x["peak_rss_mb"]["workers"],
+        "compiled": x["compiled"],
     }
 
 
@@ -232,9 +239,13 @@ def child_profile(slide: str, model: str, tile: int, precision: str, out: str) -
     }
 
 
-def _child(*args: str) -> dict:
+def _child(*args: str, env: dict[str, str] | None = None) -> dict:
     proc = subprocess.run(
-        [sys.executable, __file__, "child", *args], capture_output=True, text=True, check=False
+        [sys.executable, __file__, "child", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(env or {})},
     )
     if proc.returncode != 0:
         raise RuntimeError(f"child {args} failed:\n{proc.stderr}")
@@ -362,6 +373,7 @@ def rss(args) -> dict:
             str(WORK / "rss.zarr"),
             "in-process",
             "auto",
+            args.compile,
         )
         r["slide_px"] = size
         print(json.dumps(r), file=sys.stderr)
@@ -404,6 +416,53 @@ def workers(args) -> dict:
     }
 
 
+def compile_(args) -> dict:
+    """In-process runs without ``torch.compile`` ("off"), compiling from an empty inductor
+    cache ("cold": a new machine's first run) and from a warm one ("warm": later runs on the
+    same machine reuse inductor's on-disk cache), alternating."""
+    import tempfile
+
+    slide = _slide(args.size, 0.5)
+    model = _model(args)
+
+    def child(flag: str, cache: str) -> dict:
+        return _child(
+            "run",
+            str(slide),
+            str(model),
+            str(args.tile_size),
+            str(WORK / "compile.zarr"),
+            "in-process",
+            "none",
+            flag,
+            env={"TORCHINDUCTOR_CACHE_DIR": cache},
+        )
+
+    rows: dict[str, list[dict]] = {"off": [], "cold": [], "warm": []}
+    with tempfile.TemporaryDirectory() as warm:
+        child("on", warm)  # fills the warm cache
+        for _ in range(args.repeats):
+            for mode in rows:
+                with tempfile.TemporaryDirectory() as cold:
+                    r = child("off" if mode == "off" else "on", warm if mode == "warm" else cold)
+                r["compile"] = mode
+                print(json.dumps(r), file=sys.stderr)
+                rows[mode].append(r)
+    med = {
+        k: statistics.median(r["image_mpx"] / r["stream_s"] for r in rs) for k, rs in rows.items()
+    }
+    return {
+        "benchmark": "compile",
+        "machine": _machine(),
+        "slide_px": args.size,
+        "model": _model_name(args) + ", precision auto",
+        "stream_mpx_per_s_median": {k: round(v, 3) for k, v in med.items()},
+        "cold_over_off": round(med["cold"] / med["off"], 3),
+        "warm_over_off": round(med["warm"] / med["off"], 3),
+        "runs": rows,
+    }
+
+
 def profile(args) -> dict:
     slide = _slide(args.size, 0.5)
     model = _model(args)
@@ -425,13 +484,13 @@ def main() -> None:
         elif kind == "profile":
             res = child_profile(rest[0], rest[1], int(rest[2]), rest[3], rest[4])
         else:
-            res = child_run(rest[0], rest[1], int(rest[2]), rest[3], rest[4], rest[5])
+            res = child_run(rest[0], rest[1], int(rest[2]), *rest[3:])
         res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         print(json.dumps(res))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
-    for name in ("efficiency", "rss", "workers", "profile"):
+    for name in ("efficiency", "rss", "workers", "compile", "profile"):
         p = sub.add_parser(name)
         p.add_argument("--model", default="nuclei-he", help="shipped model, path, or random")
         p.add_argument("--base-channels", type=int, default=16, help="for --model random")
@@ -442,9 +501,18 @@ def main() -> None:
         sub.choices[name].add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     sub.choices["rss"].add_argument("--sizes", type=int, nargs="+", default=[20000, 40000, 80000])
     sub.choices["rss"].add_argument("--patches", type=int, default=6)
+    sub.choices["rss"].add_argument(
+        "--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile"
+    )
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
-    run = {"efficiency": efficiency, "rss": rss, "workers": workers, "profile": profile}
+    run = {
+        "efficiency": efficiency,
+        "rss": rss,
+        "workers": workers,
+        "compile": compile_,
+        "profile": profile,
+    }
     result = run[args.what](args)
     print(json.dumps(result, indent=2))
 

@@ -269,7 +269,13 @@ def models_cmd(as_json: bool) -> None:
         "bf16 (else fp16) on CUDA."
     ),
 )
-@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
+@click.option(
+    "--compile/--no-compile",
+    "compile_model",
+    default=None,
+    help="torch.compile the model (default: when the run computes >= 2000 tiles; falls back "
+    "to eager mode if compiling fails).",
+)
 @click.option("--read-threads", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option(
@@ -312,7 +318,7 @@ def run(
     device: str,
     workers: int | None,
     precision: str,
-    compile_model: bool,
+    compile_model: bool | None,
     read_threads: int,
     overwrite: bool,
     resume: bool,

@@ -54,6 +54,10 @@ def test_plan_leaves_out_done_chunks_and_tissue_free_tiles():
     assert plan.chunks_done_before == 2 and plan.tiles_done_before == 2
     assert len(kept) + plan.tiles_no_tissue + plan.tiles_done_before == plan.tiles_total == 48
     assert not {t.key for u in plan.units for t in u} & done
+    # The whole run's work (what auto-compile decides on) does not change when resuming.
+    fresh = plan_work(grid, RunOptions(chunk_target_px=512), tissue=LeftHalf())
+    assert fresh.tiles_with_tissue == plan.tiles_with_tissue == len(kept) + 1  # (0, 0) done
+    assert fresh.tiles_with_tissue == sum(len(t.tiles) for u in fresh.units for t in u)
 
 
 def test_a_one_tile_chunk_is_handed_out_without_a_copy():

@@ -100,8 +100,11 @@ class RunOptions:
     precision: str = "auto"
     """``"auto"`` (bf16 on CPUs with native bf16, else fp32; bf16 on CUDA where supported, else
     fp16), ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA only)."""
-    compile: bool = False
-    """``torch.compile`` the model in every worker (worth it on GPUs for long runs)."""
+    compile: bool | None = None
+    """``torch.compile`` the model in every worker. None (auto): when the run computes at least
+    :data:`COMPILE_MIN_TILES` tiles, enough to repay the compilation (tens of seconds on a CPU;
+    1.3x end to end on a 2-core CPU, see benchmarks/RESULTS.md). A model that fails to compile
+    (no C++ compiler, an unsupported op) runs eagerly, with a warning."""
     read_threads: int = 2
     """Threads that read, decode and mirror-pad tiles (split between CPU workers)."""
     chunk_target_px: int = 1024
@@ -152,6 +155,16 @@ class RunInterrupted(KeyboardInterrupt):
 
 # ---------------------------------------------------------------------------------------------
 # geometry of a run
+
+
+#: Tiles a run must compute before ``compile=None`` (auto) compiles the model. Compiling the
+#: default model takes ~30 s on a 2-core CPU and then saves ~10 ms per 572 px tile there.
+COMPILE_MIN_TILES = 2000
+
+
+def resolve_compile(compile: bool | None, tiles: int) -> bool:
+    """Whether a run that computes ``tiles`` tiles compiles its model (see RunOptions)."""
+    return tiles >= COMPILE_MIN_TILES if compile is None else bool(compile)
 
 
 def resolve_tile_size(net: UNet, tile_size: int | None) -> int:
@@ -218,6 +231,8 @@ class WorkPlan:
     tiles_no_tissue: int
     tiles_done_before: int
     chunks_done_before: int
+    tiles_with_tissue: int = 0
+    """Tiles the whole run computes (done before or not): the same for a run and its resumes."""
 
 
 def plan_work(
@@ -241,7 +256,7 @@ def plan_work(
     by = max(1, round(opts.read_block_px / cy))
     bx = max(1, round(opts.read_block_px / cx))
     units: list[Unit] = []
-    no_tissue = done_tiles = done_chunks = 0
+    no_tissue = done_tiles = done_chunks = work = 0
     for r0 in range(0, nrows, by):
         for c0 in range(0, ncols, bx):
             unit: list[ChunkTask] = []
@@ -249,16 +264,17 @@ def plan_work(
                 for c in range(c0, min(c0 + bx, ncols)):
                     rows = range(r * ky, min((r + 1) * ky, gy))
                     cols = range(c * kx, min((c + 1) * kx, gx))
-                    if (r, c) in done:
-                        done_chunks += 1
-                        done_tiles += len(rows) * len(cols)
-                        continue
                     keep = tuple(
                         (i, j)
                         for i in rows
                         for j in cols
                         if tissue is None or tissue.any_in(grid.tile(i, j).read)
                     )
+                    work += len(keep)
+                    if (r, c) in done:
+                        done_chunks += 1
+                        done_tiles += len(rows) * len(cols)
+                        continue
                     no_tissue += len(rows) * len(cols) - len(keep)
                     if keep:
                         y, x = r * cy, c * cx
@@ -275,6 +291,7 @@ def plan_work(
         tiles_no_tissue=no_tissue,
         tiles_done_before=done_tiles,
         chunks_done_before=done_chunks,
+        tiles_with_tissue=work,
     )
 
 
@@ -748,6 +765,7 @@ class _Run:
     failed_tiles: list[tuple[int, int]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     worker_peak_rss_mb: float = 0.0
+    compiled: bool = False
 
 
 def run_slide(
@@ -880,11 +898,16 @@ def _run_locked(job: _Job, run: _Run) -> RunSummary:
     run.resumed = opts.resume
     with DoneLog(output, fsync=opts.fsync) as done_log:
         plan = plan_work(grid, opts, tissue=tissue, done=done_log.done)
+        # Decided on the run's whole work, done or not, so that a resumed run compiles (or not)
+        # like the interrupted one and writes the same bytes.
+        run.compiled = resolve_compile(opts.compile, plan.tiles_with_tissue)
         context = _Context(
             slide=job.slide,
             model=job.model,
             output=output,
-            options=replace(opts, level=source.source_level, mpp=source.slide_mpp),
+            options=replace(
+                opts, level=source.source_level, mpp=source.slide_mpp, compile=run.compiled
+            ),
             spec=job.spec,
             tissue=tissue,
         )
@@ -1186,6 +1209,7 @@ def _summary(
             "preview": None if preview is None else str(preview),
             "devices": run.devices,
             "resumed": run.resumed,
+            "compiled": run.compiled,
             "processed_mpx_per_s": run.core_px / 1e6 / max(run.stream_seconds, 1e-9),
             "peak_rss_mb": _peak_rss_mb(run),
         },
@@ -1246,6 +1270,7 @@ def _report(
         "resumed": run.resumed,
         "params": params,
         "options": {k: v for k, v in asdict(opts).items() if k != "command"},
+        "compiled": run.compiled,
         "tiles": {
             "total": plan.tiles_total,
             "processed": run.tiles_processed,

@@ -209,8 +209,43 @@ def make_predictor(net, spec, device: str, precision: str, *, compile: bool = Fa
     cls = PinnedPredictor if device.startswith("cuda") else Predictor
     predictor = cls(net, spec, device=device, precision=precision, channels_last=True)
     if compile:
-        predictor.model = torch.compile(predictor.model)
+        predictor.model = CompiledOrEager(predictor.model)
     return predictor
+
+
+class CompiledOrEager:
+    """A model behind ``torch.compile`` that falls back to eager mode for good when compiling
+    or running the compiled graph raises (no C++ compiler, an op inductor cannot lower...).
+
+    Attribute access reaches the model (``halo``, ``output_size``...), as with
+    ``torch.compile``'s own wrapper. Compilation happens at the first call, per input shape.
+    """
+
+    def __init__(self, model) -> None:
+        import torch
+
+        self.eager = model
+        self.compiled = torch.compile(model)
+        self.failed: str | None = None
+
+    def __call__(self, x):
+        import torch
+
+        if self.failed is None:
+            try:
+                return self.compiled(x)
+            except torch.OutOfMemoryError:
+                raise  # the batch is halved by the caller; compiling is not to blame
+            except Exception as exc:  # any failure of the compiler stack
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                self.failed = f"{type(exc).__name__}: {first}"
+                log.warning("torch.compile failed (%s); running the model eagerly", self.failed)
+        return self.eager(x)
+
+    def __getattr__(self, name: str):
+        if name in ("eager", "compiled", "failed"):  # not set yet (unpickling, __init__)
+            raise AttributeError(name)
+        return getattr(self.eager, name)
 
 
 def peak_rss_mb() -> float:
