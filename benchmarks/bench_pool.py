@@ -394,7 +394,9 @@ def workers(args) -> dict:
     for _ in range(args.repeats):
         for mode in MODES:
             out = str(WORK / "workers.zarr")
-            r = _child("run", str(slide), str(model), str(args.tile_size), out, mode, "none")
+            r = _child(
+                "run", str(slide), str(model), str(args.tile_size), out, mode, "none", args.compile
+            )
             print(json.dumps(r), file=sys.stderr)
             rows[mode].append(r)
     return {
@@ -501,9 +503,10 @@ def main() -> None:
         sub.choices[name].add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     sub.choices["rss"].add_argument("--sizes", type=int, nargs="+", default=[20000, 40000, 80000])
     sub.choices["rss"].add_argument("--patches", type=int, default=6)
-    sub.choices["rss"].add_argument(
-        "--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile"
-    )
+    for name in ("rss", "workers"):
+        sub.choices[name].add_argument(
+            "--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile"
+        )
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     run = {
