@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench_pool import WORK as POOL_WORK  # the same machine line and synthetic slides
+from bench_pool import _machine, _slide
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work" / "dask"
@@ -90,29 +91,6 @@ def _child(*args: str) -> dict:
 # ------------------------------------------------------------------------------------ parent
 
 
-def _machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    return (
-        f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()}; Python "
-        f"{platform.python_version()}, torch {torch.__version__}; load average "
-        f"{os.getloadavg()[0]:.1f} at start"
-    )
-
-
-def _slide(size: int) -> Path:
-    from tilesegment.synthetic import write_slide
-
-    # 0.25 µm/px: the shipped models' resolution, so level 0 is read as is (no resampling).
-    path = WORK / f"synthetic-{size}-t0.5.tif"
-    if not path.exists():
-        t0 = time.perf_counter()
-        write_slide(path, (size, size), mpp=0.25, tissue_fraction=0.5, seed=1)
-        print(f"wrote {path.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    return path
-
-
 def _table(results: dict[str, list[dict]]) -> tuple[str, dict[str, float]]:
     """The markdown table of medians, and the stream Mpx/s median of each mode."""
     lines = [
@@ -151,7 +129,8 @@ def main() -> None:
     from tilesegment.model.registry import resolve_model
 
     WORK.mkdir(parents=True, exist_ok=True)
-    slide, model = _slide(args.size), resolve_model(args.model)
+    POOL_WORK.mkdir(parents=True, exist_ok=True)  # where _slide writes
+    slide, model = _slide(args.size, 0.5), resolve_model(args.model)
     machine = _machine()
     results: dict[str, list[dict]] = {mode: [] for mode in args.modes}
     for i in range(args.repeats):

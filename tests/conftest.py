@@ -19,6 +19,17 @@ def data_path(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A fixed random depth-4 model with 4 base channels (fast on a busy CPU)."""
+    from tilesegment.model import ModelSpec, UNetConfig, new_model, save_checkpoint
+
+    spec = ModelSpec.default(UNetConfig(depth=4, base_channels=4, classes=3), name="tiny")
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    save_checkpoint(new_model(spec, seed=3), spec, path)
+    return path
+
+
 @pytest.fixture
 def cmu_slide() -> Path:
     """The real Aperio slide CMU-1-Small-Region.svs (2967 x 2220 px, 0.499 um/px)."""

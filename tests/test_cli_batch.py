@@ -17,19 +17,10 @@ from tilesegment.batch import expand_slides, is_batch, plan_batch, read_list, sl
 from tilesegment.cli import main
 from tilesegment.errors import ConfigError
 from tilesegment.infer.pipeline import REPORT_NAME
-from tilesegment.model import ModelSpec, UNetConfig, new_model, save_checkpoint
 from tilesegment.store import is_complete
 from tilesegment.synthetic import write_slide
 
 FAST = ("--no-preview", "--no-progress")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    spec = ModelSpec.default(UNetConfig(depth=4, base_channels=4, classes=3), name="tiny")
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    save_checkpoint(new_model(spec, seed=3), spec, path)
-    return path
 
 
 @pytest.fixture(scope="module")

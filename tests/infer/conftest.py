@@ -17,19 +17,9 @@ import zarr
 
 from tilesegment.infer.pipeline import REPORT_NAME
 from tilesegment.infer.resume import DONE_LOG, STATE_DIR
-from tilesegment.model import ModelSpec, UNetConfig, new_model, save_checkpoint
 
 #: Options every run in these tests shares (the output must not depend on anything else).
 RUN_ARGS = ("--tile-size", "572", "--no-preview", "--no-progress")
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """A fixed random depth-4 model with 4 base channels (fast on a busy CPU)."""
-    spec = ModelSpec.default(UNetConfig(depth=4, base_channels=4, classes=3), name="tiny")
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    save_checkpoint(new_model(spec, seed=3), spec, path)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -134,19 +134,16 @@ class _LocalJobs:
         self._cluster.close()
 
 
-def test_main_segments_the_slides_on_the_cluster_workers(slurm, tmp_path, monkeypatch):
-    from tilesegment.model import ModelSpec, UNetConfig, new_model, save_checkpoint
+def test_main_segments_the_slides_on_the_cluster_workers(slurm, tmp_path, monkeypatch, tiny_model):
     from tilesegment.synthetic import write_slide
 
     folder = tmp_path / "slides"
     folder.mkdir()
     for seed in (1, 2):
         write_slide(folder / f"s{seed}.tif", (600, 600), mpp=0.25, seed=seed)
-    spec = ModelSpec.default(UNetConfig(depth=4, base_channels=4, classes=3), name="tiny")
-    save_checkpoint(new_model(spec, seed=3), spec, tmp_path / "tiny")
     monkeypatch.setattr(slurm, "make_cluster", lambda args: _LocalJobs())
     out = tmp_path / "out"
-    argv = [str(folder), "-o", str(out), "--model", str(tmp_path / "tiny"), "--jobs", "1"]
+    argv = [str(folder), "-o", str(out), "--model", str(tiny_model), "--jobs", "1"]
     code = slurm.main([*argv, "--wait", "120", "--", "--no-preview", "--no-progress"])
     assert code == 0
     for stem in ("s1", "s2"):

@@ -14,7 +14,6 @@ import pytest
 import zarr
 
 from tests.conftest import ROOT, data_path
-from tilesegment.model import ModelSpec, UNetConfig, new_model, save_checkpoint
 from tilesegment.model.checkpoint import file_sha256
 from tilesegment.store import ClassSpec, OutputStore, is_complete
 from tilesegment.synthetic import write_slide
@@ -34,7 +33,7 @@ def snakemake(workdir: Path, config: Path, *extra: str) -> subprocess.CompletedP
 
 
 @pytest.fixture(scope="module")
-def workflow_run(tmp_path_factory):
+def workflow_run(tmp_path_factory, tiny_model):
     """Run the workflow once; (workdir, outdir, {stem: slide}, model, config path)."""
     pytest.importorskip("snakemake", reason="snakemake missing: pip install -e '.[workflows]'")
     small = data_path("slides", "small.svs")  # real Aperio SVS, 16 x 16 px
@@ -44,10 +43,7 @@ def workflow_run(tmp_path_factory):
     (slides / "small.svs").symlink_to(small)
     write_slide(slides / "synthetic slide.tif", (1500, 1500), mpp=0.25, seed=5)
     (slides / "notes.txt").write_text("not matched by the patterns\n")
-    spec = ModelSpec.default(UNetConfig(depth=4, base_channels=4, classes=3), name="tiny")
-    model = work / "model" / "tiny"
-    model.parent.mkdir()
-    save_checkpoint(new_model(spec, seed=3), spec, model)
+    model = tiny_model
     # A half-written output (created, never finished) must not count as done.
     outdir = work / "results"
     classes = ClassSpec(("a", "b", "c"), ((0, 0, 0, 255), (255, 0, 0, 255), (0, 255, 0, 255)))

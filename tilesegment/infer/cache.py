@@ -54,7 +54,7 @@ def cached_predictor(
     ``model`` is a checkpoint path or a shipped model name; ``precision`` is resolved per
     device as in ``tilesegment run``.
     """
-    from tilesegment.infer.pool import limit_malloc_arenas, make_predictor, resolve_precision
+    from tilesegment.infer.pool import make_predictor, resolve_precision, tune_malloc
     from tilesegment.model.checkpoint import load_checkpoint
     from tilesegment.model.registry import resolve_model
 
@@ -65,7 +65,7 @@ def cached_predictor(
     with _CACHE_LOCK:
         entry = _CACHE.get(key)
         if entry is None:
-            limit_malloc_arenas()  # also undoes dask's malloc trimming (see the function)
+            tune_malloc()  # once per process; undoes dask's malloc trimming (see the function)
             net, spec = load_checkpoint(path, device="cpu")
             predictor = make_predictor(net, spec, device, resolved, compile=compile)
             entry = CachedPredictor(predictor, spec)

@@ -242,9 +242,7 @@ def compute_unit(job: UnitJob, unit: Unit) -> UnitResult:
     import torch
 
     from tilesegment.infer.cache import cached_predictor
-    from tilesegment.infer.pool import limit_malloc_arenas
 
-    limit_malloc_arenas()
     name, worker_threads = _worker_identity()
     threads = job.torch_threads or worker_threads or torch.get_num_threads()
     if torch.get_num_threads() != threads:

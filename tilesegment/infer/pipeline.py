@@ -158,7 +158,8 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 #: Tiles a run must compute before ``compile=None`` (auto) compiles the model. Compiling the
-#: default model takes ~30 s on a 2-core CPU and then saves ~10 ms per 572 px tile there.
+#: default model takes ~20 s on a 2-core CPU and then saves ~16 ms per 572 px tile there
+#: (50 -> 34 ms end to end), so it pays from ~1400 tiles (benchmarks/RESULTS.md).
 COMPILE_MIN_TILES = 2000
 
 
@@ -790,15 +791,15 @@ def run_slide(
         Tiles still failed after ``max_retries`` retries on the worker pool.
     """
     from tilesegment.infer.pool import (
-        limit_malloc_arenas,
         reset_peak_rss,
         resolve_devices,
         resolve_precision,
+        tune_malloc,
     )
 
     opts = options or RunOptions()
     _check_options(opts)
-    limit_malloc_arenas()  # flat peak RSS whatever the slide size (see the function)
+    tune_malloc()  # flat peak RSS whatever the slide size (see the function)
     reset_peak_rss()  # the report's peak is this run's, not an earlier run's in this process
     run = _Run(started=_now(), t0=time.perf_counter())
     net, spec = load_checkpoint(model, device="cpu")

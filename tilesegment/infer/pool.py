@@ -287,7 +287,7 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def limit_malloc_arenas(arenas: int = 2) -> bool:
+def tune_malloc(arenas: int = 2) -> bool:
     """Tune glibc's malloc for tile-sized buffers in this process.
 
     * Cap the arenas (unless ``MALLOC_ARENA_MAX`` is set). glibc gives busy threads arenas of
@@ -482,7 +482,7 @@ def _worker_main(
 ) -> None:
     """Entry point of a worker process (module level, so spawn can import it)."""
     _die_with_parent(parent_pid)
-    limit_malloc_arenas()
+    tune_malloc()
     # The parent decides when to stop (a terminal's Ctrl-C or a scheduler's SIGTERM reach the
     # whole process group); it tells the workers, and they die with it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
