@@ -287,7 +287,7 @@ def _model_name(args) -> str:
 
 
 def _slide(size: int, tissue_fraction: float, patches: int = 6) -> Path:
-    from tilesegment.synthetic import write_slide
+    from tilesegment.testing.synthetic import write_slide
 
     # 0.25 µm/px: the shipped models' resolution, so level 0 is read as is (no resampling).
     path = WORK / f"synthetic-{size}-t{tissue_fraction:g}-p{patches}.tif"

@@ -98,7 +98,7 @@ def main() -> None:
         return
 
     from tilesegment.model import ModelSpec, UNetConfig, new_model, save_checkpoint
-    from tilesegment.synthetic import write_slide
+    from tilesegment.testing.synthetic import write_slide
 
     WORK.mkdir(exist_ok=True)
     slide = WORK / f"synthetic-{args.size}.tif"

@@ -18,7 +18,7 @@ from tilesegment.cli import main
 from tilesegment.errors import ConfigError
 from tilesegment.infer.pipeline import REPORT_NAME
 from tilesegment.store import is_complete
-from tilesegment.synthetic import write_slide
+from tilesegment.testing.synthetic import write_slide
 
 FAST = ("--no-preview", "--no-progress")
 

@@ -17,7 +17,7 @@ from tilesegment.dask import block_geometry, segment
 from tilesegment.errors import ConfigError
 from tilesegment.infer.predict import Predictor, predict_image
 from tilesegment.model import ModelSpec, UNetConfig, load_checkpoint, new_model, save_checkpoint
-from tilesegment.synthetic import render
+from tilesegment.testing.synthetic import render
 
 #: fp32 blocks differ from the whole-image pass only by float rounding (other conv sizes).
 ATOL = 1e-5

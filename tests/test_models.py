@@ -9,10 +9,14 @@ from PIL import Image
 
 from tests.conftest import data_path
 from tilesegment.infer.predict import Predictor, predict_image
-from tilesegment.labels import instances_from_binary
-from tilesegment.metrics import aggregated_jaccard_index, rand_scores, segmentation_from_binary
 from tilesegment.model import load_checkpoint
 from tilesegment.model.registry import DEFAULT_MODEL, resolve_model, shipped_models
+from tilesegment.train.labels import instances_from_binary
+from tilesegment.train.metrics import (
+    aggregated_jaccard_index,
+    rand_scores,
+    segmentation_from_binary,
+)
 
 
 def test_both_models_ship_small_with_cards():

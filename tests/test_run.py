@@ -173,7 +173,7 @@ def test_resampled_runs_are_tile_invariant(tmp_path):
 
 
 def test_tissue_masking_skips_glass_and_keeps_tissue_output(tmp_path, tiny_model):
-    from tilesegment.synthetic import write_slide
+    from tilesegment.testing.synthetic import write_slide
 
     # 90 % glass, one compact tissue region.
     slide = write_slide(tmp_path / "glass.tif", (6000, 6000), tissue_fraction=0.1, patches=1)

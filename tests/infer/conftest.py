@@ -25,7 +25,7 @@ RUN_ARGS = ("--tile-size", "572", "--no-preview", "--no-progress")
 @pytest.fixture(scope="session")
 def slide(tmp_path_factory) -> Path:
     """A 3000 x 3000 px pyramidal JPEG TIFF, 70 % tissue: 64 tiles of 572 px, a few skipped."""
-    from tilesegment.synthetic import write_slide
+    from tilesegment.testing.synthetic import write_slide
 
     path = tmp_path_factory.mktemp("slide") / "synthetic.tif"
     return write_slide(path, (3000, 3000), tissue_fraction=0.7, patches=3, seed=4)

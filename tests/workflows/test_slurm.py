@@ -135,7 +135,7 @@ class _LocalJobs:
 
 
 def test_main_segments_the_slides_on_the_cluster_workers(slurm, tmp_path, monkeypatch, tiny_model):
-    from tilesegment.synthetic import write_slide
+    from tilesegment.testing.synthetic import write_slide
 
     folder = tmp_path / "slides"
     folder.mkdir()

@@ -16,7 +16,7 @@ import zarr
 from tests.conftest import ROOT, data_path
 from tilesegment.model.checkpoint import file_sha256
 from tilesegment.store import ClassSpec, OutputStore, is_complete
-from tilesegment.synthetic import write_slide
+from tilesegment.testing.synthetic import write_slide
 
 WORKFLOW = ROOT / "workflows" / "snakemake"
 

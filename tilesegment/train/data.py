@@ -10,9 +10,9 @@ Two layouts are read (:func:`load_pairs`), both through the same code for ``trai
   Images are PNG, TIFF or JPEG, gray or RGB; labels are single-channel integer images.
 
 A label image is ``binary`` (0/1 or 0/255 masks), ``classes`` (index masks) or ``instances``
-(object ids), see :mod:`tilesegment.labels`. Binary and instance labels become two classes
+(object ids), see :mod:`tilesegment.train.labels`. Binary and instance labels become two classes
 (0 = background, 1 = foreground; ISBI: 0 = membrane, 1 = cell interior) after the objects
-are separated by a background border (:func:`~tilesegment.labels.separate_touching`; a binary
+are separated by a background border (:func:`~tilesegment.train.labels.separate_touching`; a binary
 mask is first split into its 4-connected components). With ``boundary_class`` instance data
 gets a third class, the objects' one-pixel inner boundary and the cut borders.
 
@@ -20,7 +20,7 @@ Weights (:func:`target_and_weights`) are the paper's ``w = w_c + w0 exp(-(d1 + d
 sigma^2)`` with ``w_c`` balancing the classes of each image (mean 1), computed once per image.
 
 Sampling (:class:`CropSampler`): sample ``index`` of ``epoch`` depends only on
-``(seed, epoch, index)`` (:func:`tilesegment.augment.rng_for`): an image chosen with
+``(seed, epoch, index)`` (:func:`tilesegment.train.augment.rng_for`): an image chosen with
 probability proportional to its area, a ``tile x tile`` input crop of the image
 mirror-padded by the halo whose origin is a multiple of the pooling factor, a random flip /
 rotation, the elastic deformation of the whole input-sized crop (image, target and weights
@@ -44,7 +44,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage as ndi
 
-from tilesegment.augment import (
+from tilesegment.errors import ConfigError
+from tilesegment.geometry import mirror_indices
+from tilesegment.infer.predict import to_model_channels
+from tilesegment.train.augment import (
     colour_jitter,
     elastic_deformation,
     flip_rotate,
@@ -52,16 +55,13 @@ from tilesegment.augment import (
     random_crop_box,
     rng_for,
 )
-from tilesegment.errors import ConfigError
-from tilesegment.geometry import mirror_indices
-from tilesegment.infer.predict import to_model_channels
-from tilesegment.labels import (
+from tilesegment.train.labels import (
     LabelKind,
     detect_label_kind,
     instances_from_binary,
     separate_touching,
 )
-from tilesegment.weights import border_weight_map, cached_weight_map
+from tilesegment.train.weights import border_weight_map, cached_weight_map
 
 log = logging.getLogger(__name__)
 

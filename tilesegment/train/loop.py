@@ -59,7 +59,6 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from tilesegment.errors import ConfigError, TilesegmentError
-from tilesegment.labels import LabelKind
 from tilesegment.model.checkpoint import (
     ModelSpec,
     checkpoint_paths,
@@ -71,6 +70,7 @@ from tilesegment.model.checkpoint import (
 from tilesegment.model.unet import UNet, UNetConfig
 from tilesegment.train import data as D
 from tilesegment.train.evaluate import SELECTION_METRIC, SUMMARY_METRICS, evaluate_items
+from tilesegment.train.labels import LabelKind
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Tests for tilesegment.labels: separation borders, components, label-kind detection."""
+"""Tests for tilesegment.train.labels: separation borders, components, label-kind detection."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from scipy import ndimage as ndi
 
 from tests.conftest import data_path
 from tilesegment.errors import ConfigError
-from tilesegment.labels import detect_label_kind, instances_from_binary, separate_touching
+from tilesegment.train.labels import detect_label_kind, instances_from_binary, separate_touching
 
 EIGHT = np.ones((3, 3), dtype=bool)
 

@@ -1,4 +1,4 @@
-"""Tests for tilesegment.metrics: hand-computed values, independent references, invariances."""
+"""Tests for tilesegment.train.metrics: hand-computed values, independent references."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from scipy import ndimage as ndi
 
 from tests.conftest import data_path
 from tilesegment.errors import ConfigError
-from tilesegment.labels import separate_touching
-from tilesegment.metrics import (
+from tilesegment.train.labels import separate_touching
+from tilesegment.train.metrics import (
     aggregated_jaccard_index,
     dice_per_class,
     evaluate_pair,

@@ -1,4 +1,4 @@
-"""Tests for tilesegment.weights: the fast border weight map against the literal definition."""
+"""Tests for tilesegment.train.weights: the fast border weight map vs the literal definition."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import data_path
-from tilesegment import weights as weights_module
 from tilesegment.errors import ConfigError
-from tilesegment.labels import instances_from_binary, separate_touching
-from tilesegment.weights import (
+from tilesegment.train import weights as weights_module
+from tilesegment.train.labels import instances_from_binary, separate_touching
+from tilesegment.train.weights import (
     border_weight_map,
     border_weight_map_bruteforce,
     cached_weight_map,
@@ -231,7 +231,7 @@ def test_cached_weight_map_recovers_from_corrupt_file(tmp_path, caplog) -> None:
     cached_weight_map(labels, tmp_path)
     (path,) = tmp_path.glob("*.npy")
     path.write_bytes(b"not a numpy file")
-    with caplog.at_level(logging.WARNING, logger="tilesegment.weights"):
+    with caplog.at_level(logging.WARNING, logger="tilesegment.train.weights"):
         again = cached_weight_map(labels, tmp_path)
     assert "unreadable" in caplog.text
     np.testing.assert_array_equal(again, border_weight_map(labels))

@@ -56,7 +56,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from tilesegment.errors import ConfigError
-from tilesegment.labels import LabelKind, detect_label_kind, instances_from_binary
+from tilesegment.train.labels import LabelKind, detect_label_kind, instances_from_binary
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def segmentation_from_binary(mask: np.ndarray) -> np.ndarray:
     """Cells as the 4-connected components of the cell class (``mask != 0``).
 
     For ISBI 2012 labels (255 = cell interior, 0 = membrane) pass the label image itself.
-    See :func:`tilesegment.labels.instances_from_binary`; returns int32 ids, 0 = boundary.
+    See :func:`tilesegment.train.labels.instances_from_binary`; returns int32 ids, 0 = boundary.
     """
     return instances_from_binary(np.asarray(mask) != 0)
 
@@ -470,7 +470,7 @@ def evaluate_pair(
     ----------
     pred_labels, true_labels : ndarray, same shape
     kind : {"binary", "classes", "instances"}, optional
-        Default: :func:`tilesegment.labels.detect_label_kind` of ``true_labels``.
+        Default: :func:`tilesegment.train.labels.detect_label_kind` of ``true_labels``.
 
         * ``"binary"`` (foreground = ``!= 0``; ISBI: 255 = cell): ``pixel_error``,
           ``foreground_iou``, ``foreground_dice``, and the Rand and information scores of the

@@ -8,9 +8,9 @@
 pixel centre of the nearest and of the second-nearest object (scipy
 ``distance_transform_edt`` semantics, unit pixel spacing). As in the paper the border term is
 added on background pixels only (instance id 0): it is what makes the thin background gaps
-between touching cells expensive to get wrong. Run :func:`tilesegment.labels.separate_touching`
-first so that touching objects get such a gap. With fewer than two objects there is no
-second-nearest object and no border term.
+between touching cells expensive to get wrong. Run
+:func:`tilesegment.train.labels.separate_touching` first so that touching objects get such a
+gap. With fewer than two objects there is no second-nearest object and no border term.
 
 ``w_c`` balances the two classes background (id 0) and foreground (id != 0, or the
 ``foreground`` mask when given):
@@ -97,7 +97,7 @@ def _check_params(
     if instances.dtype == bool or not np.issubdtype(instances.dtype, np.integer):
         raise ConfigError(
             f"`instances` must have an integer dtype, got {instances.dtype}"
-            " (label a bool mask with tilesegment.labels.instances_from_binary)"
+            " (label a bool mask with tilesegment.train.labels.instances_from_binary)"
         )
     if instances.size and np.issubdtype(instances.dtype, np.signedinteger):
         if instances.min() < 0:

@@ -1,4 +1,4 @@
-"""Tests for tilesegment.augment: determinism, alignment of labels, dtype contracts."""
+"""Tests for tilesegment.train.augment: determinism, alignment of labels, dtype contracts."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from tests.conftest import data_path
-from tilesegment.augment import (
+from tilesegment.errors import ConfigError
+from tilesegment.train.augment import (
     _displacement_field,
     colour_jitter,
     elastic_deformation,
@@ -19,7 +20,6 @@ from tilesegment.augment import (
     random_crop_box,
     rng_for,
 )
-from tilesegment.errors import ConfigError
 
 
 def block_image(shape: tuple[int, int] = (160, 200), seed: int = 0) -> np.ndarray:
