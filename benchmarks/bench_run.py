@@ -51,7 +51,8 @@ def child_forward(model: str, tile: int, repeats: int) -> dict:
 
 
 def child_run(slide: str, model: str, tile: int, out: str) -> dict:
-    from tilesegment.infer.pipeline import RunOptions, run_slide
+    from tilesegment.infer.options import RunOptions
+    from tilesegment.infer.run import run_slide
 
     t0 = time.perf_counter()
     summary = run_slide(

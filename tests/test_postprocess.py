@@ -30,6 +30,7 @@ from tilesegment.postprocess import (
     measure_instances,
     postprocess_output,
 )
+from tilesegment.postprocess import geojson as geojson_module
 from tilesegment.store import ClassSpec, OutputStore, is_complete
 
 shapely = pytest.importorskip("shapely")
@@ -365,13 +366,13 @@ def test_geojson_simplified_and_downsample_override(labelled, nuclei, tmp_path):
 def test_features_are_streamed_lazily(labelled, monkeypatch, tmp_path):
     path, summary = labelled
     reads = []
-    real_read = postprocess._read_region
+    real_read = geojson_module._read_region
 
     def counting(array, box):
         reads.append(box)
         return real_read(array, box)
 
-    monkeypatch.setattr(postprocess, "_read_region", counting)
+    monkeypatch.setattr(geojson_module, "_read_region", counting)
     chunks = len(list(OutputStore.open(path).chunk_boxes()))
     features = iter_features(path, threads=1)
     assert inspect.isgenerator(features) and reads == []
@@ -395,8 +396,8 @@ def test_features_are_streamed_lazily(labelled, monkeypatch, tmp_path):
         dumped.append(obj["type"])
         return real_dumps(obj, **kwargs)
 
-    monkeypatch.setattr(postprocess.json, "dump", whole_dump)
-    monkeypatch.setattr(postprocess.json, "dumps", per_feature)
+    monkeypatch.setattr(geojson_module.json, "dump", whole_dump)
+    monkeypatch.setattr(geojson_module.json, "dumps", per_feature)
     export_geojson(path, tmp_path / "s.geojson")
     assert dumped == ["Feature"] * summary.count
 

@@ -200,8 +200,8 @@ def finished(item: BatchItem, expected: Mapping[str, Any]) -> bool:
     ``tile_size``, ``dtype``) must equal the recorded value. Anything else returns False, and
     the full run decides: it resumes, or refuses with a message naming the difference.
     """
-    from tilesegment.infer.resume import read_params
     from tilesegment.store import is_complete
+    from tilesegment.store.resume import read_params
 
     if not is_complete(item.output):
         return False

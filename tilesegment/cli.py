@@ -29,7 +29,8 @@ from tilesegment.errors import (
 
 if TYPE_CHECKING:
     from tilesegment.batch import BatchItem
-    from tilesegment.infer.pipeline import RunOptions, RunSummary
+    from tilesegment.infer.options import RunOptions
+    from tilesegment.infer.report import RunSummary
 
 log = logging.getLogger("tilesegment")
 
@@ -331,7 +332,7 @@ def run(
 
     Resumable: a run killed at any point continues with --resume and gives the same bytes.
     Ctrl-C (or SIGTERM) stops after writing the finished chunks (exit code 130 or 143). A JSON
-    report is written to OUTPUT/tilesegment-report.json.
+    report is written beside OUTPUT (OUT.zarr -> OUT.report.json).
 
     Many slides: give several SLIDEs, quoted shell-style globs ('slides/*.svs', '**' recurses)
     or @LIST (a text file, one path or glob per line, # comments, relative to the list's
@@ -349,7 +350,8 @@ def run(
       tilesegment run @slides.txt -o out --resume
     """
     from tilesegment.batch import is_batch
-    from tilesegment.infer.pipeline import RunOptions, run_slide
+    from tilesegment.infer.options import RunOptions
+    from tilesegment.infer.run import run_slide
     from tilesegment.model.registry import resolve_model
 
     if resume and overwrite:
@@ -488,11 +490,11 @@ def _expected_params(model: Path, opts: RunOptions) -> dict[str, Any]:
     Loads the model once, which also refuses a bad checkpoint or tile size before the first
     slide instead of once per slide.
     """
-    from tilesegment.infer.pipeline import resolve_tile_size
+    from tilesegment.infer.plan import resolve_tile_size
     from tilesegment.model.checkpoint import checkpoint_paths, file_sha256, load_checkpoint
 
     net, _ = load_checkpoint(model, device="cpu")
-    tile_size = resolve_tile_size(net, opts.tile_size)
+    tile_size = resolve_tile_size(net.geometry, opts.tile_size)
     expected: dict[str, Any] = {
         "model_sha256": file_sha256(checkpoint_paths(model)[0]),
         "dtype": opts.dtype,
@@ -552,7 +554,7 @@ def _run_batch(
 def _run_item(item: BatchItem, model: Path, opts: RunOptions, expected: dict[str, Any]) -> None:
     """One slide of a batch: skip it if finished, else run it; then its GeoJSON if asked."""
     from tilesegment.batch import finished
-    from tilesegment.infer.pipeline import run_slide
+    from tilesegment.infer.run import run_slide
 
     complete = opts.resume and finished(item, expected)
     if complete:

@@ -23,17 +23,11 @@ from tests.infer.conftest import (
     wait_for_records,
 )
 from tilesegment.errors import ConfigError, StoreError
-from tilesegment.infer.pipeline import REPORT_NAME, RunOptions, run_slide
-from tilesegment.infer.resume import (
-    DONE_LOG,
-    STATE_DIR,
-    DoneLog,
-    RunLock,
-    check_params,
-    lock_path,
-    read_done,
-)
+from tilesegment.infer.options import RunOptions
+from tilesegment.infer.run import run_slide
 from tilesegment.store import is_complete
+from tilesegment.store.layout import DONE_LOG, report_path, state_dir
+from tilesegment.store.resume import DoneLog, RunLock, check_params, lock_path, read_done
 
 # ------------------------------------------------------------------------------- unit level
 
@@ -49,7 +43,7 @@ def test_done_log_records_survive_reopening_and_a_torn_tail(tmp_path):
         log.flush()
         assert log.done == {(0, 1), (2, 3)}
     assert sorted(committed) == [(0, 1), (2, 3)]
-    path = out / STATE_DIR / DONE_LOG
+    path = state_dir(out) / DONE_LOG
     # A crash mid-append leaves a record without its newline: dropped, and cut off the file
     # so that the next record starts on its own line.
     with path.open("ab") as fh:
@@ -62,7 +56,7 @@ def test_done_log_records_survive_reopening_and_a_torn_tail(tmp_path):
 
 
 def test_done_log_rejects_a_corrupt_record(tmp_path):
-    path = tmp_path / STATE_DIR / DONE_LOG
+    path = state_dir(tmp_path) / DONE_LOG
     path.parent.mkdir(parents=True)
     path.write_text("0 1\nnot a record\n")
     with pytest.raises(StoreError, match=r"done.log:2: malformed record"):
@@ -109,7 +103,7 @@ def test_lock_of_another_host_is_not_guessed_stale(tmp_path):
 def test_lock_held_by_a_live_process_is_refused(tmp_path):
     out = tmp_path / "o.zarr"
     code = (
-        "import sys, time; from tilesegment.infer.resume import RunLock; "
+        "import sys, time; from tilesegment.store.resume import RunLock; "
         f"l = RunLock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(60)"
     )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -155,7 +149,7 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(
     assert "done before" in result.output
     assert is_complete(out) and not lock_path(out).exists()
     assert_identical(out, clean)
-    report = json.loads((out / REPORT_NAME).read_text())
+    report = json.loads(report_path(out).read_text())
     assert report["status"] == "complete" and report["resumed"]
     assert report["tiles"]["done_before"] >= seen
     assert report["history"] == []  # the killed run wrote no report
@@ -180,14 +174,14 @@ def test_sigint_flushes_refuses_a_second_run_and_resumes(tiny_model, slide, clea
     assert proc.returncode == 130, err
     assert "resume with --resume" in err
     assert not lock_path(out).exists() and not is_complete(out)
-    report = json.loads((out / REPORT_NAME).read_text())
+    report = json.loads(report_path(out).read_text())
     assert report["status"] == "interrupted"
     # Everything the interrupted run counted as written is recorded.
     assert done_records(out) == report["chunks"]["written"] > 0
     again = invoke(*args, "--resume")
     assert again.exit_code == 0, again.output
     assert_identical(out, clean)
-    report = json.loads((out / REPORT_NAME).read_text())
+    report = json.loads(report_path(out).read_text())
     assert [h["status"] for h in report["history"]] == ["interrupted"]
     # Resuming a complete output does nothing.
     done = invoke(*args, "--resume")

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tilesegment.infer.predict import Predictor
-from tilesegment.model.checkpoint import ModelSpec, checkpoint_paths
+from tilesegment.infer.devices import resolve_precision, tune_malloc
+from tilesegment.infer.predict import Predictor, make_predictor
+from tilesegment.model.checkpoint import ModelSpec, checkpoint_paths, load_checkpoint
+from tilesegment.model.registry import resolve_model
 
 
 @dataclass
@@ -54,10 +56,6 @@ def cached_predictor(
     ``model`` is a checkpoint path or a shipped model name; ``precision`` is resolved per
     device as in ``tilesegment run``.
     """
-    from tilesegment.infer.pool import make_predictor, resolve_precision, tune_malloc
-    from tilesegment.model.checkpoint import load_checkpoint
-    from tilesegment.model.registry import resolve_model
-
     global _LOADS
     path = resolve_model(model)
     resolved = resolve_precision(precision, device)

@@ -1,28 +1,5 @@
-"""The stitcher's output store: an NGFF 0.4 (OME-Zarr) group in Zarr v2 format.
-
-Layout of ``OUT.zarr`` once :meth:`OutputStore.finalize` has run (``C`` classes, image
-``H x W`` px, chunk ``cy x cx`` px; level ``k`` has shape ``ceil(H / 2**k) x ceil(W / 2**k)``)::
-
-    OUT.zarr/
-      .zattrs        tilesegment: {status, store: {...}, **caller attrs}
-                     multiscales: [...]   (c, y, x); written by finalize only
-                     omero: {...}         one named, coloured channel per class; finalize only
-      0/ 1/ ...      (C, H_k, W_k) class probabilities, uint8 round(p * 255) or float32,
-                     chunks (C, cy, cx) clipped to the level
-      labels/
-        .zattrs      labels: [names]      finalised labels only; pending ones are in
-                     tilesegment: {labels: [names]}
-        mask/        argmax class map, uint8, chunks (cy, cx)
-          .zattrs    image-label: {version, colors, properties, source: {image: "../../"}}
-                     multiscales: [...]   (y, x); both written by finalize only
-                     (until then the image-label sits under tilesegment: {image-label})
-          0/ 1/ ...
-        nuclei/ ...  further labels added with :meth:`OutputStore.create_label`
-
-Every array is Zarr v2 with ``dimension_separator`` ``"/"`` (as NGFF 0.4 requires), Blosc
-zstd compression and fill value 0. Scales are ``mpp * 2**k`` micrometre for y/x (``2**k``
-and no unit when the mpp is unknown) and 1 for c. No translation is written, like most
-NGFF writers.
+"""The stitcher's output store: an NGFF 0.4 (OME-Zarr) group in Zarr v2 format (its layout is
+described in :mod:`tilesegment.store.layout`).
 
 Lifecycle
 ---------
@@ -69,19 +46,28 @@ import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numcodecs
 import numpy as np
 import zarr
 
 from tilesegment.errors import ConfigError, StoreError
 from tilesegment.geometry import Box
+from tilesegment.store import ngff
+from tilesegment.store.arrays import (
+    check_aligned,
+    class_map,
+    clear_path,
+    create_array,
+    open_group,
+    quantise,
+    update_attrs,
+)
+from tilesegment.store.layout import ATTR_KEY, FORMAT_VERSION, LABELS, MASK, read_zattrs
+from tilesegment.store.ngff import DOWNSAMPLERS, ClassSpec, multiscales, omero, pyramid_shapes
 
 __all__ = [
-    "PYRAMID_MAX_PX",
     "ClassSpec",
     "OutputStore",
     "is_complete",
@@ -90,19 +76,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: A pyramid stops at the first level whose height and width are both at most this.
-PYRAMID_MAX_PX = 1024
-
-#: Root attribute holding the store's status, its own bookkeeping and the caller's attrs.
-ATTR_KEY = "tilesegment"
-
-#: Version of the layout described in this module, recorded in ``tilesegment.store.format``.
-FORMAT_VERSION = 1
-
-MASK = "mask"
-"""Name of the argmax class-map label written by :meth:`OutputStore.write_chunk`."""
-
-RGBA = tuple[int, int, int, int]
 _DTYPES = ("uint8", "float32")
 _RESERVED_ATTRS = ("status", "store")
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -110,230 +83,6 @@ _LABEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 # ---------------------------------------------------------------------------------------------
 # value objects and pure helpers
-
-
-@dataclass(frozen=True, slots=True)
-class ClassSpec:
-    """Names and display colours of the classes a model predicts, in channel order."""
-
-    names: tuple[str, ...]
-    """One non-empty, unique name per class; class ``i`` is channel ``i`` and label value ``i``."""
-    colours: tuple[RGBA, ...]
-    """One (r, g, b, a) colour per class, each component an int in 0..255 inclusive."""
-
-    def __post_init__(self) -> None:
-        names = tuple(str(n) for n in self.names)
-        colours = tuple(tuple(int(v) for v in c) for c in self.colours)
-        if not 1 <= len(names) <= 256:
-            raise ConfigError(f"`names` must list 1 to 256 classes, got {len(names)}")
-        if any(not n for n in names) or len(set(names)) != len(names):
-            raise ConfigError(f"class `names` must be non-empty and unique, got {names}")
-        if len(colours) != len(names):
-            raise ConfigError(
-                f"`colours` ({len(colours)}) must give one colour per class ({len(names)})"
-            )
-        for c in colours:
-            if len(c) != 4 or not all(0 <= v <= 255 for v in c):
-                raise ConfigError(f"each colour must be (r, g, b, a) in 0..255, got {c}")
-        object.__setattr__(self, "names", names)
-        object.__setattr__(self, "colours", colours)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-compatible dict that :meth:`from_json` turns back into this spec."""
-        return {"names": list(self.names), "colours": [list(c) for c in self.colours]}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ClassSpec:
-        """The spec stored by :meth:`to_json`."""
-        return cls(tuple(data["names"]), tuple(tuple(c) for c in data["colours"]))
-
-
-def pyramid_shapes(
-    shape: tuple[int, int], *, max_px: int = PYRAMID_MAX_PX
-) -> list[tuple[int, int]]:
-    """(height, width) of every pyramid level, level 0 first.
-
-    Each level halves the previous one, rounding odd sizes up, until both sides are at most
-    ``max_px``.
-
-    >>> pyramid_shapes((1300, 2100))
-    [(1300, 2100), (650, 1050), (325, 525)]
-    >>> pyramid_shapes((1024, 7))
-    [(1024, 7)]
-    """
-    if max_px < 1:
-        raise ConfigError(f"`max_px` ({max_px}) must be >= 1")
-    h, w = (int(v) for v in shape)
-    shapes = [(h, w)]
-    while max(h, w) > max_px:
-        h, w = -(-h // 2), -(-w // 2)
-        shapes.append((h, w))
-    return shapes
-
-
-def _quantise(probabilities: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Probabilities in [0, 1] as stored: uint8 ``rint(p * 255)`` or float32."""
-    if dtype == np.uint8:
-        return np.rint(np.clip(probabilities, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return probabilities.astype(dtype, copy=False)
-
-
-def _downsample_mean(block: np.ndarray) -> np.ndarray:
-    """Mean of each 2 x 2 window over the last two axes, in the dtype of ``block``.
-
-    ``(..., h, w) -> (..., ceil(h / 2), ceil(w / 2))``; windows cut by an odd edge average
-    the pixels present. Sums are taken in float32, which is exact for uint8 input (a sum of
-    four uint8 needs 10 bits), and integer results are rounded half to even.
-    Peak memory is one float32 copy of the output.
-    """
-    h, w = block.shape[-2:]
-    total = np.zeros((*block.shape[:-2], -(-h // 2), -(-w // 2)), dtype=np.float32)
-    for dy in (0, 1):
-        for dx in (0, 1):
-            part = block[..., dy::2, dx::2]
-            total[..., : part.shape[-2], : part.shape[-1]] += part
-    total *= 0.25  # powers of two keep the division exact
-    if h % 2:
-        total[..., -1, :] *= 2
-    if w % 2:
-        total[..., :, -1] *= 2
-    if np.issubdtype(block.dtype, np.integer):
-        return np.rint(total, out=total).astype(block.dtype)
-    return total.astype(block.dtype, copy=False)
-
-
-def _downsample_nearest(block: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(block[..., ::2, ::2])
-
-
-_DOWNSAMPLERS = {"mean": _downsample_mean, "nearest": _downsample_nearest}
-
-
-def _check_aligned(box: Box, image_shape: tuple[int, int], chunks: tuple[int, int]) -> None:
-    """Raise StoreError unless ``box`` covers a whole number of chunks of the image."""
-    for name, start, size, n, c in (
-        ("y", box.y, box.h, image_shape[0], chunks[0]),
-        ("x", box.x, box.w, image_shape[1], chunks[1]),
-    ):
-        stop = start + size
-        if not (0 <= start < n and size > 0 and stop <= n):
-            raise StoreError(f"box {box} lies outside the image of shape {image_shape}")
-        if start % c or (stop % c and stop != n):
-            raise StoreError(
-                f"box {box} is not chunk-aligned along {name}: it must start at a multiple of "
-                f"the chunk size ({c}) and end at one or at the image edge ({n})"
-            )
-
-
-def _hex_rgb(rgba: Sequence[int]) -> str:
-    return "".join(f"{int(v):02X}" for v in rgba[:3])
-
-
-# ---------------------------------------------------------------------------------------------
-# filesystem helpers
-
-
-def _read_zattrs(path: Path) -> dict[str, Any] | None:
-    """The ``.zattrs`` of a Zarr v2 group at ``path``, or None when it is not one."""
-    if not (path / ".zgroup").is_file():
-        return None
-    try:
-        return json.loads((path / ".zattrs").read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"cannot read the attributes of {path}: {exc}") from exc
-
-
-def _clear_path(path: Path, overwrite: bool) -> None:
-    """Make room for a new store at ``path``, deleting only what is safe to delete."""
-    if not (path.exists() or path.is_symlink()):
-        return
-    if not overwrite:
-        raise StoreError(
-            f"{path} already exists; pass --overwrite to replace it, or choose another output path"
-        )
-    if path.is_symlink() or not path.is_dir():
-        raise StoreError(
-            f"{path} exists and is not a directory; refusing to replace it, remove it yourself"
-        )
-    if not any(path.iterdir()):
-        return
-    attrs = _read_zattrs(path)
-    if attrs is None or not isinstance(attrs.get(ATTR_KEY), dict):
-        raise StoreError(
-            f"{path} exists and is not a tilesegment output store (no Zarr v2 group with a "
-            f"'{ATTR_KEY}' attribute); refusing to delete it with --overwrite. "
-            "Remove it yourself or choose another output path"
-        )
-    logger.info("removing existing output store %s", path)
-    try:
-        shutil.rmtree(path)
-    except OSError as exc:
-        raise StoreError(f"cannot remove the existing output store {path}: {exc}") from exc
-
-
-def _open_group(path: Path, mode: Literal["r", "r+"]) -> zarr.Group:
-    """The root or a sub-group of a store, read fresh from disk."""
-    try:
-        return zarr.open_group(str(path), mode=mode, zarr_format=2)
-    except FileNotFoundError as exc:  # includes zarr's GroupNotFoundError
-        raise StoreError(f"{path} is not a Zarr v2 group") from exc
-
-
-def _update_attrs(path: Path, update: Mapping[str, Any]) -> None:
-    """Merge ``update`` into the attributes of the group at ``path`` as they are on disk now.
-
-    The group is re-opened so that a stale in-memory copy never overwrites keys written by
-    another process.
-    """
-    _open_group(path, "r+").attrs.update(dict(update))
-
-
-def class_map(probabilities: np.ndarray) -> np.ndarray:
-    """The argmax over axis 0 of (C, h, w) probabilities as uint8; the first class wins ties.
-
-    Equal to ``np.argmax(p, axis=0)`` but made of contiguous element-wise passes instead of a
-    strided reduction (0.45 vs 18 ms for 2 classes on a 1164² chunk).
-    """
-    c = probabilities.shape[0]
-    if c == 2:
-        return np.greater(probabilities[1], probabilities[0]).view(np.uint8)
-    out = np.zeros(probabilities.shape[1:], dtype=np.uint8)
-    best = probabilities[0].copy()
-    for k in range(1, c):
-        better = np.greater(probabilities[k], best)
-        np.copyto(out, np.uint8(k), where=better)
-        if k < c - 1:
-            np.maximum(best, probabilities[k], out=best)
-    return out
-
-
-#: Blosc zstd level of every array. Level 1 compresses real probability maps within ~10 % of
-#: level 5 at about a fifth of the CPU time (measured on a nuclei-he output of CMU-1: ratio
-#: 3.4 vs 3.7, 7.5 vs 35 ms per 1164² x 2 chunk); on a 2-core machine the writer's CPU time
-#: is taken from the forward pass.
-ZSTD_LEVEL = 1
-
-
-def _create_array(
-    group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str
-) -> zarr.Array:
-    itemsize = np.dtype(dtype).itemsize
-    shuffle = numcodecs.Blosc.BITSHUFFLE if itemsize == 1 else numcodecs.Blosc.SHUFFLE
-    return group.create_array(
-        name,
-        shape=shape,
-        chunks=tuple(min(c, n) for c, n in zip(chunks, shape, strict=True)),
-        dtype=dtype,
-        fill_value=0,
-        compressors=numcodecs.Blosc(cname="zstd", clevel=ZSTD_LEVEL, shuffle=shuffle),
-        chunk_key_encoding={"name": "v2", "separator": "/"},
-        overwrite=True,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,7 +224,7 @@ class OutputStore:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"`attrs` must be JSON-serialisable: {exc}") from exc
 
-        _clear_path(path, overwrite)
+        clear_path(path, overwrite)
         meta = {
             "status": "incomplete",
             "store": {
@@ -488,7 +237,7 @@ class OutputStore:
         try:
             root = zarr.open_group(str(path), mode="w-", zarr_format=2)
             root.attrs[ATTR_KEY] = meta
-            _create_array(root, "0", (len(classes), h, w), (len(classes), cy, cx), dtype)
+            create_array(root, "0", (len(classes), h, w), (len(classes), cy, cx), dtype)
             root.create_group("labels").attrs[ATTR_KEY] = {"labels": []}
         except OSError as exc:
             raise StoreError(f"cannot create the output store {path}: {exc}") from exc
@@ -516,9 +265,9 @@ class OutputStore:
         if mode not in ("r", "r+"):
             raise ConfigError(f"`mode` ({mode!r}) must be 'r' or 'r+'")
         path = Path(path)
-        if _read_zattrs(path) is None:
+        if read_zattrs(path) is None:
             raise StoreError(f"{path} is not a tilesegment output store (no Zarr v2 group)")
-        return cls(path, mode, _open_group(path, mode))
+        return cls(path, mode, open_group(path, mode))
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -544,7 +293,7 @@ class OutputStore:
     @property
     def label_names(self) -> tuple[str, ...]:
         """Names of all labels, finalised or not, in creation order."""
-        attrs = _read_zattrs(self.path / "labels") or {}
+        attrs = read_zattrs(self.path / "labels") or {}
         return tuple(attrs.get(ATTR_KEY, {}).get("labels", []))
 
     def pyramid(self, name: str | None = None) -> list[zarr.Array]:
@@ -560,7 +309,7 @@ class OutputStore:
     @property
     def attrs(self) -> dict[str, Any]:
         """The caller's attributes given to :meth:`create`."""
-        meta = dict(_open_group(self.path, "r").attrs)[ATTR_KEY]
+        meta = dict(open_group(self.path, "r").attrs)[ATTR_KEY]
         return {k: v for k, v in meta.items() if k not in _RESERVED_ATTRS}
 
     def is_complete(self) -> bool:
@@ -573,6 +322,18 @@ class OutputStore:
         for y in range(0, h, cy):
             for x in range(0, w, cx):
                 yield Box(y, x, min(cy, h - y), min(cx, w - x))
+
+    def label_state(self, name: str) -> str:
+        """``"missing"``, ``"pending"`` (created, not finalised) or ``"final"`` (read now)."""
+        attrs = read_zattrs(self.path / LABELS / name)
+        if attrs is None:
+            return "missing"
+        return "final" if "multiscales" in attrs else "pending"
+
+    @property
+    def image_finalised(self) -> bool:
+        """Whether the probability image has its pyramid and NGFF metadata (read now)."""
+        return "multiscales" in (read_zattrs(self.path) or {})
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -604,7 +365,7 @@ class OutputStore:
             raise StoreError(
                 f"{self.path} is finalised; its probabilities can no longer be written"
             )
-        _check_aligned(box, self.image_shape, self.chunk_shape)
+        check_aligned(box, self.image_shape, self.chunk_shape)
         expected = (len(self.classes), box.h, box.w)
         p = np.asarray(probabilities)
         if p.shape != expected:
@@ -618,7 +379,7 @@ class OutputStore:
                 "pass softmax outputs, not logits"
             )
         ys, xs = box.slices
-        self.probabilities[:, ys, xs] = _quantise(p, np.dtype(self.dtype))
+        self.probabilities[:, ys, xs] = quantise(p, np.dtype(self.dtype))
         self.mask[ys, xs] = class_map(p)
 
     def create_label(
@@ -659,30 +420,13 @@ class OutputStore:
             raise ConfigError(f"label `dtype` ({dtype!r}) must be an integer type")
         if name in self.label_names:
             raise StoreError(f"{self.path} already has a label {name!r}")
-        image_label: dict[str, Any] = {"version": "0.4", "source": {"image": "../../"}}
-        if colours is not None:
-            colors = []
-            for value, rgba in sorted(colours.items()):
-                rgba = [int(v) for v in rgba]
-                if len(rgba) != 4 or not all(0 <= v <= 255 for v in rgba):
-                    raise ConfigError(f"colour of label {value} must be (r, g, b, a), got {rgba}")
-                colors.append({"label-value": int(value), "rgba": rgba})
-            image_label["colors"] = colors
-        if properties is not None:
-            props = [{"label-value": int(v), **dict(p)} for v, p in sorted(properties.items())]
-            if colours is not None and {int(v) for v in colours} != {int(v) for v in properties}:
-                raise ConfigError("`colours` and `properties` must cover the same label values")
-            image_label["properties"] = props
-        try:
-            json.dumps(image_label)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"label `properties` must be JSON-serialisable: {exc}") from exc
+        image_label = ngff.image_label(colours, properties)
 
-        labels = _open_group(self.path / "labels", "r+")
+        labels = open_group(self.path / "labels", "r+")
         group = labels.create_group(name, overwrite=True)
         group.attrs[ATTR_KEY] = {"image-label": image_label}
-        array = _create_array(group, "0", self.image_shape, self.chunk_shape, dt.name)
-        _update_attrs(self.path / "labels", {ATTR_KEY: {"labels": [*self.label_names, name]}})
+        array = create_array(group, "0", self.image_shape, self.chunk_shape, dt.name)
+        update_attrs(self.path / "labels", {ATTR_KEY: {"labels": [*self.label_names, name]}})
         if is_complete(self.path):
             self._set_status("incomplete")
         self._labels[name] = array
@@ -701,9 +445,9 @@ class OutputStore:
         """
         self._check_writable(f"label {name!r}")
         array = self.label(name)
-        if "multiscales" in (_read_zattrs(self.path / "labels" / name) or {}):
+        if "multiscales" in (read_zattrs(self.path / "labels" / name) or {}):
             raise StoreError(f"label {name!r} of {self.path} is finalised and cannot be written")
-        _check_aligned(box, self.image_shape, self.chunk_shape)
+        check_aligned(box, self.image_shape, self.chunk_shape)
         data = np.asarray(data)
         if data.shape != box.shape:
             raise StoreError(f"label data has shape {data.shape}, expected {box.shape} for {box}")
@@ -718,6 +462,32 @@ class OutputStore:
                 )
             data = data.astype(array.dtype)
         array[box.slices] = data
+
+    def delete_label(self, name: str) -> None:
+        """Remove ``labels/<name>`` so that it can be created afresh.
+
+        The label is first unlisted from ``labels/.zattrs`` (both the NGFF list and the pending
+        list), then deleted, so a crash in between leaves an unlisted directory that
+        :meth:`create_label` overwrites.
+        """
+        self._check_writable(f"label {name!r}")
+        group = open_group(self.path / LABELS, "r+")
+        attrs = dict(group.attrs)
+        meta = dict(attrs.get(ATTR_KEY, {}))
+        update: dict[str, Any] = {
+            ATTR_KEY: {**meta, "labels": [n for n in meta.get("labels", []) if n != name]}
+        }
+        if "labels" in attrs:
+            update["labels"] = [n for n in attrs["labels"] if n != name]
+        group.attrs.update(update)
+        self._labels.pop(name, None)
+        target = self.path / LABELS / name
+        if target.exists():
+            try:
+                shutil.rmtree(target)
+            except OSError as exc:
+                raise StoreError(f"cannot remove the old {target}: {exc}") from exc
+        logger.info("removed %s", target)
 
     # -- finalising --------------------------------------------------------------------------
 
@@ -739,25 +509,29 @@ class OutputStore:
         names = self.label_names
         for name in names:
             group_path = self.path / "labels" / name
-            attrs = _read_zattrs(group_path) or {}
+            attrs = read_zattrs(group_path) or {}
             if "multiscales" in attrs:
                 continue
-            group = _open_group(group_path, "r+")
+            group = open_group(group_path, "r+")
             self._build_pyramid(group, shapes, "nearest", workers)
             # The pending metadata kept under ATTR_KEY becomes the NGFF metadata.
             final = {k: v for k, v in attrs.items() if k != ATTR_KEY}
             final["image-label"] = attrs[ATTR_KEY]["image-label"]
-            final["multiscales"] = self._multiscales(name, shapes, "nearest", channel=False)
+            final["multiscales"] = multiscales(name, shapes, "nearest", self.mpp, channel=False)
             group.attrs.put(final)
-        _update_attrs(self.path / "labels", {"labels": list(names)})
+        update_attrs(self.path / "labels", {"labels": list(names)})
         # Read from disk, not self._image_final: another process may have finalised meanwhile.
-        if "multiscales" not in (_read_zattrs(self.path) or {}):
+        if "multiscales" not in (read_zattrs(self.path) or {}):
             self._build_pyramid(self._root, shapes, "mean", workers)
-            _update_attrs(
+            update_attrs(
                 self.path,
                 {
-                    "multiscales": self._multiscales("probabilities", shapes, "mean", channel=True),
-                    "omero": self._omero(),
+                    "multiscales": multiscales(
+                        "probabilities", shapes, "mean", self.mpp, channel=True
+                    ),
+                    "omero": omero(
+                        self.path.name, self.classes.names, self.classes.colours, self.dtype
+                    ),
                 },
             )
             self._image_final = True
@@ -765,8 +539,8 @@ class OutputStore:
         logger.info("finalised output store %s (%d levels)", self.path, len(shapes))
 
     def _set_status(self, status: Literal["incomplete", "complete"]) -> None:
-        meta = dict(_open_group(self.path, "r").attrs)[ATTR_KEY]
-        _update_attrs(self.path, {ATTR_KEY: {**meta, "status": status}})
+        meta = dict(open_group(self.path, "r").attrs)[ATTR_KEY]
+        update_attrs(self.path, {ATTR_KEY: {**meta, "status": status}})
 
     def _build_pyramid(
         self,
@@ -776,13 +550,13 @@ class OutputStore:
         workers: int,
     ) -> None:
         """Write levels 1.. of ``group`` from level 0, one output chunk per task."""
-        downsample = _DOWNSAMPLERS[method]
+        downsample = DOWNSAMPLERS[method]
         source = group["0"]
         lead = source.shape[:-2]
         cy, cx = self.chunk_shape
         for k in range(1, len(shapes)):
             h, w = shapes[k]
-            target = _create_array(group, str(k), (*lead, h, w), (*lead, cy, cx), str(source.dtype))
+            target = create_array(group, str(k), (*lead, h, w), (*lead, cy, cx), str(source.dtype))
             boxes = [
                 Box(y, x, min(cy, h - y), min(cx, w - x))
                 for y in range(0, h, cy)
@@ -800,70 +574,13 @@ class OutputStore:
             logger.debug("built %s/%s level %d: %s", self.path, group.path, k, target.shape)
             source = target
 
-    def _multiscales(
-        self,
-        name: str,
-        shapes: list[tuple[int, int]],
-        method: str,
-        *,
-        channel: bool,
-    ) -> list[dict[str, Any]]:
-        space: dict[str, Any] = {"type": "space"}
-        if self.mpp is not None:
-            space["unit"] = "micrometer"
-        axes = [{"name": "y", **space}, {"name": "x", **space}]
-        base = self.mpp or (1.0, 1.0)
-        datasets = []
-        for k in range(len(shapes)):
-            scale = [base[0] * 2**k, base[1] * 2**k]
-            if channel:
-                scale = [1.0, *scale]
-            datasets.append(
-                {"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": scale}]}
-            )
-        if channel:
-            axes = [{"name": "c", "type": "channel"}, *axes]
-        return [
-            {
-                "version": "0.4",
-                "name": name,
-                "axes": axes,
-                "datasets": datasets,
-                "type": method,
-                "metadata": {
-                    "description": f"2x2 {method} downsampling by tilesegment.store",
-                },
-            }
-        ]
-
-    def _omero(self) -> dict[str, Any]:
-        top = 255 if self.dtype == "uint8" else 1.0
-        channels = [
-            {
-                "label": name,
-                "color": _hex_rgb(rgba),
-                "active": True,
-                "coefficient": 1.0,
-                "family": "linear",
-                "inverted": False,
-                "window": {"min": 0, "max": top, "start": 0, "end": top},
-            }
-            for name, rgba in zip(self.classes.names, self.classes.colours, strict=True)
-        ]
-        return {
-            "name": self.path.name,
-            "version": "0.4",
-            "channels": channels,
-            "rdefs": {"model": "color", "defaultT": 0, "defaultZ": 0},
-        }
-
 
 def is_complete(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` holds a tilesegment store whose completion marker is written.
 
     False for a missing path or any directory that is not a tilesegment store.
     """
-    attrs = _read_zattrs(Path(path))
+    attrs = read_zattrs(Path(path))
     if attrs is None:
         return False
     meta = attrs.get(ATTR_KEY)

@@ -1,10 +1,10 @@
 """Resume bookkeeping for a run: its parameters, a durable log of finished chunks, a run lock.
 
-On disk, beside and inside ``OUT.zarr``::
+On disk, beside ``OUT.zarr`` (paths from :mod:`tilesegment.store.layout`)::
 
     OUT.zarr.lock                 while a run writes OUT.zarr: JSON {pid, host, started, argv,
                                   pid_start}; flock'ed by the holder (see RunLock)
-    OUT.zarr/.tilesegment/
+    OUT.tilesegment/
       run.json                    {"format": 1, "params": {...}, "info": {...}}: what the
                                   output was created with; ``--resume`` refuses other params
       done.log                    one line "<row> <col>\\n" per finished chunk (chunk-grid
@@ -17,7 +17,8 @@ reverse does not hold: a chunk written just before a crash may lack its record a
 computed again on resume, giving the same bytes. A record torn by a crash (no final newline)
 is dropped when the log is reopened.
 
-Zarr readers ignore the ``.tilesegment`` folder (it has no ``.zarray`` or ``.zgroup``).
+Outputs written by older versions kept this folder inside the group (``OUT.zarr/.tilesegment``,
+which zarr warns about); :func:`adopt_legacy_state` moves it, and their report, beside it.
 """
 
 from __future__ import annotations
@@ -39,26 +40,51 @@ from pathlib import Path
 from typing import Any
 
 from tilesegment.errors import ConfigError, StoreError
+from tilesegment.store.layout import (
+    DONE_LOG,
+    LEGACY_STATE_DIR,
+    PARAMS_FILE,
+    ChunkKey,
+    legacy_report_path,
+    legacy_state_dir,
+    lock_path,
+    report_path,
+    state_dir,
+)
 
 log = logging.getLogger(__name__)
 
-STATE_DIR = ".tilesegment"
-PARAMS_FILE = "run.json"
-DONE_LOG = "done.log"
 FORMAT_VERSION = 1
 
-ChunkKey = tuple[int, int]
+
+def adopt_legacy_state(output: Path) -> bool:
+    """Move the resume state and report an older version kept inside ``output`` beside it.
+
+    Returns whether anything was moved. Called before resuming, so that outputs written before
+    the state moved out of the Zarr group resume as before and end up with a clean group.
+    """
+    moved = False
+    for old, new in (
+        (legacy_state_dir(output), state_dir(output)),
+        (legacy_report_path(output), report_path(output)),
+    ):
+        if old.exists() and not new.exists():
+            os.replace(old, new)
+            log.info("moved %s to %s", old, new)
+            moved = True
+    return moved
 
 
-def state_dir(output: str | os.PathLike[str]) -> Path:
-    """``OUT.zarr/.tilesegment``: where a run keeps its resume state."""
-    return Path(output) / STATE_DIR
+def reset_state(output: Path) -> None:
+    """Delete the resume state and report of an earlier output at ``output`` (it is replaced)."""
+    import shutil
 
-
-def lock_path(output: str | os.PathLike[str]) -> Path:
-    """``OUT.zarr.lock``, beside the output so that ``--overwrite`` cannot delete it."""
-    out = Path(output)
-    return out.with_name(out.name + ".lock")
+    for folder in (state_dir(output), legacy_state_dir(output)):
+        if folder.is_dir():
+            shutil.rmtree(folder)
+    for report in (report_path(output), legacy_report_path(output)):
+        with contextlib.suppress(FileNotFoundError):
+            report.unlink()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,8 +141,12 @@ def write_params(output: Path, params: Mapping[str, Any], info: Mapping[str, Any
 
 
 def read_params(output: Path) -> dict[str, Any] | None:
-    """The recorded parameters, or None when the output has none (not created by a run)."""
+    """The recorded parameters, or None when the output has none (not created by a run).
+
+    Also reads those of an output written by an older version (inside the group)."""
     path = state_dir(output) / PARAMS_FILE
+    if not path.exists() and (legacy_state_dir(output) / PARAMS_FILE).exists():
+        path = legacy_state_dir(output) / PARAMS_FILE
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
@@ -506,8 +536,8 @@ def remove_partial_files(output: Path) -> int:
     """
     count = 0
     for root, dirs, files in os.walk(output):
-        if root == str(output) and STATE_DIR in dirs:
-            dirs.remove(STATE_DIR)
+        if root == str(output) and LEGACY_STATE_DIR in dirs:
+            dirs.remove(LEGACY_STATE_DIR)
         for f in files:
             if f.endswith(".partial"):
                 with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,98 @@
+"""The test-only fault hook of the worker pool.
+
+``TILESEGMENT_FAULT_INJECT="worker=0,after=3,mode=exit"`` (read only inside workers, never by
+the parent or the in-process path) makes worker slot 0 fail after writing 3 chunks. Keys:
+``worker`` (slot; default any), ``after`` (chunks written first; 0 = at the first tile),
+``tile=ROW.COL`` (fail when that tile is about to be predicted, whatever the worker),
+``mode`` = ``exit`` (``os._exit(86)``), ``kill`` (SIGKILL itself) or ``raise``
+(``RuntimeError``), ``gen`` = ``first`` (default: only the first process of the slot, so the
+respawned worker succeeds) or ``all``. It exists to test fault tolerance and is not a feature.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from tilesegment.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FAULT_ENV = "TILESEGMENT_FAULT_INJECT"
+
+
+@dataclass(frozen=True, slots=True)
+class FaultSpec:
+    """A parsed ``TILESEGMENT_FAULT_INJECT`` value (see the module docstring)."""
+
+    worker: int | None = None
+    after: int = 1
+    tile: tuple[int, int] | None = None
+    mode: str = "exit"
+    every_generation: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> FaultSpec:
+        values: dict[str, Any] = {}
+        try:
+            for part in filter(None, (p.strip() for p in text.split(","))):
+                key, _, value = part.partition("=")
+                if key == "worker":
+                    values["worker"] = int(value)
+                elif key == "after":
+                    values["after"] = int(value)
+                elif key == "tile":
+                    row, col = value.split(".")
+                    values["tile"] = (int(row), int(col))
+                elif key == "mode" and value in ("exit", "kill", "raise"):
+                    values["mode"] = value
+                elif key == "gen" and value in ("first", "all"):
+                    values["every_generation"] = value == "all"
+                else:
+                    raise ValueError(part)
+        except ValueError as exc:
+            raise ConfigError(f"{FAULT_ENV}={text!r}: cannot parse {exc}") from exc
+        return cls(**values)
+
+
+class FaultInjector:
+    """Fires the configured fault in a worker; inert unless ``TILESEGMENT_FAULT_INJECT`` is set."""
+
+    def __init__(self, spec: FaultSpec | None, slot: int, generation: int) -> None:
+        self.spec = spec
+        self.active = (
+            spec is not None
+            and spec.worker in (None, slot)
+            and (spec.every_generation or generation == 0)
+        )
+        self._chunks = 0
+        self._where = f"worker {slot} generation {generation}"
+
+    @classmethod
+    def from_env(cls, slot: int, generation: int) -> FaultInjector:
+        text = os.environ.get(FAULT_ENV, "")
+        return cls(FaultSpec.parse(text) if text else None, slot, generation)
+
+    def tile_started(self, tile) -> None:
+        if not self.active:
+            return
+        if self.spec.tile == tile.index or (self.spec.tile is None and self.spec.after == 0):
+            self._fire(f"at tile {tile.index}")
+
+    def chunk_written(self) -> None:
+        if not self.active or self.spec.tile is not None:
+            return
+        self._chunks += 1
+        if self._chunks == self.spec.after:
+            self._fire(f"after {self._chunks} chunks")
+
+    def _fire(self, when: str) -> None:
+        log.warning("injecting a fault (%s) in %s %s", self.spec.mode, self._where, when)
+        if self.spec.mode == "exit":
+            os._exit(86)
+        if self.spec.mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected fault in {self._where} {when}")
