@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from tests.conftest import data_path
 from tests.infer.conftest import start_cli, wait_for_records
-from tilesegment.batch import expand_slides, is_batch, plan_batch, read_list, slide_stem
 from tilesegment.cli import main
+from tilesegment.cli.batch import expand_slides, is_batch, plan_batch, read_list, slide_stem
 from tilesegment.errors import ConfigError
 from tilesegment.store import is_complete
 from tilesegment.testing.synthetic import write_slide

@@ -17,8 +17,8 @@ from scipy import ndimage
 from skimage.draw import disk
 
 from tilesegment import postprocess
+from tilesegment.cli.export import export
 from tilesegment.errors import ConfigError, StoreError
-from tilesegment.export_cli import export
 from tilesegment.geometry import Box
 from tilesegment.postprocess import (
     default_table_path,

@@ -193,6 +193,7 @@ def test_resume_with_other_parameters_is_refused(tiny_model, slide, clean, tmp_p
 
     out = tmp_path / "out.zarr"
     shutil.copytree(clean, out)
+    shutil.copytree(state_dir(clean), state_dir(out))  # the resume state lives beside the store
     attrs = out / ".zattrs"
     attrs.write_text(attrs.read_text().replace('"complete"', '"incomplete"'))
     args = ("run", slide, "-o", out, "--model", tiny_model, "--tissue", "none", *RUN_ARGS)
@@ -208,3 +209,58 @@ def test_resume_of_a_missing_output_starts_it(tiny_model, slide, tmp_path):
     opts = RunOptions(tile_size=572, preview=False, progress=False, resume=True, tissue="none")
     summary = run_slide(slide, out, tiny_model, opts)
     assert is_complete(out) and summary.extra["tiles_processed"] == summary.tiles
+
+
+def test_resume_adopts_the_state_an_older_version_kept_inside_the_group(
+    tiny_model, slide, clean, tmp_path
+):
+    """Outputs written before the state moved beside the group resume as before, and end up
+    with a group zarr opens without warnings about foreign objects."""
+    import shutil
+    import warnings
+
+    import zarr
+
+    from tilesegment.store.layout import legacy_report_path, legacy_state_dir
+
+    out = tmp_path / "out.zarr"
+    shutil.copytree(clean, out)
+    shutil.copytree(state_dir(clean), legacy_state_dir(out))
+    shutil.copy(report_path(clean), legacy_report_path(out))
+    attrs = out / ".zattrs"
+    attrs.write_text(attrs.read_text().replace('"complete"', '"incomplete"'))
+    result = invoke("run", slide, "-o", out, "--model", tiny_model, *RUN_ARGS, "--resume")
+    assert result.exit_code == 0, result.output
+    assert is_complete(out)
+    assert not legacy_state_dir(out).exists() and not legacy_report_path(out).exists()
+    assert (state_dir(out) / DONE_LOG).read_bytes() == (state_dir(clean) / DONE_LOG).read_bytes()
+    report = json.loads(report_path(out).read_text())
+    assert [h["status"] for h in report["history"]] == ["complete"]
+    assert_identical(out, clean)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        group = zarr.open_group(str(out), mode="r")
+        assert sorted(group.keys()) == sorted(zarr.open_group(str(clean), mode="r").keys())
+
+
+def test_a_finished_output_opens_in_zarr_without_warnings(clean):
+    """The report and the resume state live beside the group, not in it (napari and
+    ome-zarr users saw ZarrUserWarnings about them)."""
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        group = zarr.open_group(str(clean), mode="r")
+        members = dict(group.members(max_depth=None))
+    assert "labels/mask/0" in members and "0" in members
+    assert report_path(clean).is_file() and (state_dir(clean) / DONE_LOG).is_file()
+    assert sorted(p.name for p in clean.iterdir()) == [
+        ".zattrs",
+        ".zgroup",
+        "0",
+        "1",
+        "2",
+        "labels",
+    ]

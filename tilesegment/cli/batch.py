@@ -1,4 +1,5 @@
-"""Many slides in one ``tilesegment run``: expand the SLIDE arguments and name the outputs.
+"""Many slides in one ``tilesegment run``: expand the SLIDE arguments, name the outputs, run
+them one after the other (a failed slide is reported and the batch goes on).
 
 The command line decides between two forms from the arguments alone (:func:`is_batch`):
 
@@ -15,13 +16,24 @@ a slide is readable is left to the run, which reports it per slide and goes on.
 from __future__ import annotations
 
 import glob
+import logging
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tilesegment.errors import ConfigError, StoreError
+import click
+
+from tilesegment.cli.exits import one_line
+from tilesegment.cli.outcome import echo_summary, export_instances, sigterm_interrupts
+from tilesegment.errors import ConfigError, StoreError, TilesegmentError
+
+if TYPE_CHECKING:
+    from tilesegment.infer.options import RunOptions
+
+log = logging.getLogger("tilesegment")
 
 #: Characters that make a SLIDE argument a shell-style pattern (``glob`` syntax).
 GLOB_CHARS = frozenset("*?[")
@@ -217,13 +229,118 @@ def finished(item: BatchItem, expected: Mapping[str, Any]) -> bool:
     return all(params.get(key) == value for key, value in expected.items())
 
 
-__all__ = [
-    "BatchItem",
-    "expand_slides",
-    "finished",
-    "is_batch",
-    "is_pattern",
-    "plan_batch",
-    "read_list",
-    "slide_stem",
-]
+# ---------------------------------------------------------------------------------------------
+# running a batch
+
+
+def _check_batch_paths(outdir: Path, geojson_dir: Path | None, tissue: str) -> None:
+    """Refuse single-slide paths and options in a batch, before anything is read."""
+    if outdir.suffix.lower() == ".zarr" or (outdir.exists() and not outdir.is_dir()):
+        raise click.UsageError(
+            f"-o {outdir}: with several slides -o names a folder that receives <stem>.zarr per "
+            "slide; give a folder name such as -o results"
+        )
+    if geojson_dir is not None and (
+        geojson_dir.suffix.lower() in (".geojson", ".json")
+        or (geojson_dir.exists() and not geojson_dir.is_dir())
+    ):
+        raise click.UsageError(
+            f"--geojson {geojson_dir}: with several slides --geojson names a folder that "
+            "receives <stem>.geojson per slide (it may be the -o folder)"
+        )
+    if tissue not in ("auto", "none"):
+        raise click.UsageError(
+            f"--tissue {tissue}: one mask cannot serve several slides; use auto or none, "
+            "or run each slide with its own mask"
+        )
+
+
+def _expected_params(model: Path, opts: RunOptions) -> dict[str, Any]:
+    """Run parameters a complete output must have been made with, as recorded in its run.json.
+
+    Loads the model once, which also refuses a bad checkpoint or tile size before the first
+    slide instead of once per slide.
+    """
+    from tilesegment.infer.plan import resolve_tile_size
+    from tilesegment.model.checkpoint import checkpoint_paths, file_sha256, load_checkpoint
+
+    net, _ = load_checkpoint(model, device="cpu")
+    tile_size = resolve_tile_size(net.geometry, opts.tile_size)
+    expected: dict[str, Any] = {
+        "model_sha256": file_sha256(checkpoint_paths(model)[0]),
+        "dtype": opts.dtype,
+        "tissue": opts.tissue,
+    }
+    if opts.tile_size is not None:  # the default shrinks to fit small images
+        expected["tile_size"] = [tile_size, tile_size]
+    if opts.level is not None:
+        expected["level"] = opts.level
+    if opts.precision != "auto":
+        expected["precision"] = opts.precision
+    return expected
+
+
+def run_batch(
+    args: tuple[str, ...], outdir: Path, geojson_dir: Path | None, model: Path, opts: RunOptions
+) -> None:
+    """Run every slide named by ``args`` into ``outdir``; report failures and go on."""
+    _check_batch_paths(outdir, geojson_dir, opts.tissue)
+    items = plan_batch(expand_slides(args), outdir, geojson_dir)
+    expected = _expected_params(model, opts)
+    for folder in [f for f in (outdir, geojson_dir) if f is not None]:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{folder}: cannot create the output folder ({exc})") from exc
+    failed: list[Path] = []
+    n, i = len(items), 0
+    with sigterm_interrupts() as terminated:
+        try:
+            for i, item in enumerate(items, 1):
+                click.echo(f"[{i}/{n}] {item.slide} -> {item.output}", err=True)
+                try:
+                    _run_item(item, model, opts, expected)
+                except Exception as exc:  # reported, counted, and the batch goes on
+                    log.debug("%s failed", item.slide, exc_info=True)
+                    failed.append(item.slide)
+                    click.echo(f"failed: {_describe(exc, item.slide)}", err=True)
+        except KeyboardInterrupt as exc:
+            click.echo(f"stopped: {items[i - 1].output}: {exc or 'interrupted'}", err=True)
+            succeeded = i - 1 - len(failed)
+            click.echo(
+                f"batch stopped at slide {i} of {n}: {succeeded} succeeded, {len(failed)} "
+                f"failed, {n - i + 1} not done (run again with --resume)",
+                err=True,
+            )
+            sys.exit(143 if terminated else 130)
+    counts = f"{n - len(failed)} succeeded, {len(failed)} failed"
+    if failed:
+        click.echo(f"batch: {counts}: {', '.join(map(str, failed))}", err=True)
+        sys.exit(1)
+    click.echo(f"batch: {counts}", err=True)
+
+
+def _run_item(item: BatchItem, model: Path, opts: RunOptions, expected: dict[str, Any]) -> None:
+    """One slide of a batch: skip it if finished, else run it; then its GeoJSON if asked."""
+    from tilesegment.infer.run import run_slide
+
+    complete = opts.resume and finished(item, expected)
+    if complete:
+        click.echo(f"done: {item.output} was already complete; skipped", err=True)
+    else:
+        summary = run_slide(item.slide, item.output, model, opts)
+        complete = bool(summary.extra.get("already_complete"))
+        if complete:
+            click.echo(f"done: {item.output} was already complete; nothing to resume", err=True)
+        else:
+            echo_summary(summary)
+    if item.geojson is not None and not (complete and item.geojson.exists()):
+        export_instances(item.output, item.geojson)
+
+
+def _describe(exc: Exception, slide: Path) -> str:
+    """One line for a failed slide, starting with its path; unexpected errors name their type."""
+    message = one_line(exc)
+    if not isinstance(exc, TilesegmentError):
+        message = f"{type(exc).__name__}: {message} (rerun with --log-level debug for details)"
+    return message if message.startswith(str(slide)) else f"{slide}: {message}"

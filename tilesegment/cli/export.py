@@ -1,10 +1,4 @@
-"""Click command ``tilesegment export``: instances, table and QuPath GeoJSON of a finished run.
-
-Registered by :mod:`tilesegment.cli` (``main.add_command(export)``) and usable on its own. It
-turns tilesegment's errors into one-line messages itself (exit code 2 for bad input such as a
-missing or unfinished store, 1 for failures), so it behaves the same inside or outside the
-``tilesegment`` group. Only click is imported at module level, so ``--help`` stays instant.
-"""
+"""``tilesegment export STORE``: instances, table and QuPath GeoJSON of a finished run."""
 
 from __future__ import annotations
 
@@ -13,26 +7,10 @@ from typing import Any
 
 import click
 
-from tilesegment.errors import ConfigError, StoreError, TilesegmentError
+from tilesegment.cli.exits import Command
 
 
-class _InputError(click.ClickException):
-    """A one-line error about the user's input; exit code 2 (as in :mod:`tilesegment.cli`)."""
-
-    exit_code = 2
-
-
-class _Failed(click.ClickException):
-    """A one-line error about a failure while exporting; exit code 1."""
-
-    exit_code = 1
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
-@click.command("export")
+@click.command("export", cls=Command)
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option(
     "--geojson",
@@ -103,23 +81,18 @@ def export(
     options: dict[str, Any] = {}
     if min_area_um2 is not None:
         options["min_area_um2"] = min_area_um2
-    try:
-        result = postprocess_output(
-            store,
-            geojson=geojson,
-            table=table,
-            instances=instances,
-            class_id=class_id,
-            threshold=threshold,
-            connectivity=int(connectivity),
-            downsample=downsample,
-            classification=classification,
-            **options,
-        )
-    except (ConfigError, StoreError) as exc:
-        raise _InputError(_one_line(exc)) from exc
-    except TilesegmentError as exc:
-        raise _Failed(_one_line(exc)) from exc
+    result = postprocess_output(
+        store,
+        geojson=geojson,
+        table=table,
+        instances=instances,
+        class_id=class_id,
+        threshold=threshold,
+        connectivity=int(connectivity),
+        downsample=downsample,
+        classification=classification,
+        **options,
+    )
     how = "labelled" if result.computed is not None else "reused labels/nuclei with"
     outputs = [str(p) for p in result.tables]
     if result.geojson is not None:
