@@ -138,7 +138,8 @@ def _is_main_process() -> bool:
 @progress_option()
 def train(run_dir: Path, threads: int | None, progress: bool | None, **options: Any) -> None:
     """Train a valid U-Net on IMAGES/LABELS into RUN_DIR (launch with torchrun for DDP)."""
-    from tilesegment.train.loop import TrainConfig, run_training
+    from tilesegment.train.config import TrainConfig
+    from tilesegment.train.loop import run_training
 
     set_threads(threads)
     options["device"] = single_device(options["device"])

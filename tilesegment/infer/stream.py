@@ -255,7 +255,6 @@ def stream_units(
     tasks: dict[Box, ChunkTask] = {}
     sizer = BatchSize(batch_size)
     stats = StreamStats(batch_size=batch_size)
-    writes: deque[Future[None]] = deque()
 
     def load(unit: Unit) -> list[tuple[Tile, np.ndarray]]:
         return read_unit(reader, level, grid, unit, channels)
@@ -265,33 +264,15 @@ def stream_units(
         if on_chunk is not None:
             on_chunk(task)
 
+    def stopped() -> bool:
+        return stop is not None and stop.is_set()
+
     t0 = time.perf_counter()
     with (
         ThreadPoolExecutor(read_threads, thread_name_prefix="ts-read") as readers,
         ThreadPoolExecutor(1, thread_name_prefix="ts-write") as writer,
     ):
-        batch_tiles: list[Tile] = []
-        batch_pixels: list[np.ndarray] = []
-
-        def flush() -> None:
-            probs = sizer.predict(predictor, np.stack(batch_pixels))
-            px = 0
-            for tile, out in zip(batch_tiles, probs, strict=True):
-                finished = assembler.add(tile, out)
-                if finished is not None:
-                    box, chunk = finished
-                    writes.append(writer.submit(write, tasks.pop(box), chunk))
-                    stats.chunks += 1
-                    while len(writes) > 2:
-                        writes.popleft().result()
-                px += tile.write.h * tile.write.w
-            stats.tiles += len(batch_tiles)
-            stats.core_px += px
-            if on_batch is not None:
-                on_batch(len(batch_tiles), px)
-            batch_tiles.clear()
-            batch_pixels.clear()
-
+        batch = _Batch(predictor, sizer, assembler, tasks, stats, on_batch, writer, write)
         try:
             for unit, tiles in _prefetch(source, load, readers, read_threads + 1):
                 if on_unit is not None:
@@ -302,15 +283,13 @@ def stream_units(
                 for tile, pixels in tiles:
                     if on_tile is not None:
                         on_tile(tile)
-                    batch_tiles.append(tile)
-                    batch_pixels.append(pixels)
-                    if len(batch_tiles) >= sizer.size:
-                        flush()
-                        if stop is not None and stop.is_set():
+                    if batch.add(tile, pixels):
+                        batch.flush()
+                        if stopped():
                             raise _Stop
-                if batch_tiles:  # a unit's last chunk must not wait for the next unit
-                    flush()
-                if stop is not None and stop.is_set():
+                if batch.tiles:  # a unit's last chunk must not wait for the next unit
+                    batch.flush()
+                if stopped():
                     raise _Stop
         except _Stop:
             stats.stopped = True
@@ -319,11 +298,62 @@ def stream_units(
             if dropped:
                 log.debug("dropped %d partially computed chunks", dropped)
             # Finished chunks are written even when the stream stops or fails.
-            while writes:
-                writes.popleft().result()
+            batch.wait_for_writes(0)
     stats.seconds = time.perf_counter() - t0
     stats.batch_size = sizer.size
     return stats
+
+
+class _Batch:
+    """The tiles waiting for the next forward pass of :func:`stream_units`; a pass places their
+    outputs and hands every chunk they complete to the writer (at most 2 writes pending)."""
+
+    def __init__(
+        self,
+        predictor: Callable[[np.ndarray], np.ndarray],
+        sizer: BatchSize,
+        assembler: ChunkAssembler,
+        tasks: dict[Box, ChunkTask],
+        stats: StreamStats,
+        on_batch: Callable[[int, int], None] | None,
+        writer: ThreadPoolExecutor,
+        write: Callable[[ChunkTask, np.ndarray], None],
+    ) -> None:
+        self.predictor, self.sizer, self.assembler, self.tasks = predictor, sizer, assembler, tasks
+        self.stats, self.on_batch, self.writer, self.write = stats, on_batch, writer, write
+        self.tiles: list[Tile] = []
+        self.pixels: list[np.ndarray] = []
+        self.writes: deque[Future[None]] = deque()
+
+    def add(self, tile: Tile, pixels: np.ndarray) -> bool:
+        """Queue a tile; True when the batch is full."""
+        self.tiles.append(tile)
+        self.pixels.append(pixels)
+        return len(self.tiles) >= self.sizer.size
+
+    def flush(self) -> None:
+        """Predict the queued tiles, place them, write the chunks they complete."""
+        probs = self.sizer.predict(self.predictor, np.stack(self.pixels))
+        px = 0
+        for tile, out in zip(self.tiles, probs, strict=True):
+            finished = self.assembler.add(tile, out)
+            if finished is not None:
+                box, chunk = finished
+                self.writes.append(self.writer.submit(self.write, self.tasks.pop(box), chunk))
+                self.stats.chunks += 1
+                self.wait_for_writes(2)
+            px += tile.write.h * tile.write.w
+        self.stats.tiles += len(self.tiles)
+        self.stats.core_px += px
+        if self.on_batch is not None:
+            self.on_batch(len(self.tiles), px)
+        self.tiles.clear()
+        self.pixels.clear()
+
+    def wait_for_writes(self, pending: int) -> None:
+        """Wait until at most ``pending`` chunk writes are pending (raising their errors)."""
+        while len(self.writes) > pending:
+            self.writes.popleft().result()
 
 
 class _Stop(Exception):
