@@ -59,3 +59,27 @@ def test_unknown_model_name_lists_the_shipped_ones():
 
     with pytest.raises(ModelError, match="nuclei-he"):
         resolve_model("no-such-model")
+
+
+def test_shipped_models_name_their_data_sets_not_a_developers_paths():
+    import json
+
+    def strings(doc):
+        if isinstance(doc, dict):
+            for v in doc.values():
+                yield from strings(v)
+        elif isinstance(doc, list):
+            for v in doc:
+                yield from strings(v)
+        elif isinstance(doc, str):
+            yield doc
+
+    for m in shipped_models():
+        doc = json.loads(m.path.with_suffix(".json").read_text())
+        absolute = [s for s in strings(doc) if s.startswith(("/", "~")) or s[1:3] == ":\\"]
+        assert absolute == [], (m.name, absolute)
+        card = m.path.with_suffix(".md").read_text()
+        assert "/work/" not in card and "/home/" not in card
+    nuclei = json.loads(resolve_model("nuclei-he").with_suffix(".json").read_text())["training"]
+    assert nuclei["data"]["images"] == "monuseg/images"
+    assert nuclei["config"]["run_dir"] == "nuclei-he"
