@@ -76,22 +76,21 @@ def export(
     classification: str,
 ) -> None:
     """Label nucleus instances of the finished output STORE and export a table and GeoJSON."""
-    from tilesegment.postprocess import postprocess_output
+    from tilesegment.postprocess import InstanceOptions, postprocess_output
 
     options: dict[str, Any] = {}
     if min_area_um2 is not None:
         options["min_area_um2"] = min_area_um2
     result = postprocess_output(
         store,
+        InstanceOptions(
+            class_id=class_id, threshold=threshold, connectivity=int(connectivity), **options
+        ),
         geojson=geojson,
         table=table,
         instances=instances,
-        class_id=class_id,
-        threshold=threshold,
-        connectivity=int(connectivity),
         downsample=downsample,
         classification=classification,
-        **options,
     )
     how = "labelled" if result.computed is not None else "reused labels/nuclei with"
     outputs = [str(p) for p in result.tables]

@@ -34,8 +34,8 @@ import logging
 import os
 from pathlib import Path
 
-from tilesegment.io._common import EXPECTED_INPUT, ReaderError, slide_error
 from tilesegment.io.base import SlideInfo, SlideReader
+from tilesegment.io.common import EXPECTED_INPUT, ReaderError, slide_error
 
 logger = logging.getLogger(__name__)
 

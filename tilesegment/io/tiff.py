@@ -15,7 +15,8 @@ import numpy as np
 import tifffile
 import zarr
 
-from tilesegment.io._common import (
+from tilesegment.io.base import SlideInfo
+from tilesegment.io.common import (
     DECODE_ERRORS,
     PROBE_MAX_BYTES,
     UM_PER_UNIT,
@@ -27,7 +28,6 @@ from tilesegment.io._common import (
     plausible_mpp,
     slide_error,
 )
-from tilesegment.io.base import SlideInfo
 
 logger = logging.getLogger(__name__)
 
@@ -338,12 +338,3 @@ class TiffReader(ArrayLevelsReader):
     def close(self) -> None:
         """Close the file; idempotent."""
         self._tif.close()
-
-    def __enter__(self) -> TiffReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.path)!r})"

@@ -72,7 +72,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tilesegment.errors import ConfigError
-from tilesegment.postprocess.common import DEFAULT_LABEL, DEFAULT_MIN_AREA_UM2, open_finished
+from tilesegment.postprocess.common import (
+    DEFAULT_LABEL,
+    DEFAULT_MIN_AREA_UM2,
+    InstanceOptions,
+    open_finished,
+)
 from tilesegment.postprocess.geojson import export_geojson, instance_polygon, iter_features
 from tilesegment.postprocess.instances import InstanceSummary, label_instances
 from tilesegment.postprocess.label import ChunkedLabels, label_chunked
@@ -87,6 +92,7 @@ __all__ = [
     "DEFAULT_LABEL",
     "DEFAULT_MIN_AREA_UM2",
     "ChunkedLabels",
+    "InstanceOptions",
     "InstanceSummary",
     "InstanceTable",
     "PostprocessResult",
@@ -118,18 +124,13 @@ class PostprocessResult:
 
 def postprocess_output(
     store_path: str | os.PathLike[str],
+    options: InstanceOptions | None = None,
     *,
     geojson: str | os.PathLike[str] | None = None,
     table: str | os.PathLike[str] | None = None,
     instances: bool | None = None,
-    class_id: int = 1,
-    min_area_um2: float = DEFAULT_MIN_AREA_UM2,
-    threshold: float | None = None,
-    connectivity: int = 4,
     downsample: float | None = None,
     classification: str = "Nucleus",
-    label: str = DEFAULT_LABEL,
-    threads: int | None = None,
 ) -> PostprocessResult:
     """Instances, table and (optionally) GeoJSON of a finished output store.
 
@@ -137,6 +138,9 @@ def postprocess_output(
     ----------
     store_path : path-like
         The output store of a finished run.
+    options : InstanceOptions, optional
+        How instances are made (see :func:`label_instances`); ``class_id`` is also the
+        probability measured.
     geojson : path-like, optional
         Where to write the GeoJSON; none is written when omitted.
     table : path-like, optional
@@ -144,8 +148,6 @@ def postprocess_output(
     instances : bool, optional
         True: recompute ``labels/<label>``; False: require an existing one; None: compute it
         only when missing (or left unfinished).
-    class_id, min_area_um2, threshold, connectivity, label, threads
-        As for :func:`label_instances` (``class_id`` is also the probability measured).
     downsample, classification
         As for :func:`export_geojson`.
 
@@ -156,6 +158,8 @@ def postprocess_output(
     ConfigError
         An argument is invalid, or ``instances=False`` and the label does not exist.
     """
+    opts = options or InstanceOptions()
+    label, class_id, threads = opts.label, opts.class_id, opts.threads
     path = Path(store_path)
     store = open_finished(path, label=label, writable=instances is not False)
     state = store.label_state(label)
@@ -165,15 +169,7 @@ def postprocess_output(
         )
     summary = None
     if instances or state != "final":
-        summary = label_instances(
-            path,
-            class_id=class_id,
-            min_area_um2=min_area_um2,
-            threshold=threshold,
-            connectivity=connectivity,
-            label=label,
-            threads=threads,
-        )
+        summary = label_instances(path, opts)
     measured = measure_instances(
         path, label=label, class_id=class_id, downsample=downsample, threads=threads
     )

@@ -9,6 +9,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +33,34 @@ STRUCTURES = {
     4: ndimage.generate_binary_structure(2, 1),
     8: ndimage.generate_binary_structure(2, 2),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceOptions:
+    """How instances are made from a finished store (shared by every post-processing step)."""
+
+    class_id: int = 1
+    """Foreground is ``labels/mask == class_id`` (also the probability measured)."""
+    min_area_um2: float = DEFAULT_MIN_AREA_UM2
+    """Instances smaller than this are removed; in px when the store's mpp is unknown."""
+    threshold: float | None = None
+    """In (0, 1]: use ``probability[class_id] >= threshold`` instead of the argmax mask."""
+    connectivity: int = 4
+    """4 or 8; 4 keeps the model's 1 px separation borders meaningful."""
+    label: str = DEFAULT_LABEL
+    """Name of the instance label; an existing label of that name is replaced."""
+    threads: int | None = None
+    """Chunks processed in parallel (default: up to 4)."""
+
+    def __post_init__(self) -> None:
+        check_connectivity(self.connectivity)
+        if self.threshold is not None and not 0 < self.threshold <= 1:
+            raise ConfigError(f"`threshold` ({self.threshold}) must lie in (0, 1]")
+        if not (math.isfinite(self.min_area_um2) and self.min_area_um2 >= 0):
+            raise ConfigError(f"`min_area_um2` ({self.min_area_um2}) must be a number >= 0")
+        default_threads(self.threads)
+
+
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 

@@ -4,19 +4,15 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tilesegment.errors import ConfigError
 from tilesegment.geometry import Box
 from tilesegment.postprocess.common import (
-    DEFAULT_LABEL,
-    DEFAULT_MIN_AREA_UM2,
+    InstanceOptions,
     check_class,
-    check_connectivity,
     default_threads,
     foreground_reader,
     open_finished,
@@ -53,33 +49,17 @@ class InstanceSummary:
 
 
 def label_instances(
-    store_path: str | os.PathLike[str],
-    *,
-    class_id: int = 1,
-    min_area_um2: float = DEFAULT_MIN_AREA_UM2,
-    threshold: float | None = None,
-    connectivity: int = 4,
-    label: str = DEFAULT_LABEL,
-    threads: int | None = None,
+    store_path: str | os.PathLike[str], options: InstanceOptions | None = None
 ) -> InstanceSummary:
-    """Write the instances of ``class_id`` as ``labels/<label>`` (uint32) and finalise the store.
+    """Write the instances of ``options.class_id`` as ``labels/<options.label>`` (uint32) and
+    finalise the store.
 
     Parameters
     ----------
     store_path : path-like
         A complete output store (see the module docstring for the lifecycle).
-    class_id : int
-        Foreground is ``labels/mask == class_id``.
-    min_area_um2 : float
-        Instances smaller than this are removed; in px when the store's mpp is unknown.
-    threshold : float, optional
-        In (0, 1]: use ``probability[class_id] >= threshold`` instead of the argmax mask.
-    connectivity : {4, 8}
-        Pixel neighbourhood; 4 keeps the model's 1 px separation borders meaningful.
-    label : str
-        Name of the label to write; an existing label of that name is replaced.
-    threads : int, optional
-        Chunks processed in parallel (default: up to 4).
+    options : InstanceOptions, optional
+        Class, minimum area, threshold, connectivity, label name, threads (defaults if None).
 
     Returns
     -------
@@ -93,11 +73,9 @@ def label_instances(
         An argument is invalid.
     """
     start = time.perf_counter()
-    check_connectivity(connectivity)
-    if threshold is not None and not 0 < threshold <= 1:
-        raise ConfigError(f"`threshold` ({threshold}) must lie in (0, 1]")
-    if not (math.isfinite(min_area_um2) and min_area_um2 >= 0):
-        raise ConfigError(f"`min_area_um2` ({min_area_um2}) must be a number >= 0")
+    opts = options or InstanceOptions()
+    class_id, min_area_um2, threshold = opts.class_id, opts.min_area_um2, opts.threshold
+    connectivity, label, threads = opts.connectivity, opts.label, opts.threads
     nthreads = default_threads(threads)
     path = Path(store_path)
     store = open_finished(path, label=label, writable=True)

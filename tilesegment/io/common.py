@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tilesegment.errors import ConfigError, SlideReadError
-from tilesegment.io.base import SlideInfo
+from tilesegment.io.base import ReaderBase, SlideInfo
 
 logger = logging.getLogger(__name__)
 
@@ -371,7 +371,7 @@ class PixelLayout:
         return np.ascontiguousarray(color, dtype=np.uint8)
 
 
-class ArrayLevelsReader:
+class ArrayLevelsReader(ReaderBase):
     """Shared reading for backends whose levels are array-likes (tifffile's Zarr store, Zarr).
 
     Subclasses set ``info``, ``path``, ``_arrays`` (one array per level) and ``_layout`` (an
