@@ -40,7 +40,7 @@ DEFAULT_MAX_CLASSES = 16
 CONNECTIVITY_4 = ndi.generate_binary_structure(2, 1)
 
 
-def _check_2d_integer(label: np.ndarray, name: str) -> np.ndarray:
+def check_label_image(label: np.ndarray, name: str) -> np.ndarray:
     """Return ``label`` as an ndarray after checking it is a 2-D integer image >= 0."""
     label = np.asarray(label)
     if label.ndim != 2:
@@ -48,7 +48,7 @@ def _check_2d_integer(label: np.ndarray, name: str) -> np.ndarray:
     if label.dtype == bool or not np.issubdtype(label.dtype, np.integer):
         raise ConfigError(
             f"`{name}` must have an integer dtype, got {label.dtype}"
-            " (use instances_from_binary for a bool mask)"
+            " (label a bool mask with tilesegment.train.labels.instances_from_binary)"
         )
     if label.size and np.issubdtype(label.dtype, np.signedinteger) and label.min() < 0:
         raise ConfigError(f"`{name}` must be >= 0, got minimum {label.min()}")
@@ -75,7 +75,7 @@ def separate_touching(instances: np.ndarray) -> np.ndarray:
     separated : (Y, X) ndarray, same dtype as ``instances``
         A copy with the touching pixels set to 0.
     """
-    instances = _check_2d_integer(instances, "instances")
+    instances = check_label_image(instances, "instances")
     if instances.size == 0:
         return instances.copy()
     # Visit each 8-neighbour pair once (4 offsets) and mark both of its pixels.

@@ -62,6 +62,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from tilesegment.errors import ConfigError
+from tilesegment.train.labels import check_label_image
 
 logger = logging.getLogger(__name__)
 
@@ -91,17 +92,7 @@ def _check_params(
     foreground: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Validate the arguments shared by both implementations; return (instances, foreground)."""
-    instances = np.asarray(instances)
-    if instances.ndim != 2:
-        raise ConfigError(f"`instances` must be a (Y, X) array, got shape {instances.shape}")
-    if instances.dtype == bool or not np.issubdtype(instances.dtype, np.integer):
-        raise ConfigError(
-            f"`instances` must have an integer dtype, got {instances.dtype}"
-            " (label a bool mask with tilesegment.train.labels.instances_from_binary)"
-        )
-    if instances.size and np.issubdtype(instances.dtype, np.signedinteger):
-        if instances.min() < 0:
-            raise ConfigError(f"`instances` must be >= 0, got minimum {instances.min()}")
+    instances = check_label_image(instances, "instances")
     if not (math.isfinite(w0) and w0 >= 0):
         raise ConfigError(f"`w0` ({w0}) must be a finite number >= 0")
     if not (math.isfinite(sigma) and sigma > 0):
