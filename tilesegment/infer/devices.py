@@ -12,10 +12,8 @@ from collections.abc import Iterator
 from tilesegment.errors import ConfigError
 
 #: Environment every process that runs torch for tilesegment starts with (the CLI sets it for
-#: itself; worker processes get it at spawn). torch's CPU build parallelises with OpenMP, whose
-#: threads spin at every barrier by default; when another thread wants a core (tile readers, a
-#: second worker, a neighbour on a shared node) the spinning turns into 10-20x slowdowns of small
-#: convolutions (measured: a 252 px tile 0.008 s passive vs 0.13 s active on 2 busy cores).
+#: itself; worker processes get it at spawn): OpenMP threads wait passively instead of spinning,
+#: which keeps small convolutions fast on busy cores (docs/architecture.md, Measured choices).
 #: It only takes effect before torch is first imported; an explicit value in the environment wins.
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
@@ -165,16 +163,15 @@ def reset_peak_rss() -> bool:
 def tune_malloc(arenas: int = 2) -> bool:
     """Tune glibc's malloc for tile-sized buffers in this process.
 
-    * Cap the arenas (unless ``MALLOC_ARENA_MAX`` is set). glibc gives busy threads arenas of
-      their own (up to 8 per core); the reader, writer, Zarr and OpenMP threads of a run each
-      keep freed tile-sized buffers in theirs, so peak RSS crept up with the number of tiles
-      (measured: +27 MB from a 20k² to an 80k² slide, and ~75 MB more overall). Two arenas
-      keep it flat at no measurable cost to the forward pass (see benchmarks/RESULTS.md).
+    * Cap the arenas (unless ``MALLOC_ARENA_MAX`` is set), so that the freed tile-sized buffers
+      the reader, writer, Zarr and OpenMP threads keep in arenas of their own do not make peak
+      RSS creep up with the number of tiles.
     * Undo a small ``MALLOC_TRIM_THRESHOLD_`` (dask's nanny sets 65536 in every worker it
-      spawns): it turns off glibc's adaptive mmap threshold, so every feature map of the
-      forward pass is a fresh ``mmap`` whose pages fault in again, and the forward pass took
-      1.7x as long (75 vs 44 ms per 572 px bf16 tile here). The thresholds go back to the
-      values glibc's adaptation reaches on its own (32 MB mmap, 64 MB trim).
+      spawns), which turns off glibc's adaptive mmap threshold and makes every feature map a
+      fresh ``mmap``; the thresholds go back to the values glibc's adaptation reaches on its own
+      (32 MB mmap, 64 MB trim).
+
+    The measurements behind both are in docs/architecture.md (Measured choices).
 
     Returns whether the arena limit was applied.
     """

@@ -50,8 +50,8 @@ class RunOptions:
     fp16), ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA only)."""
     compile: bool | None = None
     """``torch.compile`` the model in every worker. None (auto): when the run computes at least
-    :data:`COMPILE_MIN_TILES` tiles, enough to repay the compilation (tens of seconds on a CPU;
-    1.3x end to end on a 2-core CPU, see benchmarks/RESULTS.md). A model that fails to compile
+    :data:`COMPILE_MIN_TILES` tiles, enough to repay the compilation (see
+    benchmarks/RESULTS.md). A model that fails to compile
     (no C++ compiler, an unsupported op) runs eagerly, with a warning."""
     read_threads: int = 2
     """Threads that read, decode and mirror-pad tiles (split between CPU workers)."""
@@ -125,7 +125,7 @@ def require_distributed() -> Any:
 def resolve_compile(compile: bool | None, tiles: int) -> bool:
     """Whether a run that computes ``tiles`` tiles compiles its model (see RunOptions).
 
-    Compiling the default model takes ~20 s on a 2-core CPU and then saves ~16 ms per 572 px
-    tile there, so it pays from ~1400 tiles; auto compiles from :data:`COMPILE_MIN_TILES`.
+    Auto compiles from :data:`COMPILE_MIN_TILES` tiles (where compiling pays, see
+    docs/architecture.md, Measured choices).
     """
     return tiles >= COMPILE_MIN_TILES if compile is None else bool(compile)

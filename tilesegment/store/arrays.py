@@ -96,7 +96,7 @@ def class_map(probabilities: np.ndarray) -> np.ndarray:
     """The argmax over axis 0 of (C, h, w) probabilities as uint8; the first class wins ties.
 
     Equal to ``np.argmax(p, axis=0)`` but made of contiguous element-wise passes instead of a
-    strided reduction (0.45 vs 18 ms for 2 classes on a 1164² chunk).
+    strided reduction (much faster, see docs/architecture.md, Measured choices).
     """
     c = probabilities.shape[0]
     if c == 2:
@@ -111,10 +111,8 @@ def class_map(probabilities: np.ndarray) -> np.ndarray:
     return out
 
 
-#: Blosc zstd level of every array. Level 1 compresses real probability maps within ~10 % of
-#: level 5 at about a fifth of the CPU time (measured on a nuclei-he output of CMU-1: ratio
-#: 3.4 vs 3.7, 7.5 vs 35 ms per 1164² x 2 chunk); on a 2-core machine the writer's CPU time
-#: is taken from the forward pass.
+#: Blosc zstd level of every array: nearly the ratio of higher levels at a fraction of the CPU
+#: time the writer would take from the forward pass (docs/architecture.md, Measured choices).
 ZSTD_LEVEL = 1
 
 

@@ -1,37 +1,10 @@
 """The dask executor: a run's units of work spread over a ``dask.distributed`` cluster.
 
-``tilesegment run SLIDE -o OUT.zarr --scheduler tcp://host:8786`` uses the workers of an
-existing scheduler; ``--dask-workers N`` starts a :class:`distributed.LocalCluster` of ``N``
-worker processes (one thread each, localhost) for the run and stops it afterwards.
-
-Design
-------
-* **Specs, not pixels.** The run is planned exactly as for the local executors
-  (:func:`~tilesegment.infer.plan.plan_work`). Each dask task receives a
-  :class:`UnitJob` (absolute paths of the slide, the checkpoint and the output; the resolved
-  options; the tile grid; the tissue mask bit-packed) and one
-  :data:`~tilesegment.infer.plan.Unit`. The job travels once per run as the result of one
-  small task that every unit task depends on (dask copies it to each worker once, and
-  recomputes it if the workers holding it die); a unit is a few chunk specs.
-* **Workers do the work.** A task opens the slide itself, predicts with the process's
-  :func:`~tilesegment.infer.executors.cache.cached_predictor` (the checkpoint is loaded once per
-  worker process, from its path), writes its own whole chunks into the output (which must be
-  on a filesystem every worker shares with the driver), and returns the keys of the chunks it
-  wrote. A chunk belongs to one unit, so no two tasks write the same chunk.
-* **The driver records.** The ``run`` process records each returned chunk in the durable done
-  log (:mod:`tilesegment.store.resume`), so ``--resume``, the run lock, the completion marker
-  and the report work as for a local run, and finalises the output itself.
-* **Bounded.** At most ``2 x`` the cluster's worker threads units are submitted at a time
-  (topped up as they complete), so the driver's memory does not grow with the slide.
-* **Faults.** A worker that dies mid-task has its task rescheduled by dask (up to
-  ``distributed.scheduler.allowed-failures`` deaths). A task that raises is submitted again,
-  up to ``max_retries`` times; errors about the input (:class:`~tilesegment.errors.
-  InputError`) stop the run at once.
-  Units that still fail are reported with their tiles, and the output stays resumable.
-* **Identical output.** Workers use the precision the driver resolved and, on a
-  ``LocalCluster``, the same torch thread count as the worker pool (cores // workers), so the
-  bytes equal a pool run with as many workers. A different thread count can change float
-  rounding, and so a rare uint8 value by 1.
+``--scheduler tcp://host:8786`` uses the workers of an existing scheduler; ``--dask-workers N``
+starts a LocalCluster of ``N`` single-threaded worker processes for the run. Tasks receive
+specs (paths, options, the grid, one unit) and write their own chunks into the output (on a
+filesystem every worker shares); the driver records them. The design, with its reasons, is in
+``docs/architecture.md`` (Executors).
 """
 
 from __future__ import annotations

@@ -1,39 +1,7 @@
-"""The device worker pool: one process per device, each with its own model copy and reader.
-
-Design
-------
-* **Processes, spawned.** ``torch.multiprocessing``'s ``spawn`` context (CUDA cannot be
-  forked). A worker receives paths and small specs only (:class:`~tilesegment.infer.executors.base.
-  RunContext`, the tile grid), loads the checkpoint from its path (never a pickled module), opens
-  its own slide reader and reopens the output store.
-* **Tiles travel as specs, pixels never cross a process boundary.** The parent sends *units*
-  (a block of chunks with the grid indices of their tiles); the worker reads the block from
-  the slide itself (decoding in its own reader threads, in parallel with the other workers),
-  predicts, assembles whole chunks and writes them to the store. A chunk belongs to one unit
-  and a unit to one worker at a time, so no two writers ever touch a chunk. The only traffic
-  back is "chunk (i, j) is written": the parent then records it in the durable done log.
-  Shipping pixels (shared memory) or probabilities back would cost copies and a parent-side
-  bottleneck for no gain, since every worker can read the slide file directly.
-* **Bounded.** Each worker holds at most ``depth`` units (one computing, the rest prefetching
-  and queued); the parent holds only the plan (chunk specs), so memory does not grow with the
-  slide.
-* **Threads.** CPU workers split the cores: ``torch.set_num_threads(cores // workers)`` and
-  ``read_threads // workers`` reader threads each (at least one).
-* **Faults.** A worker that raises or exits has its in-flight units re-queued (only their
-  unfinished chunks) and is respawned, up to ``max_retries`` attempts per unit and
-  ``max_retries * workers`` respawns; then the run stops with the failed tiles. Errors about
-  the input (:class:`~tilesegment.errors.InputError`) are deterministic and stop the run at
-  once with the same error.
-* **Parent death.** Workers ask the kernel to SIGKILL them when the parent dies (Linux
-  ``PR_SET_PDEATHSIG``) and exit when their pipe closes, so a killed run leaves no orphan
-  writing into the output a resumed run owns.
-* **SIGINT, SIGTERM.** Workers ignore them; the parent tells them to stop after their
-  current batch, records the chunks they finish writing, then re-raises.
-
-CUDA workers use channels-last, ``torch.inference_mode``, bf16/fp16 autocast, a reused pinned
-host buffer for the host-to-device copy and, with ``compile``, ``torch.compile``; a batch
-that runs out of device memory is split in halves (see :class:`~tilesegment.infer.stream.
-BatchSize`).
+"""The worker-pool executor: one spawned process per device, each with its own model copy,
+slide reader and store handle. Units go out as specs; "chunk (i, j) is written" comes back and
+is recorded by the parent. Failed units are retried on a respawned worker; bad input stops the
+run at once. The design, with its reasons, is in ``docs/architecture.md`` (Executors).
 """
 
 from __future__ import annotations
