@@ -7,6 +7,8 @@ On disk, beside and inside ``OUT.zarr``::
     OUT.zarr/.tilesegment/
       run.json                    {"format": 1, "params": {...}, "info": {...}}: what the
                                   output was created with; ``--resume`` refuses other params
+                                  and another slide (its name, size and content fingerprint:
+                                  :mod:`tilesegment.infer.identity`)
       done.log                    one line "<row> <col>\\n" per finished chunk (chunk-grid
                                   indices), appended only after the chunk's files are fsync'd
 
