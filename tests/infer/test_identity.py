@@ -126,6 +126,18 @@ def test_identity_check_names_both_slides_and_accepts_old_records(twins, tmp_pat
     assert "could not be verified by content" in caplog.text
     with pytest.raises(ConfigError, match=r"differs in size"):
         check_identity({**old, "slide_bytes": 5}, identify(b), output=out)
+    # The mtime is a hint: a touched slide with the same content resumes, with a note.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tilesegment.infer.identity"):
+        check_identity(stored, identify(a), output=out, stored_mtime="2000-01-01T00:00:00")
+    assert "content fingerprint is unchanged" in caplog.text
+    # A directory (a Zarr slide) is never read: matched by name, with the warning.
+    folder = identify(tmp_path)
+    assert folder.size is None and folder.fingerprint is None and folder.bytes_read == 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        check_identity(folder.params(), folder, output=out)
+    assert "not a regular file has no fingerprint" in caplog.text
 
 
 # -------------------------------------------------------------------------------- end to end
