@@ -39,14 +39,15 @@ from typing import Any, NoReturn, Protocol
 import numpy as np
 
 from tilesegment import __version__
-from tilesegment.errors import ConfigError, TilesegmentError
+from tilesegment.errors import ConfigError, SlideReadError, TilesegmentError
 from tilesegment.geometry import Box, Tile, TileGrid, tile_grid, tile_indices
+from tilesegment.infer.identity import IDENTITY_KEYS, SlideIdentity, check_identity, identify
 from tilesegment.infer.predict import to_model_channels
 from tilesegment.infer.resume import (
     DoneLog,
     RunLock,
     check_params,
-    read_params,
+    read_record,
     remove_partial_files,
     write_durably,
     write_params,
@@ -856,9 +857,9 @@ def _run_locked(job: _Job, run: _Run) -> RunSummary:
     model_sha = file_sha256(checkpoint_paths(job.model)[0])
     ky, kx = tiles_per_chunk(grid, opts.chunk_target_px)
     chunk_shape = (ky * grid.stride[0], kx * grid.stride[1])
+    slide = _identify(job.slide)
     params = {
-        "slide": job.slide.name,
-        "slide_bytes": job.slide.stat().st_size if job.slide.is_file() else None,
+        **slide.params(),  # name, bytes and content fingerprint: checked on --resume
         "image_shape": list(source.image_shape),
         "level": source.source_level,
         "mpp": None if source.mpp is None else list(source.mpp),
@@ -888,9 +889,10 @@ def _run_locked(job: _Job, run: _Run) -> RunSummary:
         "batch_size": opts.batch_size,
         "devices": job.devices,
         "created": run.started,
+        "slide_mtime": slide.mtime,  # a hint only (see tilesegment.infer.identity)
     }
     store, finished = _open_output(
-        output, opts, params, info, attrs, source, job.spec, chunk_shape, tissue is not None
+        output, opts, slide, params, info, attrs, source, job.spec, chunk_shape, tissue is not None
     )
     if finished:
         summary = _summary(output, grid, source, tissue, run, None)
@@ -962,9 +964,17 @@ def _tissue_param(tissue: str) -> str:
     return "mask " + path.name  # a Zarr folder: its name
 
 
+def _identify(slide: Path) -> SlideIdentity:
+    try:
+        return identify(slide)
+    except OSError as exc:
+        raise SlideReadError(f"{slide}: cannot read it to fingerprint its content ({exc})") from exc
+
+
 def _open_output(
     output: Path,
     opts: RunOptions,
+    slide: SlideIdentity,
     params: dict[str, Any],
     info: dict[str, Any],
     attrs: dict[str, Any],
@@ -975,10 +985,18 @@ def _open_output(
 ) -> tuple[OutputStore, bool]:
     """Create the output, or reopen it to resume; (store, already complete)."""
     if opts.resume and output.exists():
-        stored = read_params(output)
-        if stored is not None:
-            check_params(stored, params, output=output)
+        record = read_record(output)
+        if record is not None:
+            stored, stored_info = record
             store = OutputStore.open(output, mode="r+")
+            check_identity(
+                stored,
+                slide,
+                output=output,
+                stored_path=store.attrs.get("slide"),
+                stored_mtime=stored_info.get("slide_mtime"),
+            )
+            check_params(stored, params, output=output, ignore=IDENTITY_KEYS)
             if store.is_complete():
                 log.info("%s is already complete; nothing to resume", output)
                 return store, True
