@@ -2,7 +2,7 @@
 item 6): the tissue thumbnail must not read the slide in full-width bands.
 
     python benchmarks/bench_single_level.py --sizes 20000 60000
-    python benchmarks/bench_single_level.py --sizes 20000 --source /tmp/old-checkout  # before
+    python benchmarks/bench_single_level.py --sizes 20000 --python OLD/.venv/bin/python  # before
 
 Slides: ``tilesegment.synthetic.write_glass_slide`` — a single-level 512 px tiled JPEG TIFF at
 0.25 µm/px, glass with one H&E-like patch of tissue (an ellipse in a 3000 x 4000 px box at a
@@ -11,9 +11,9 @@ third of the height, half the width), written tile by tile from pre-compressed b
 Each run is the default command in a fresh child, ``python -m tilesegment run SLIDE -o OUT
 --no-progress`` (tissue auto, preview, the shipped model, in-process), and its peak RSS is the
 child's ``ru_maxrss`` from ``wait4``, which covers everything the process did (thumbnail,
-model, tiles, pyramid, preview). ``--source DIR`` puts an older checkout of the package first
-on ``PYTHONPATH`` (e.g. ``git archive COMMIT | tar -x -C DIR``) to measure the code before a
-change with the same interpreter and libraries; the child prints which package it ran.
+model, tiles, pyramid, preview). ``--python`` runs the child with another environment's
+interpreter (one with an older checkout installed) to measure the code before a change; each
+result names the package directory the child imported.
 """
 
 from __future__ import annotations
@@ -43,24 +43,21 @@ def slide(size: int) -> Path:
     return path
 
 
-def run_child(path: Path, source: Path | None) -> dict:
+def run_child(path: Path, python: str) -> dict:
     out = WORK / f"{path.stem}.zarr"
-    env = dict(os.environ)
-    if source is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(source), env.get("PYTHONPATH", "")]).rstrip(":")
     probe = subprocess.run(
-        [sys.executable, "-c", "import tilesegment; print(tilesegment.__file__)"],
-        env=env,
+        [python, "-c", "import os, tilesegment; print(os.path.dirname(tilesegment.__file__))"],
         capture_output=True,
         text=True,
         check=True,
+        cwd=WORK,  # not the checkout: ``python -m`` puts the working directory first on sys.path
     )
-    cmd = [sys.executable, "-m", "tilesegment", "run", str(path), "-o", str(out)]
+    cmd = [python, "-m", "tilesegment", "run", str(path), "-o", str(out)]
     cmd += ["--no-progress", "--overwrite"]
     log = out.with_suffix(".stderr.txt")
     t0 = time.perf_counter()
     with log.open("w") as err:
-        proc = subprocess.Popen(cmd, env=env, stderr=err)
+        proc = subprocess.Popen(cmd, stderr=err, cwd=WORK)
         # wait4 reaps the child itself and returns its own rusage (ru_maxrss: its peak RSS).
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
@@ -89,12 +86,12 @@ def run_child(path: Path, source: Path | None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[20000, 60000])
-    ap.add_argument("--source", type=Path, help="an older checkout to run instead (PYTHONPATH)")
+    ap.add_argument("--python", default=sys.executable, help="interpreter of the child runs")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     rows = []
     for size in args.sizes:
-        row = run_child(slide(size), args.source)
+        row = run_child(slide(size), args.python)
         print(json.dumps(row), file=sys.stderr)
         rows.append(row)
     machine = (
