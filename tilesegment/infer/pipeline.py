@@ -143,8 +143,12 @@ class RunSummary:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def mpx_per_s(self) -> float:
-        return self.megapixels / self.seconds if self.seconds > 0 else float("nan")
+    def mpx_per_s(self) -> float | None:
+        """Computed (processed) Mpx per streaming second; None when no tile was computed.
+
+        Not image Mpx: tiles skipped for lack of tissue or done before a resume cost nothing.
+        """
+        return self.extra.get("processed_mpx_per_s")
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -696,16 +700,42 @@ def open_source(reader: SlideReader, spec: ModelSpec, opts: RunOptions) -> Sourc
     return Source(view, 0, level, view.info.shape, (spec.mpp, spec.mpp), spec.mpp / base, base)
 
 
-def _tissue_map(reader: SlideReader, source: Source, tissue: str, preview: bool):
-    """The tissue map for this run (None = process everything) and the thumbnail, read only
-    when tissue detection or the preview needs it."""
-    from tilesegment.tissue import TissueMap, detect_tissue, load_tissue_mask, read_thumbnail
+def _user_tissue_mask(reader: SlideReader, tissue: str):
+    """The user's ``--tissue MASK`` (None for auto or none), checked against the slide's
+    aspect ratio before the run takes its output."""
+    from tilesegment.tissue import load_tissue_mask
 
-    thumbnail = read_thumbnail(reader)[0] if preview or tissue == "auto" else None
+    if tissue in ("auto", "none"):
+        return None
+    return load_tissue_mask(Path(tissue), reader.info)
+
+
+def _tissue_map(job: _Job, run: _Run):
+    """The tissue map for this run (None = process everything) and the thumbnail, read only
+    when tissue detection or the preview needs it. Records how the map was made in ``run``
+    and warns when it holds no tissue at all."""
+    from tilesegment.tissue import TissueMap, auto_tissue, read_thumbnail
+
+    tissue, reader = job.opts.tissue, job.reader
+    thumbnail = read_thumbnail(reader)[0] if job.opts.preview or tissue == "auto" else None
     if tissue == "none":
+        run.tissue = {"mode": "none", "how": "every tile is computed", "fraction": None}
         return None, thumbnail
-    mask = detect_tissue(thumbnail) if tissue == "auto" else load_tissue_mask(Path(tissue))
-    return TissueMap(mask, source.image_shape), thumbnail
+    if tissue == "auto":
+        mask, how = auto_tissue(thumbnail, reader.info.shape)
+    else:
+        mask, how = job.tissue_mask, f"the mask {Path(tissue).name}"
+    tmap = TissueMap(mask, job.source.image_shape)
+    run.tissue = {"mode": "auto" if tissue == "auto" else "mask", "how": how}
+    run.tissue.update(fraction=round(tmap.fraction, 6), found=tmap.found)
+    if not tmap.found:
+        log.warning(
+            "%s: NO TISSUE FOUND (%s): no tile is computed and the output is all background; "
+            "pass --tissue none to segment every tile",
+            job.slide.name,
+            how,
+        )
+    return tmap, thumbnail
 
 
 def _check_options(opts: RunOptions) -> None:
@@ -768,6 +798,8 @@ class _Run:
     errors: list[str] = field(default_factory=list)
     worker_peak_rss_mb: float = 0.0
     compiled: bool = False
+    tissue: dict[str, Any] = field(default_factory=dict)
+    """How the tissue map was made (mode, how, fraction, found), for the report."""
 
 
 def run_slide(
@@ -813,6 +845,7 @@ def run_slide(
     with open_slide(slide) as reader:
         source = open_source(reader, spec, opts)
         grid = plan_grid(source.image_shape, net, tile_size)
+        tissue_mask = _user_tissue_mask(reader, opts.tissue)
         # Inputs are valid: take the output before reading anything slow.
         with RunLock(output):
             job = _Job(
@@ -828,6 +861,7 @@ def run_slide(
                 devices=devices,
                 precisions=precisions,
                 in_process=in_process,
+                tissue_mask=tissue_mask,
             )
             return _run_locked(job, run)
 
@@ -848,12 +882,14 @@ class _Job:
     devices: list[str]
     precisions: list[str]
     in_process: bool
+    tissue_mask: Any = None
+    """The user's ``--tissue MASK`` as a boolean array (None for auto or none)."""
 
 
 def _run_locked(job: _Job, run: _Run) -> RunSummary:
     """Create or reopen the output, compute what is missing, finalise, report."""
     opts, source, grid, output = job.opts, job.source, job.grid, job.output
-    tissue, thumbnail = _tissue_map(job.reader, source, opts.tissue, opts.preview)
+    tissue, thumbnail = _tissue_map(job, run)
     model_sha = file_sha256(checkpoint_paths(job.model)[0])
     ky, kx = tiles_per_chunk(grid, opts.chunk_target_px)
     chunk_shape = (ky * grid.stride[0], kx * grid.stride[1])
@@ -1223,13 +1259,15 @@ def _summary(
             "tiles_skipped": 0 if plan is None else plan.tiles_no_tissue,
             "tiles_resumed": 0 if plan is None else plan.tiles_done_before,
             "tissue_fraction": None if tissue is None else tissue.fraction,
+            "tissue_found": None if tissue is None else tissue.found,
             "mpp": None if source.mpp is None else source.mpp[0],
             "level": source.source_level,
             "preview": None if preview is None else str(preview),
             "devices": run.devices,
             "resumed": run.resumed,
             "compiled": run.compiled,
-            "processed_mpx_per_s": run.core_px / 1e6 / max(run.stream_seconds, 1e-9),
+            "processed_megapixels": run.core_px / 1e6,
+            "processed_mpx_per_s": _processed_rate(run),
             "peak_rss_mb": _peak_rss_mb(run),
         },
     )
@@ -1243,6 +1281,14 @@ def _now() -> str:
     from tilesegment.infer.resume import now_iso
 
     return now_iso()
+
+
+def _processed_rate(run: _Run) -> float | None:
+    """Computed Mpx per streaming second, None when no tile was computed (a rate over no
+    pixels, or over a stream that did not run, means nothing)."""
+    if run.core_px == 0 or run.stream_seconds <= 0:
+        return None
+    return run.core_px / 1e6 / run.stream_seconds
 
 
 def _peak_rss_mb(run: _Run) -> dict[str, float]:
@@ -1309,7 +1355,8 @@ def _report(
             "stream": round(run.stream_seconds, 3),
             "finalize": None if finalize_s is None else round(finalize_s, 3),
         },
-        "mpx_per_s": round(run.core_px / 1e6 / max(run.stream_seconds, 1e-9), 4),
+        "mpx_per_s": None if (rate := _processed_rate(run)) is None else round(rate, 4),
+        "tissue": run.tissue,
         "devices": run.devices,
         "peak_rss_mb": _peak_rss_mb(run),
         "versions": _versions(),
