@@ -29,6 +29,7 @@ STAGES = (
     "tilesegment.model",
     "tilesegment.store",
     "tilesegment.infer.options",
+    "tilesegment.infer.identity",
     "tilesegment.infer.devices",
     "tilesegment.infer.source",
     "tilesegment.infer.plan",

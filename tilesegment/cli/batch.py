@@ -204,14 +204,17 @@ def plan_batch(
 
 
 def finished(item: BatchItem, expected: Mapping[str, Any]) -> bool:
-    """Whether ``item.output`` is complete and was made from this slide file with ``expected``.
+    """Whether ``item.output`` is complete and was made from this slide with ``expected``.
 
-    Reads only the output's completion marker and run record (no slide, no model), so a
-    resumed batch passes over finished slides in milliseconds. The slide must match by name
-    and size, and every key of ``expected`` (run parameters such as ``model_sha256``,
-    ``tile_size``, ``dtype``) must equal the recorded value. Anything else returns False, and
-    the full run decides: it resumes, or refuses with a message naming the difference.
+    Reads the output's completion marker and run record, and no model. The slide must be the
+    one recorded: same name and size, then (when the record has one) the same content
+    fingerprint, which reads about 2 MiB of the slide (:mod:`tilesegment.infer.identity`), so
+    a resumed batch passes over finished slides in milliseconds each. Every key of
+    ``expected`` (run parameters such as ``model_sha256``, ``tile_size``, ``dtype``) must equal
+    the recorded value. Anything else returns False, and the full run decides: it resumes, or
+    refuses with a message naming the difference (another slide: both slides).
     """
+    from tilesegment.infer.identity import same_slide
     from tilesegment.store import is_complete
     from tilesegment.store.resume import read_params
 
@@ -219,14 +222,11 @@ def finished(item: BatchItem, expected: Mapping[str, Any]) -> bool:
         return False
     try:
         params = read_params(item.output)
-        size = item.slide.stat().st_size if item.slide.is_file() else None
-    except (StoreError, OSError):
+    except StoreError:
         return False
-    if params is None or params.get("slide") != item.slide.name:
+    if params is None or not all(params.get(key) == value for key, value in expected.items()):
         return False
-    if params.get("slide_bytes") != size:
-        return False
-    return all(params.get(key) == value for key, value in expected.items())
+    return same_slide(params, item.slide, output=item.output)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,7 +47,9 @@ from tilesegment.cli.outcome import echo_summary, export_instances, sigterm_inte
     "--tissue",
     default="auto",
     show_default=True,
-    help="Skip tiles without tissue: auto (detect), none, or a mask image/Zarr path.",
+    help="Skip tiles without tissue: auto (detect; an image with a side under 2048 px is all "
+    "tissue), none, or a mask image/Zarr path of the slide's aspect ratio (within 2 %, any "
+    "scale; others are refused).",
 )
 @click.option("--preview/--no-preview", default=True, help="Write OUT.preview.png.")
 @click.option(

@@ -40,8 +40,12 @@ class RunSummary:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def mpx_per_s(self) -> float:
-        return self.megapixels / self.seconds if self.seconds > 0 else float("nan")
+    def mpx_per_s(self) -> float | None:
+        """Computed (processed) Mpx per streaming second; None when no tile was computed.
+
+        Not image Mpx: tiles skipped for lack of tissue or done before a resume cost nothing.
+        """
+        return self.extra.get("processed_mpx_per_s")
 
 
 @dataclass
@@ -63,6 +67,8 @@ class RunRecord:
     failed_tiles: list[tuple[int, int]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     worker_peak_rss_mb: float = 0.0
+    tissue: dict[str, Any] = field(default_factory=dict)
+    """How the tissue map was made (mode, how, fraction, found)."""
 
     @classmethod
     def start(cls) -> RunRecord:
@@ -78,6 +84,13 @@ class RunRecord:
         self.tiles_processed = recorder.tiles
         self.core_px = recorder.core_px
         self.chunks_written = recorder.chunks
+
+    def processed_rate(self) -> float | None:
+        """Computed Mpx per streaming second, None when no tile was computed (a rate over no
+        pixels, or over a stream that did not run, means nothing)."""
+        if self.core_px == 0 or self.stream_seconds <= 0:
+            return None
+        return self.core_px / 1e6 / self.stream_seconds
 
     def peak_rss(self) -> dict[str, float]:
         return {"main": round(peak_rss_mb(), 1), "workers": round(self.worker_peak_rss_mb, 1)}
@@ -123,7 +136,8 @@ class RunRecord:
                 "stream": round(self.stream_seconds, 3),
                 "finalize": None if finalize_s is None else round(finalize_s, 3),
             },
-            "mpx_per_s": round(self.core_px / 1e6 / max(self.stream_seconds, 1e-9), 4),
+            "mpx_per_s": None if (rate := self.processed_rate()) is None else round(rate, 4),
+            "tissue": self.tissue,
             "devices": self.devices,
             "peak_rss_mb": self.peak_rss(),
             "versions": versions(),
@@ -161,13 +175,15 @@ class RunRecord:
                 "tiles_skipped": 0 if plan is None else plan.tiles_no_tissue,
                 "tiles_resumed": 0 if plan is None else plan.tiles_done_before,
                 "tissue_fraction": None if tissue is None else tissue.fraction,
+                "tissue_found": None if tissue is None else tissue.found,
                 "mpp": None if source.mpp is None else source.mpp[0],
                 "level": source.source_level,
                 "preview": None if preview is None else str(preview),
                 "devices": self.devices,
                 "resumed": self.resumed,
                 "compiled": self.compiled,
-                "processed_mpx_per_s": self.core_px / 1e6 / max(self.stream_seconds, 1e-9),
+                "processed_megapixels": self.core_px / 1e6,
+                "processed_mpx_per_s": self.processed_rate(),
                 "peak_rss_mb": self.peak_rss(),
             },
         )

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tilesegment import __version__
-from tilesegment.errors import ConfigError, TilesegmentError
+from tilesegment.errors import ConfigError, SlideReadError, TilesegmentError
 from tilesegment.geometry import TileGrid
 from tilesegment.infer.devices import (
     reset_peak_rss,
@@ -28,6 +28,7 @@ from tilesegment.infer.devices import (
     tune_malloc,
 )
 from tilesegment.infer.executors.base import Executor, RunContext
+from tilesegment.infer.identity import IDENTITY_KEYS, SlideIdentity, check_identity, identify
 from tilesegment.infer.options import RunOptions, check_options, resolve_compile
 from tilesegment.infer.plan import (
     WorkPlan,
@@ -39,7 +40,7 @@ from tilesegment.infer.plan import (
 )
 from tilesegment.infer.record import Recorder
 from tilesegment.infer.report import RunRecord, RunSummary, write_report
-from tilesegment.infer.source import Source, open_source, tissue_map
+from tilesegment.infer.source import Source, open_source, tissue_map, user_tissue_mask
 from tilesegment.io import SlideReader, open_slide
 from tilesegment.model.checkpoint import ModelSpec, checkpoint_paths, file_sha256, load_checkpoint
 from tilesegment.model.unet import UNet
@@ -50,7 +51,7 @@ from tilesegment.store.resume import (
     RunLock,
     adopt_legacy_state,
     check_params,
-    read_params,
+    read_record,
     remove_partial_files,
     reset_state,
     write_params,
@@ -107,6 +108,7 @@ def run_slide(
     with open_slide(slide) as reader:
         source = open_source(reader, spec, opts)
         grid = plan_grid(source.image_shape, net.geometry, tile_size)
+        tissue_mask = user_tissue_mask(reader, opts.tissue)
         # Inputs are valid: take the output before reading anything slow.
         with RunLock(output):
             job = _Job(
@@ -122,6 +124,7 @@ def run_slide(
                 devices=devices,
                 precisions=precisions,
                 in_process=in_process,
+                tissue_mask=tissue_mask,
             )
             return _run_locked(job, run)
 
@@ -142,16 +145,19 @@ class _Job:
     devices: list[str]
     precisions: list[str]
     in_process: bool
+    tissue_mask: Any = None
+    """The user's ``--tissue MASK`` as a boolean array (None for auto or none)."""
 
 
-def _run_params(job: _Job, chunk_shape: tuple[int, int], run: RunRecord) -> tuple[dict, dict, dict]:
+def _run_params(
+    job: _Job, slide: SlideIdentity, chunk_shape: tuple[int, int], run: RunRecord
+) -> tuple[dict, dict, dict]:
     """(params, attrs, info) of a run: what decides the output's bytes (checked on resume), the
     provenance stored in the output's attributes, and what may change between attempts."""
     opts, source, grid = job.opts, job.source, job.grid
     model_sha = file_sha256(checkpoint_paths(job.model)[0])
     params = {
-        "slide": job.slide.name,
-        "slide_bytes": job.slide.stat().st_size if job.slide.is_file() else None,
+        **slide.params(),  # name, bytes and content fingerprint: checked on --resume
         "image_shape": list(source.image_shape),
         "level": source.source_level,
         "mpp": None if source.mpp is None else list(source.mpp),
@@ -181,6 +187,7 @@ def _run_params(job: _Job, chunk_shape: tuple[int, int], run: RunRecord) -> tupl
         "batch_size": opts.batch_size,
         "devices": job.devices,
         "created": run.started,
+        "slide_mtime": slide.mtime,  # a hint only (see tilesegment.infer.identity)
     }
     return params, attrs, info
 
@@ -188,12 +195,13 @@ def _run_params(job: _Job, chunk_shape: tuple[int, int], run: RunRecord) -> tupl
 def _run_locked(job: _Job, run: RunRecord) -> RunSummary:
     """Create or reopen the output, compute what is missing, finalise, report."""
     opts, source, grid, output = job.opts, job.source, job.grid, job.output
-    tissue, thumbnail = tissue_map(job.reader, source, opts.tissue, opts.preview)
+    tissue, thumbnail, run.tissue = tissue_map(job.reader, source, opts, user_mask=job.tissue_mask)
     ky, kx = tiles_per_chunk(grid, opts.chunk_target_px)
     chunk_shape = (ky * grid.stride[0], kx * grid.stride[1])
-    params, attrs, info = _run_params(job, chunk_shape, run)
+    slide = _identify(job.slide)
+    params, attrs, info = _run_params(job, slide, chunk_shape, run)
     store, finished = _open_output(
-        output, opts, params, info, attrs, source, job.spec, chunk_shape, tissue is not None
+        output, opts, slide, params, info, attrs, source, job.spec, chunk_shape, tissue is not None
     )
     if finished:
         summary = run.summary(output, grid, source, tissue, None)
@@ -298,9 +306,17 @@ def _tissue_param(tissue: str) -> str:
     return "mask " + path.name  # a Zarr folder: its name
 
 
+def _identify(slide: Path) -> SlideIdentity:
+    try:
+        return identify(slide)
+    except OSError as exc:
+        raise SlideReadError(f"{slide}: cannot read it to fingerprint its content ({exc})") from exc
+
+
 def _open_output(
     output: Path,
     opts: RunOptions,
+    slide: SlideIdentity,
     params: dict[str, Any],
     info: dict[str, Any],
     attrs: dict[str, Any],
@@ -312,10 +328,18 @@ def _open_output(
     """Create the output, or reopen it to resume; (store, already complete)."""
     if opts.resume and output.exists():
         adopt_legacy_state(output)  # outputs of older versions kept it inside the group
-        stored = read_params(output)
-        if stored is not None:
-            check_params(stored, params, output=output)
+        record = read_record(output)
+        if record is not None:
+            stored, stored_info = record
             store = OutputStore.open(output, mode="r+")
+            check_identity(
+                stored,
+                slide,
+                output=output,
+                stored_path=store.attrs.get("slide"),
+                stored_mtime=stored_info.get("slide_mtime"),
+            )
+            check_params(stored, params, output=output, ignore=IDENTITY_KEYS)
             if store.is_complete():
                 log.info("%s is already complete; nothing to resume", output)
                 return store, True

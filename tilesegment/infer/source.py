@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tilesegment.errors import ConfigError
 from tilesegment.infer.options import RunOptions
@@ -75,13 +76,40 @@ def open_source(reader: SlideReader, spec: ModelSpec, opts: RunOptions) -> Sourc
     return Source(view, 0, level, view.info.shape, (spec.mpp, spec.mpp), spec.mpp / base, base)
 
 
-def tissue_map(reader: SlideReader, source: Source, tissue: str, preview: bool):
-    """The tissue map for this run (None = process everything) and the thumbnail, read only
-    when tissue detection or the preview needs it."""
-    from tilesegment.tissue import TissueMap, detect_tissue, load_tissue_mask, read_thumbnail
+def user_tissue_mask(reader: SlideReader, tissue: str) -> Any:
+    """The user's ``--tissue MASK`` (None for auto or none), checked against the slide's
+    aspect ratio before the run takes its output."""
+    from tilesegment.tissue import load_tissue_mask
 
-    thumbnail = read_thumbnail(reader)[0] if preview or tissue == "auto" else None
+    if tissue in ("auto", "none"):
+        return None
+    return load_tissue_mask(Path(tissue), reader.info)
+
+
+def tissue_map(
+    reader: SlideReader, source: Source, opts: RunOptions, *, user_mask: Any = None
+) -> tuple[Any, Any, dict[str, Any]]:
+    """(tissue map, thumbnail, how the map was made) for this run. The map is None when every
+    tile is computed; the thumbnail is read only when tissue detection or the preview needs it.
+    Warns when the map holds no tissue at all."""
+    from tilesegment.tissue import TissueMap, auto_tissue, read_thumbnail
+
+    tissue = opts.tissue
+    thumbnail = read_thumbnail(reader)[0] if opts.preview or tissue == "auto" else None
     if tissue == "none":
-        return None, thumbnail
-    mask = detect_tissue(thumbnail) if tissue == "auto" else load_tissue_mask(Path(tissue))
-    return TissueMap(mask, source.image_shape), thumbnail
+        return None, thumbnail, {"mode": "none", "how": "every tile is computed", "fraction": None}
+    if tissue == "auto":
+        mask, how = auto_tissue(thumbnail, reader.info.shape)
+    else:
+        mask, how = user_mask, f"the mask {Path(tissue).name}"
+    tmap = TissueMap(mask, source.image_shape)
+    record = {"mode": "auto" if tissue == "auto" else "mask", "how": how}
+    record.update(fraction=round(tmap.fraction, 6), found=tmap.found)
+    if not tmap.found:
+        log.warning(
+            "%s: NO TISSUE FOUND (%s): no tile is computed and the output is all background; "
+            "pass --tissue none to segment every tile",
+            reader.info.path.name,
+            how,
+        )
+    return tmap, thumbnail, record

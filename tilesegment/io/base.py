@@ -94,3 +94,21 @@ class ReaderBase:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(getattr(self, 'path', '?'))!r})"
+
+
+@runtime_checkable
+class StridedReader(Protocol):
+    """A reader that can sample a whole level on a regular grid in bounded memory (optional).
+
+    Thumbnails of huge single-level images are built with it: the TIFF and Zarr backends decode
+    one tile (chunk) at a time and keep only its samples, instead of whole regions.
+    """
+
+    def read_strided(self, level: int, y: int, x: int, step: int, /) -> np.ndarray:
+        """Pixels (y + i * step, x + j * step) of ``level`` for every i, j inside the level: a
+        C-contiguous (ceil((h - y) / step), ceil((w - x) / step), C) uint8 array.
+
+        (y, x) must lie inside the level. Raises ``SlideReadError`` naming the file when the
+        data cannot be decoded.
+        """
+        ...

@@ -335,9 +335,10 @@ class PixelLayout:
     invert: bool = False
     """True for MinIsWhite gray, whose values are inverted."""
 
-    def selection(self, y: int, x: int, h: int, w: int) -> tuple[int | slice, ...]:
-        """Zarr selection of the box, the first index of every non-spatial, non-sample axis."""
-        spans = {"Y": slice(y, y + h), "X": slice(x, x + w)}
+    def selection(self, y: int, x: int, h: int, w: int, step: int = 1) -> tuple[int | slice, ...]:
+        """Zarr selection of the box (every ``step``-th row and column of it, from its first),
+        the first index of every non-spatial, non-sample axis."""
+        spans = {"Y": slice(y, y + h, step), "X": slice(x, x + w, step)}
         if self.sample_axis is not None:
             spans[self.sample_axis] = slice(None)
         return tuple(spans.get(axis, 0) for axis in self.axes)
@@ -399,5 +400,23 @@ class ArrayLevelsReader(ReaderBase):
         level, y, x, h, w = check_box(self.info, level, y, x, h, w)
         try:
             return self._read(level, y, x, h, w)
+        except DECODE_ERRORS as exc:
+            raise region_error(self.path, level, (y, x, h, w), exc) from exc
+
+    def read_strided(self, level: int, y: int, x: int, step: int, /) -> np.ndarray:
+        """Pixels (y + i * step, x + j * step) of ``level``, to its end: a bounded-memory thumbnail.
+
+        See :class:`~tilesegment.io.base.StridedReader`. One strided Zarr selection: every
+        chunk (TIFF tile or strip) is decoded once, its samples are copied out and the chunk is
+        freed, so memory is the result plus the chunks being decoded, whatever the level's size.
+        """
+        height, width = self.info.level_shapes[level]
+        level, y, x, h, w = check_box(self.info, level, y, x, height - y, width - x)
+        if operator.index(step) < 1:
+            raise ConfigError(f"`step` ({step}) must be >= 1 for {self.path}")
+        selection = self._layout.selection(y, x, h, w, step)  # type: ignore[attr-defined]
+        try:
+            raw = self._arrays[level][selection]
+            return self._layout.to_output(np.asarray(raw))  # type: ignore[attr-defined]
         except DECODE_ERRORS as exc:
             raise region_error(self.path, level, (y, x, h, w), exc) from exc

@@ -7,6 +7,8 @@ On disk, beside ``OUT.zarr`` (paths from :mod:`tilesegment.store.layout`)::
     OUT.tilesegment/
       run.json                    {"format": 1, "params": {...}, "info": {...}}: what the
                                   output was created with; ``--resume`` refuses other params
+                                  and another slide (its name, size and content fingerprint:
+                                  :mod:`tilesegment.infer.identity`)
       done.log                    one line "<row> <col>\\n" per finished chunk (chunk-grid
                                   indices), appended only after the chunk's files are fsync'd
 
@@ -33,7 +35,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -141,9 +143,15 @@ def write_params(output: Path, params: Mapping[str, Any], info: Mapping[str, Any
 
 
 def read_params(output: Path) -> dict[str, Any] | None:
-    """The recorded parameters, or None when the output has none (not created by a run).
+    """The recorded parameters, or None when the output has none (not created by a run)."""
+    record = read_record(output)
+    return None if record is None else record[0]
 
-    Also reads those of an output written by an older version (inside the group)."""
+
+def read_record(output: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The recorded (params, info), or None when the output has none (not created by a run).
+
+    Also reads the record of an output written by an older version (inside the group)."""
     path = state_dir(output) / PARAMS_FILE
     if not path.exists() and (legacy_state_dir(output) / PARAMS_FILE).exists():
         path = legacy_state_dir(output) / PARAMS_FILE
@@ -155,18 +163,28 @@ def read_params(output: Path) -> dict[str, Any] | None:
         raise StoreError(f"{path}: unreadable run parameters ({exc})") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION:
         raise StoreError(f"{path}: not a tilesegment run record of format {FORMAT_VERSION}")
-    return dict(doc["params"])
+    return dict(doc["params"]), dict(doc.get("info") or {})
 
 
-def check_params(stored: Mapping[str, Any], current: Mapping[str, Any], *, output: Path) -> None:
-    """Raise :class:`ConfigError` (one line, naming each difference) unless they match."""
+def check_params(
+    stored: Mapping[str, Any],
+    current: Mapping[str, Any],
+    *,
+    output: Path,
+    ignore: Collection[str] = (),
+) -> None:
+    """Raise :class:`ConfigError` (one line, naming each difference) unless they match.
+
+    Keys in ``ignore`` are left out (the slide's identity has its own check, which also
+    accepts records written before some of its keys existed).
+    """
     # JSON round trip so tuples and lists compare equal.
     a = json.loads(json.dumps(dict(stored), sort_keys=True))
     b = json.loads(json.dumps(dict(current), sort_keys=True))
     diffs = [
         f"{key} {a.get(key)!r} -> {b.get(key)!r}"
         for key in sorted(set(a) | set(b))
-        if a.get(key) != b.get(key)
+        if a.get(key) != b.get(key) and key not in ignore
     ]
     if diffs:
         raise ConfigError(
