@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
 
 from tilesegment.io._common import EXPECTED_INPUT, ReaderError, slide_error
@@ -39,7 +40,7 @@ from tilesegment.io.base import SlideInfo, SlideReader
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SlideInfo", "SlideReader", "open_slide", "sniff_format"]
+__all__ = ["SlideInfo", "SlideReader", "check_slide_path", "open_slide", "sniff_format"]
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
 _IMAGE_MAGIC = {
@@ -87,6 +88,53 @@ def _looks_like_text(header: bytes) -> bool:
     return True
 
 
+_SPECIAL_FILES = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def check_slide_path(path: str | os.PathLike[str], /) -> None:
+    """Refuse a slide path that does not exist or is not a regular file or a directory.
+
+    Only looks at the path's ``stat`` (following symlinks): it never opens the path, so a FIFO,
+    a device or a socket is refused at once instead of blocking the first read forever.
+
+    Raises
+    ------
+    SlideReadError
+        One line naming the path, what it is and what to pass instead.
+
+    Examples
+    --------
+    >>> check_slide_path("/dev/null")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    tilesegment.io._common.ReaderError: /dev/null: not a regular file but a character device; ...
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise slide_error(
+            path, "no such file or directory", "check the path and the working directory"
+        ) from None
+    except OSError as exc:
+        raise slide_error(
+            path, f"cannot inspect the path ({exc.strerror or exc})", "check its permissions"
+        ) from exc
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = next((name for test, name in _SPECIAL_FILES if test(mode)), "a special file")
+    raise slide_error(
+        path,
+        f"not a regular file but {kind}",
+        "pass a slide or image file, or the folder of a Zarr store",
+    )
+
+
 def _open_tiff(path: Path) -> SlideReader:
     from tilesegment.io.openslide import OpenSlideReader, detect_vendor
     from tilesegment.io.tiff import TiffReader
@@ -131,10 +179,7 @@ def open_slide(path: str | os.PathLike[str], /) -> SlideReader:
     See the module docstring for the order in which backends are tried and what is probed.
     """
     path = Path(path)
-    if not path.exists():
-        raise slide_error(
-            path, "no such file or directory", "check the path and the working directory"
-        )
+    check_slide_path(path)
     if path.is_dir():
         from tilesegment.io.zarr import ZarrReader, is_zarr_directory
 

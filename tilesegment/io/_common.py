@@ -5,19 +5,25 @@ Private to :mod:`tilesegment.io`; nothing here is part of the public API.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import operator
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tilesegment.errors import ConfigError, SlideReadError
 from tilesegment.io.base import SlideInfo
+
+if TYPE_CHECKING:
+    import zarr
 
 logger = logging.getLogger(__name__)
 
@@ -371,19 +377,44 @@ class PixelLayout:
         return np.ascontiguousarray(color, dtype=np.uint8)
 
 
-class ArrayLevelsReader:
-    """Shared reading for backends whose levels are array-likes (tifffile's Zarr store, Zarr).
+def read_selection(array: zarr.Array, selection: tuple[int | slice, ...]) -> np.ndarray:
+    """``array[selection]`` read on an event loop of its own that is shut down before returning.
 
-    Subclasses set ``info``, ``path``, ``_arrays`` (one array per level) and ``_layout`` (an
-    :class:`AxisLayout`-like object with ``selection`` and ``to_output``).
+    ``zarr.Array.__getitem__`` runs the read on zarr's process-wide event loop thread. When one
+    chunk fails to decode (or the caller is interrupted by Ctrl-C or SIGTERM), zarr returns at
+    once and leaves the other chunk tasks of the read pending on that loop; at interpreter exit
+    zarr closes the loop under them and asyncio prints hundreds of "Task was destroyed but it is
+    pending!" and "Event loop is closed" tracebacks after our one-line error. ``asyncio.run``
+    cancels and awaits every task it started before it returns or re-raises, so a failed or
+    interrupted read leaves nothing behind. It costs about 1 ms per call (a new loop and its
+    decode threads), small beside decoding a tile.
+
+    Called from a thread that runs an event loop already (async code, a Jupyter cell), the read
+    runs on a helper thread, as ``asyncio.run`` cannot nest.
+    """
+    read = array.async_array.getitem(selection)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return np.asarray(asyncio.run(read))
+    with ThreadPoolExecutor(1, thread_name_prefix="tilesegment-read") as helper:
+        return np.asarray(helper.submit(asyncio.run, read).result())
+
+
+class ArrayLevelsReader:
+    """Shared reading for backends whose levels are Zarr arrays (tifffile's Zarr store, Zarr).
+
+    Subclasses set ``info``, ``path``, ``_arrays`` (one ``zarr.Array`` per level) and
+    ``_layout`` (a :class:`PixelLayout`).
     """
 
     info: SlideInfo
     path: Path
 
     def _read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
-        raw = self._arrays[level][self._layout.selection(y, x, h, w)]  # type: ignore[attr-defined]
-        return self._layout.to_output(np.asarray(raw))  # type: ignore[attr-defined]
+        selection = self._layout.selection(y, x, h, w)  # type: ignore[attr-defined]
+        raw = read_selection(self._arrays[level], selection)  # type: ignore[attr-defined]
+        return self._layout.to_output(raw)  # type: ignore[attr-defined]
 
     def read_region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
         """Pixels of the box (y, x, h, w) of ``level`` as a C-contiguous (h, w, C) uint8 array.
