@@ -8,9 +8,9 @@ input                                      backend
 =========================================  ===================================================
 directory with ``.zarray``/``.zgroup``/    :class:`~tilesegment.io.zarr.ZarrReader`
 ``zarr.json``
-TIFF header, OpenSlide detects a vendor    :class:`~tilesegment.io.openslide.OpenSlideReader`
-other than ``generic-tiff`` (svs, ndpi,
-scn, bif, philips...)
+TIFF header, OpenSlide detects a vendor    :class:`~tilesegment.io.openslide.OpenSlideReader`;
+other than ``generic-tiff`` (svs, ndpi,    if OpenSlide then cannot open it (damaged), a
+scn, bif, philips...)                      warning and :class:`~tilesegment.io.tiff.TiffReader`
 any other TIFF                             :class:`~tilesegment.io.tiff.TiffReader`, falling
                                            back to OpenSlide (when it detects the file) if
                                            tifffile cannot open or decode it
@@ -19,6 +19,10 @@ vms, vmu, dicom...)
 PNG, JPEG, BMP, GIF or WebP header         :class:`~tilesegment.io.image.ImageReader`
 anything else                              :class:`~tilesegment.errors.SlideReadError`
 =========================================  ===================================================
+
+A TIFF cut short (a truncated copy) is not detected by OpenSlide at all; tifffile reads the
+pages that are intact, with a warning that says the file looks truncated, or refuses it with an
+error that says so (see :mod:`tilesegment.io.integrity`).
 
 Probe on open: the tiff and zarr backends decode the top-left chunk of level 0 while opening
 (one tile or strip, skipped when it is over 64 MiB decoded), and check that a decoder exists
@@ -35,12 +39,19 @@ import os
 import stat
 from pathlib import Path
 
-from tilesegment.io._common import EXPECTED_INPUT, ReaderError, slide_error
-from tilesegment.io.base import SlideInfo, SlideReader
+from tilesegment.io._common import EXPECTED_INPUT, DamagedFileError, ReaderError, slide_error
+from tilesegment.io.base import DecodeWarning, SlideInfo, SlideReader
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SlideInfo", "SlideReader", "check_slide_path", "open_slide", "sniff_format"]
+__all__ = [
+    "DecodeWarning",
+    "SlideInfo",
+    "SlideReader",
+    "check_slide_path",
+    "open_slide",
+    "sniff_format",
+]
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
 _IMAGE_MAGIC = {
@@ -141,11 +152,29 @@ def _open_tiff(path: Path) -> SlideReader:
 
     vendor = detect_vendor(path)
     if vendor is not None and vendor != "generic-tiff":
-        return OpenSlideReader(path)
+        try:
+            return OpenSlideReader(path)
+        except ReaderError as openslide_error:
+            # Detected from its header but not openable: truncated or damaged. tifffile reads
+            # what is intact (and the Aperio mpp), or says why it cannot.
+            logger.warning(
+                "%s: OpenSlide cannot open it (%s); reading it with tifffile instead",
+                path,
+                openslide_error.cause,
+            )
+            try:
+                return TiffReader(path)
+            except ReaderError as tiff_error:
+                raise slide_error(
+                    path,
+                    f"the file looks truncated or corrupt: OpenSlide cannot open it "
+                    f"({openslide_error.cause}), nor can tifffile ({tiff_error.cause})",
+                    "the copy is incomplete or the file is damaged; copy or export it again",
+                ) from tiff_error
     try:
         return TiffReader(path)
     except ReaderError as tiff_error:
-        if vendor is None:
+        if vendor is None or isinstance(tiff_error, DamagedFileError):
             raise
         logger.info("%s: tifffile failed (%s); trying OpenSlide", path, tiff_error.cause)
         try:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tilesegment.errors import ConfigError, SlideReadError
-from tilesegment.io.base import SlideInfo
+from tilesegment.io.base import DecodeWarning, SlideInfo
 
 if TYPE_CHECKING:
     import zarr
@@ -97,6 +97,10 @@ class ReaderError(SlideReadError):
 
     def __reduce__(self) -> tuple[type[ReaderError], tuple[str, str, str | None]]:
         return type(self), (self.path, self.cause, self.hint)
+
+
+class DamagedFileError(ReaderError):
+    """The file is truncated or its structure is damaged: no other backend should try it."""
 
 
 def slide_error(path: Path | str, cause: str, hint: str | None = EXPECTED_INPUT) -> ReaderError:
@@ -415,6 +419,10 @@ class ArrayLevelsReader:
         selection = self._layout.selection(y, x, h, w)  # type: ignore[attr-defined]
         raw = read_selection(self._arrays[level], selection)  # type: ignore[attr-defined]
         return self._layout.to_output(raw)  # type: ignore[attr-defined]
+
+    def decode_warnings(self) -> tuple[DecodeWarning, ...]:
+        """Chunks that decoded only with warnings; none here (backends that check override)."""
+        return ()
 
     def read_region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
         """Pixels of the box (y, x, h, w) of ``level`` as a C-contiguous (h, w, C) uint8 array.
