@@ -157,18 +157,14 @@ def _open_tiff(path: Path) -> SlideReader:
         except ReaderError as openslide_error:
             # Detected from its header but not openable: truncated or damaged. tifffile reads
             # what is intact (and the Aperio mpp), or says why it cannot.
-            logger.warning(
-                "%s: OpenSlide cannot open it (%s); reading it with tifffile instead",
-                path,
-                openslide_error.cause,
-            )
+            logger.warning("%s: %s; reading it with tifffile instead", path, openslide_error.cause)
             try:
                 return TiffReader(path)
             except ReaderError as tiff_error:
                 raise slide_error(
                     path,
-                    f"the file looks truncated or corrupt: OpenSlide cannot open it "
-                    f"({openslide_error.cause}), nor can tifffile ({tiff_error.cause})",
+                    f"the file looks truncated or corrupt: {openslide_error.cause}; nor can "
+                    f"tifffile ({tiff_error.cause})",
                     "the copy is incomplete or the file is damaged; copy or export it again",
                 ) from tiff_error
     try:
