@@ -5,25 +5,20 @@ Private to :mod:`tilesegment.io`; nothing here is part of the public API.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import operator
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tilesegment.errors import ConfigError, SlideReadError
+from tilesegment.io._aio import read_selection
 from tilesegment.io.base import DecodeWarning, SlideInfo
-
-if TYPE_CHECKING:
-    import zarr
 
 logger = logging.getLogger(__name__)
 
@@ -379,30 +374,6 @@ class PixelLayout:
             opacity = pixels[..., self.color, None].astype(np.int16)
             color = np.clip(color.astype(np.int16) + 255 - opacity, 0, 255).astype(np.uint8)
         return np.ascontiguousarray(color, dtype=np.uint8)
-
-
-def read_selection(array: zarr.Array, selection: tuple[int | slice, ...]) -> np.ndarray:
-    """``array[selection]`` read on an event loop of its own that is shut down before returning.
-
-    ``zarr.Array.__getitem__`` runs the read on zarr's process-wide event loop thread. When one
-    chunk fails to decode (or the caller is interrupted by Ctrl-C or SIGTERM), zarr returns at
-    once and leaves the other chunk tasks of the read pending on that loop; at interpreter exit
-    zarr closes the loop under them and asyncio prints hundreds of "Task was destroyed but it is
-    pending!" and "Event loop is closed" tracebacks after our one-line error. ``asyncio.run``
-    cancels and awaits every task it started before it returns or re-raises, so a failed or
-    interrupted read leaves nothing behind. It costs about 1 ms per call (a new loop and its
-    decode threads), small beside decoding a tile.
-
-    Called from a thread that runs an event loop already (async code, a Jupyter cell), the read
-    runs on a helper thread, as ``asyncio.run`` cannot nest.
-    """
-    read = array.async_array.getitem(selection)
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return np.asarray(asyncio.run(read))
-    with ThreadPoolExecutor(1, thread_name_prefix="tilesegment-read") as helper:
-        return np.asarray(helper.submit(asyncio.run, read).result())
 
 
 class ArrayLevelsReader:

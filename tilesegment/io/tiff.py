@@ -188,8 +188,9 @@ class TiffReader(ArrayLevelsReader):
 
     Lifecycle: the file stays open until :meth:`close`. Thread-safety: ``read_region`` may be
     called from several threads; tifffile's Zarr store serialises every seek+read on the file
-    handle's re-entrant lock (``FileHandle.set_lock(True)``) and decodes outside it, and zarr 3
-    runs chunk requests on its own event loop, so no extra lock is needed. Picklability: not
+    handle's re-entrant lock (``FileHandle.set_lock(True)``, also taken by the JPEG check) and
+    decodes outside it, and each calling thread's reads run on an event loop of its own (see
+    :mod:`tilesegment.io._aio`), so no extra lock is needed. Picklability: not
     picklable; workers open their own reader from the path.
     """
 
