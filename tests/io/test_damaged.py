@@ -361,8 +361,8 @@ def test_sigterm_during_a_read_leaves_no_asyncio_tracebacks(tmp_path: Path) -> N
         signal.signal(signal.SIGTERM, stop)
         reader = open_slide({str(slide)!r})
         reader.read_region(0, 0, 0, 2048, 2048)
-        print("reading", flush=True)
         try:
+            print("reading", flush=True)
             while True:
                 reader.read_region(0, 0, 0, 2048, 2048)
         except KeyboardInterrupt:
