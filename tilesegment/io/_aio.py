@@ -21,15 +21,15 @@ Private to :mod:`tilesegment.io`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
+from concurrent.futures import Future, wait
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
-
     import zarr
 
 CANCEL_WAIT_S = 30.0
@@ -82,20 +82,29 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-async def _read_then_settle(read: Coroutine[Any, Any, Any], settled: threading.Event) -> Any:
-    """Await ``read``; whatever happens, cancel and await every other task on this loop."""
+async def _read_then_settle(array: zarr.Array, selection: tuple[int | slice, ...]) -> Any:
+    """Read; whatever happens, then cancel and await every other task on this loop."""
     try:
-        return await read
+        return await array.async_array.getitem(selection)
     finally:
-        try:
-            current = asyncio.current_task()
-            left = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
-            for task in left:
-                task.cancel()
-            # return_exceptions: each outcome is retrieved, so asyncio logs nothing at exit
-            await asyncio.gather(*left, return_exceptions=True)
-        finally:
-            settled.set()
+        current = asyncio.current_task()
+        left = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+        for task in left:
+            task.cancel()
+        # return_exceptions: each outcome is retrieved, so asyncio logs nothing at exit
+        await asyncio.gather(*left, return_exceptions=True)
+
+
+def _hand_over(outcome: Future[Any], task: asyncio.Task[Any]) -> None:
+    """Copy a finished task's result, error or cancellation to the caller's future."""
+    if outcome.done():
+        return
+    if task.cancelled():
+        outcome.set_exception(asyncio.CancelledError())
+    elif task.exception() is not None:
+        outcome.set_exception(task.exception())  # type: ignore[arg-type]
+    else:
+        outcome.set_result(task.result())
 
 
 def read_selection(array: zarr.Array, selection: tuple[int | slice, ...]) -> np.ndarray:
@@ -103,15 +112,32 @@ def read_selection(array: zarr.Array, selection: tuple[int | slice, ...]) -> np.
 
     Raises what the read raises (decode errors), or the caller's ``KeyboardInterrupt``, only
     after the read's tasks have ended (waiting at most :data:`CANCEL_WAIT_S` when interrupted).
-    Thread-safe: each calling thread has its own loop. Works from async code too (a Jupyter
-    cell): the read runs on its own loop's thread, the caller's thread only waits.
+    Every coroutine is made in the loop's thread, so an interrupt in the caller never leaves one
+    unawaited. Thread-safe: each calling thread has its own loop. Works from async code too (a
+    Jupyter cell): the read runs on its own loop's thread, the caller's thread only waits.
     """
-    settled = threading.Event()
-    read = _read_then_settle(array.async_array.getitem(selection), settled)
-    future = asyncio.run_coroutine_threadsafe(read, _loop_thread().loop)
+    loop = _loop_thread().loop
+    outcome: Future[Any] = Future()
+    stop = threading.Event()
+    started: list[asyncio.Task[Any]] = []
+
+    def start() -> None:  # runs in the loop's thread
+        if not stop.is_set():
+            task = loop.create_task(_read_then_settle(array, selection))
+            task.add_done_callback(functools.partial(_hand_over, outcome))
+            started.append(task)
+
+    def cancel() -> None:  # runs in the loop's thread, after start (callbacks run in order)
+        if started:
+            started[0].cancel()  # its done callback completes ``outcome``
+        elif not outcome.done():
+            outcome.set_result(None)  # never started: nothing to wait for
+
     try:
-        return np.asarray(future.result())
+        loop.call_soon_threadsafe(start)
+        return np.asarray(outcome.result())
     except BaseException:
-        future.cancel()
-        settled.wait(CANCEL_WAIT_S)
+        stop.set()
+        loop.call_soon_threadsafe(cancel)
+        wait([outcome], timeout=CANCEL_WAIT_S)
         raise
