@@ -66,6 +66,7 @@ from tilesegment.infer.pipeline import (
     _core_px,
     _progress,
     _Run,
+    add_decode_warnings,
     chunk_files,
     open_source,
     raise_failed_tiles,
@@ -166,6 +167,8 @@ class UnitResult:
     core_px: int
     seconds: float
     peak_rss_mb: float
+    decode_warnings: tuple[dict[str, Any], ...] = ()
+    """Corrupt-but-decodable segments this worker's reader has found so far in the run."""
 
 
 class _JobResources:
@@ -277,6 +280,7 @@ def compute_unit(job: UnitJob, unit: Unit) -> UnitResult:
         core_px=stats.core_px,
         seconds=time.perf_counter() - t0,
         peak_rss_mb=peak_rss_mb(),
+        decode_warnings=tuple(w.as_dict() for w in res.reader.decode_warnings()),
     )
 
 
@@ -564,6 +568,7 @@ class _Driver:
             raise WorkerError(f"unit {uid} returned without its chunks {sorted(missing)}")
         self.stats.add(result, self.job.device)
         run, tissue = self.state, self.ctx.tissue is not None
+        add_decode_warnings(run, result.decode_warnings)
         for key in result.keys:
             task: ChunkTask = tasks[key]
             self.done_log.add(key, chunk_files(self.ctx.output, key, tissue=tissue))

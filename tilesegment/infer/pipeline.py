@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -800,6 +800,24 @@ class _Run:
     compiled: bool = False
     tissue: dict[str, Any] = field(default_factory=dict)
     """How the tissue map was made (mode, how, fraction, found), for the report."""
+    reader: SlideReader | None = None
+    """The run's own reader (thumbnail, in-process tiles): its decode warnings go in the report."""
+    decode_warnings: dict[tuple[int, int, int], dict[str, Any]] = field(default_factory=dict)
+    """Corrupt-but-decodable segments reported by worker readers, by (level, row, column)."""
+
+
+def add_decode_warnings(run: _Run, warnings: Iterable[Mapping[str, Any]]) -> None:
+    """Merge :meth:`DecodeWarning.as_dict` records into ``run`` (each segment once)."""
+    for w in warnings:
+        run.decode_warnings.setdefault((w["level"], w["row"], w["column"]), dict(w))
+
+
+def _decode_warnings_doc(run: _Run) -> dict[str, Any]:
+    """The report's ``decode_warnings``: tiles/strips of the slide that decoded with errors."""
+    if run.reader is not None:
+        add_decode_warnings(run, (w.as_dict() for w in run.reader.decode_warnings()))
+    tiles = [run.decode_warnings[k] for k in sorted(run.decode_warnings)]
+    return {"count": len(tiles), "tiles": tiles}
 
 
 def run_slide(
@@ -889,6 +907,7 @@ class _Job:
 def _run_locked(job: _Job, run: _Run) -> RunSummary:
     """Create or reopen the output, compute what is missing, finalise, report."""
     opts, source, grid, output = job.opts, job.source, job.grid, job.output
+    run.reader = job.reader
     tissue, thumbnail = _tissue_map(job, run)
     model_sha = file_sha256(checkpoint_paths(job.model)[0])
     ky, kx = tiles_per_chunk(grid, opts.chunk_target_px)
@@ -1169,6 +1188,7 @@ def _run_pool(
             run.devices = pool.device_stats()
             run.worker_peak_rss_mb = pool.peak_rss_mb()
             run.errors.extend(pool.errors)
+            add_decode_warnings(run, pool.decode_warnings)
     if pool.errors:
         remove_worker_leftovers(ctx.output)
     if result.failed:
@@ -1361,6 +1381,7 @@ def _report(
         "peak_rss_mb": _peak_rss_mb(run),
         "versions": _versions(),
         "errors": run.errors,
+        "decode_warnings": _decode_warnings_doc(run),
     }
     # Earlier attempts on this output (interrupted or failed runs), oldest first.
     doc["history"] = []
@@ -1394,6 +1415,7 @@ __all__ = [
     "RunSummary",
     "Source",
     "WorkPlan",
+    "add_decode_warnings",
     "is_complete",
     "open_source",
     "plan_grid",

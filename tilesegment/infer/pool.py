@@ -534,7 +534,15 @@ def _worker_main(
                 on_unit=lambda unit: out.send("start", unit[0].unit),
                 stop=inbox.stop,
             )
-        out.send("bye", {"peak_rss_mb": peak_rss_mb(), "batch_size": stats.batch_size})
+            decode_warnings = [w.as_dict() for w in reader.decode_warnings()]
+        out.send(
+            "bye",
+            {
+                "peak_rss_mb": peak_rss_mb(),
+                "batch_size": stats.batch_size,
+                "decode_warnings": decode_warnings,
+            },
+        )
     except BaseException as exc:
         out.send("error", *_pack_error(exc))
         sys.exit(1)  # a normal exit, so that finalisers release shared semaphores
@@ -603,6 +611,8 @@ class WorkerPool:
         self.depth = depth
         self.stop_timeout_s = stop_timeout_s
         self.errors: list[str] = []
+        self.decode_warnings: list[dict[str, Any]] = []
+        """Corrupt-but-decodable segments the workers' readers found (``DecodeWarning.as_dict``)."""
         self._mp = tmp.get_context("spawn")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         per_worker = max(1, (cores or 1) // len(self.devices))
@@ -740,6 +750,7 @@ class WorkerPool:
             elif kind == "bye":
                 s.finished = True
                 s.peak_rss_mb = max(s.peak_rss_mb, msg[1]["peak_rss_mb"])
+                self.decode_warnings.extend(msg[1]["decode_warnings"])
 
     def _on_exit(
         self,

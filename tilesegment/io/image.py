@@ -24,7 +24,7 @@ from tilesegment.io._common import (
     scale_to_uint8,
     slide_error,
 )
-from tilesegment.io.base import SlideInfo
+from tilesegment.io.base import DecodeWarning, SlideInfo
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +160,10 @@ class ImageReader:
             raise region_error(self.path, level, (y, x, h, w), exc) from exc
         # copy: the cached array is shared and read-only, the caller owns what it gets
         return samples_to_output(pixels[y : y + h, x : x + w].copy(), alpha=self._alpha)
+
+    def decode_warnings(self) -> tuple[DecodeWarning, ...]:
+        """Always empty: not checked (Pillow, like imagecodecs, drops libjpeg's warnings)."""
+        return ()
 
     def close(self) -> None:
         """Drop the decoded pixels; idempotent."""

@@ -23,7 +23,7 @@ from tilesegment.io._common import (
     region_error,
     slide_error,
 )
-from tilesegment.io.base import SlideInfo
+from tilesegment.io.base import DecodeWarning, SlideInfo
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +142,10 @@ class OpenSlideReader:
             raise region_error(self.path, level, (y, x, h, w), exc) from exc
         rgba = np.asarray(image)
         return np.ascontiguousarray(composite_on_white(rgba[..., :3], rgba[..., 3]))
+
+    def decode_warnings(self) -> tuple[DecodeWarning, ...]:
+        """None: OpenSlide raises libjpeg's corrupt-data warnings as errors (read_region fails)."""
+        return ()
 
     def close(self) -> None:
         """Release the OpenSlide handle; idempotent."""
