@@ -43,13 +43,18 @@ the parent or the in-process path) makes worker slot 0 fail after writing 3 chun
 ``tile=ROW.COL`` (fail when that tile is about to be predicted, whatever the worker),
 ``mode`` = ``exit`` (``os._exit(86)``), ``kill`` (SIGKILL itself) or ``raise``
 (``RuntimeError``), ``gen`` = ``first`` (default: only the first process of the slot, so the
-respawned worker succeeds) or ``all``. It exists to test fault tolerance and is not a feature.
+respawned worker succeeds) or ``all``; ``startup=SECONDS`` makes the worker sleep that long
+before loading the model (a slow start-up, to test signals during it; no fault then unless
+``after``, ``tile`` or ``mode`` is also given). It exists to test fault tolerance and is not a
+feature.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import math
 import os
 import pickle
 import queue
@@ -63,10 +68,12 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing import connection as mp_connection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tilesegment.destinations import NO_SPACE
 from tilesegment.errors import ConfigError, ModelError, SlideReadError, StoreError
 from tilesegment.infer.pipeline import (
     ChunkTask,
@@ -78,6 +85,7 @@ from tilesegment.infer.pipeline import (
     stream_units,
 )
 from tilesegment.infer.predict import Predictor
+from tilesegment.infer.spawn import HELD_SIGNALS, run_worker
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +136,114 @@ def resolve_devices(device: str, workers: int | None = None) -> list[str]:
     if workers is not None:
         if out != ["cpu"]:
             raise ConfigError("--workers sets the number of CPU workers; use it with --devices cpu")
-        out = ["cpu"] * workers
+        out = ["cpu"] * cap_cpu_workers(workers)
     return out
+
+
+#: Peak RSS of one CPU worker process with the default model, in MB: 389-404 MB eager and
+#: 511-522 MB compiled (benchmarks/RESULTS.md). Used to cap ``--workers`` by free memory.
+WORKER_RSS_MB = 520
+
+
+def cap_cpu_workers(workers: int) -> int:
+    """``workers``, capped by the usable CPU cores and by the memory available for workers.
+
+    More workers than cores only add copies of the model and the torch runtime (each worker
+    gets at least one thread); more than memory allows ends in the OOM killer. A capped value
+    is logged as a warning naming both limits. Never less than one.
+    """
+    cores = usable_cores()
+    memory_mb = available_memory_mb()
+    by_memory = None if memory_mb is None else max(1, int(memory_mb // WORKER_RSS_MB))
+    cap = min(cores, by_memory) if by_memory is not None else cores
+    if workers <= cap:
+        return workers
+    memory = "unknown" if memory_mb is None else f"{memory_mb / 1024:.1f} GB"
+    log.warning(
+        "--workers %d capped to %d: %d usable CPU cores (affinity and cgroup quota), %s of "
+        "memory available at ~%d MB per worker",
+        workers,
+        cap,
+        cores,
+        memory,
+        WORKER_RSS_MB,
+    )
+    return cap
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on: its affinity mask, reduced by a cgroup CPU quota
+    (``cpu.max`` in cgroup v2, ``cpu.cfs_quota_us`` in v1) where one is set."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    for quota in _cgroup_values(("cpu.max", "cpu.cfs_quota_us")):
+        cores = min(cores, max(1, math.floor(quota)))
+    return max(1, cores)
+
+
+def available_memory_mb() -> float | None:
+    """Memory this process can still use in MB: ``MemAvailable``, reduced by a cgroup memory
+    limit minus its usage where one is set; None if unknown (not Linux)."""
+    available = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    for free in _cgroup_values(("memory.max", "memory.limit_in_bytes")):
+        available = free if available is None else min(available, free)
+    return available
+
+
+def _cgroup_values(names: tuple[str, str]) -> list[float]:
+    """The limits the cgroups of this process (and their ancestors) set through ``names``
+    (the cgroup v2 file, then the v1 file): CPUs for CPU quotas, free MB for memory limits."""
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    values = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2
+            base, name = "/sys/fs/cgroup", names[0]
+        elif names[1].split(".")[0] in controllers.split(","):  # cgroup v1
+            base, name = f"/sys/fs/cgroup/{controllers}", names[1]
+        else:
+            continue
+        folder = Path(base + path)
+        for d in [folder, *folder.parents]:
+            if len(d.parts) < len(Path(base).parts):
+                break
+            value = _cgroup_limit(d, name)
+            if value is not None:
+                values.append(value)
+    return values
+
+
+def _cgroup_limit(folder: Path, name: str) -> float | None:
+    """One cgroup's limit from ``folder/name``: CPUs for a CPU quota, free MB for memory."""
+    try:
+        text = (folder / name).read_text().split()
+        if name == "cpu.max":  # "max 100000" or "QUOTA PERIOD"
+            return None if text[0] == "max" else int(text[0]) / int(text[1])
+        if name == "cpu.cfs_quota_us":
+            quota = int(text[0])
+            period = int((folder / "cpu.cfs_period_us").read_text())
+            return None if quota <= 0 else quota / period
+        limit = None if text[0] == "max" else int(text[0])
+        if limit is None or limit >= 2**62:  # v1 writes "no limit" as a huge number
+            return None
+        usage_file = "memory.current" if name == "memory.max" else "memory.usage_in_bytes"
+        usage = int((folder / usage_file).read_text())
+        return max(0, limit - usage) / 2**20
+    except (OSError, ValueError, IndexError, ZeroDivisionError):
+        return None
 
 
 def cpu_has_native_bf16() -> bool:
@@ -328,6 +442,9 @@ class FaultSpec:
     tile: tuple[int, int] | None = None
     mode: str = "exit"
     every_generation: bool = False
+    startup_s: float = 0.0
+    fails: bool = True
+    """False when the spec only slows the start-up down."""
 
     @classmethod
     def parse(cls, text: str) -> FaultSpec:
@@ -346,10 +463,13 @@ class FaultSpec:
                     values["mode"] = value
                 elif key == "gen" and value in ("first", "all"):
                     values["every_generation"] = value == "all"
+                elif key == "startup":
+                    values["startup_s"] = float(value)
                 else:
                     raise ValueError(part)
         except ValueError as exc:
             raise ConfigError(f"{FAULT_ENV}={text!r}: cannot parse {exc}") from exc
+        values["fails"] = bool(set(values) & {"after", "tile", "mode"}) or "startup_s" not in values
         return cls(**values)
 
 
@@ -371,14 +491,20 @@ class FaultInjector:
         text = os.environ.get(FAULT_ENV, "")
         return cls(FaultSpec.parse(text) if text else None, slot, generation)
 
+    def starting(self) -> None:
+        """Sleep for the configured start-up delay, if any."""
+        if self.active and self.spec.startup_s > 0:
+            log.warning("slowing the start-up of %s by %g s", self._where, self.spec.startup_s)
+            time.sleep(self.spec.startup_s)
+
     def tile_started(self, tile) -> None:
-        if not self.active:
+        if not self.active or not self.spec.fails:
             return
         if self.spec.tile == tile.index or (self.spec.tile is None and self.spec.after == 0):
             self._fire(f"at tile {tile.index}")
 
     def chunk_written(self) -> None:
-        if not self.active or self.spec.tile is not None:
+        if not self.active or not self.spec.fails or self.spec.tile is not None:
             return
         self._chunks += 1
         if self._chunks == self.spec.after:
@@ -468,7 +594,7 @@ def _pack_error(exc: BaseException) -> tuple[bytes | None, str, str]:
     return blob, f"{type(exc).__name__}: {exc}", traceback.format_exc()
 
 
-def _worker_main(
+def worker_main(
     slot: int,
     generation: int,
     parent_pid: int,
@@ -477,10 +603,10 @@ def _worker_main(
     device: str,
     threads: int,
     read_threads: int,
-    conn,
     log_level: int,
+    conn,
 ) -> None:
-    """Entry point of a worker process (module level, so spawn can import it)."""
+    """The body of a worker process (started through :func:`tilesegment.infer.spawn.run_worker`)."""
     _die_with_parent(parent_pid)
     tune_malloc()
     # The parent decides when to stop (a terminal's Ctrl-C or a scheduler's SIGTERM reach the
@@ -501,6 +627,7 @@ def _worker_main(
         from tilesegment.store import OutputStore
 
         fault = FaultInjector.from_env(slot, generation)
+        fault.starting()
         torch.set_num_threads(threads)
         with contextlib.suppress(RuntimeError):
             torch.set_num_interop_threads(1)
@@ -663,9 +790,8 @@ class WorkerPool:
         s.inflight = {}
         s.current = None
         s.t_ready = s.t_last = None
-        s.process = self._mp.Process(
-            target=_worker_main,
-            args=(
+        payload = pickle.dumps(
+            (
                 s.slot,
                 s.generation,
                 os.getpid(),
@@ -674,13 +800,23 @@ class WorkerPool:
                 s.device,
                 s.threads,
                 self._read_threads,
-                child,
                 logging.getLogger("tilesegment").getEffectiveLevel(),
-            ),
+            )
+        )
+        process = self._mp.Process(
+            target=run_worker,
+            args=(payload, child),  # the pipe end travels the way multiprocessing passes it
             name=f"tilesegment-worker-{s.slot}",
             daemon=True,
         )
-        s.process.start()
+        # A signal inside start() would cut the payload short; hold it back until the child
+        # has read it (a fraction of a second: see tilesegment.infer.spawn).
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        s.process = process
         child.close()
         s.conn = parent
         log.info("started worker %d on %s (pid %d)", s.slot, s.device, s.process.pid)
@@ -759,7 +895,7 @@ class WorkerPool:
             reason = f"raised {text}"
             log.debug("worker %d traceback:\n%s", s.slot, tb)
             exc = _unpack(blob)
-            if isinstance(exc, _DETERMINISTIC):
+            if isinstance(exc, _DETERMINISTIC) or _cannot_write(exc):
                 raise exc
         elif code is not None and code < 0:
             reason = f"was killed by signal {-code}"
@@ -800,7 +936,17 @@ class WorkerPool:
             s.conn = None
 
     def _stop_all(self) -> None:
-        """Ask every worker to stop after its current batch; record what they finish."""
+        """Ask every worker to stop after its current batch; record what they finish.
+
+        A worker still starting (importing torch, loading the model) has written nothing and
+        would read the request only once started, which takes seconds per worker on a busy
+        machine: it is killed at once, so that a signal during start-up is honoured promptly.
+        """
+        for s in self._slots:
+            if s.process is not None and s.conn is not None:
+                self._drain(s)  # a worker may have become ready meanwhile
+                if not s.ready:
+                    self._kill(s, "still starting")
         live = [s for s in self._slots if s.process is not None and s.conn is not None]
         for s in live:
             with contextlib.suppress(BrokenPipeError, OSError):
@@ -823,13 +969,17 @@ class WorkerPool:
 
     def _kill_all(self) -> None:
         for s in self._slots:
-            if s.process is not None and s.process.is_alive():
-                log.warning("killing worker %d (pid %d)", s.slot, s.process.pid)
-                s.process.kill()
             if s.process is not None:
-                s.process.join()
-                self._close(s)
-                s.process = None
+                self._kill(s)
+
+    def _kill(self, s: _Slot, why: str = "") -> None:
+        if s.process.is_alive():
+            reason = f" ({why})" if why else ""
+            log.warning("killing worker %d (pid %d)%s", s.slot, s.process.pid, reason)
+            s.process.kill()
+        s.process.join()
+        self._close(s)
+        s.process = None
 
     # -- results -----------------------------------------------------------------------------
 
@@ -870,6 +1020,12 @@ def _unpack(blob: bytes | None) -> BaseException | None:
     except Exception:
         return None
     return exc if isinstance(exc, BaseException) else None
+
+
+def _cannot_write(exc: BaseException | None) -> bool:
+    """A full or read-only filesystem: every worker would fail the same way, so the run stops
+    at once (with the error itself, which the command line turns into one line)."""
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE | {errno.EROFS}
 
 
 def _n_tiles(tasks: tuple[ChunkTask, ...]) -> int:
