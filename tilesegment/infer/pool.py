@@ -220,13 +220,13 @@ def _cgroup_values(names: tuple[str, str]) -> list[float]:
         for d in [folder, *folder.parents]:
             if len(d.parts) < len(Path(base).parts):
                 break
-            value = _cgroup_limit(d, name)
+            value = cgroup_limit(d, name)
             if value is not None:
                 values.append(value)
     return values
 
 
-def _cgroup_limit(folder: Path, name: str) -> float | None:
+def cgroup_limit(folder: Path, name: str) -> float | None:
     """One cgroup's limit from ``folder/name``: CPUs for a CPU quota, free MB for memory."""
     try:
         text = (folder / name).read_text().split()
