@@ -242,3 +242,31 @@ def test_a_pickle_checkpoint_is_named_and_the_readme_conversion_works(model, tmp
         assert torch.equal(a, b), k
     result = invoke("run", slide, "-o", out, "--model", tmp_path / "converted.json", *FAST)
     assert result.exit_code == 0, result.output
+
+
+def test_write_failures_are_told_apart_from_unreadable_inputs(tmp_path):
+    """Which errors count as "cannot write the output": a slide that cannot be read in the
+    output's own folder is not one of them (as root, permissions cannot make a real case)."""
+    import errno
+
+    from tilesegment.destinations import write_failure
+    from tilesegment.errors import SlideReadError, StoreError
+
+    out = tmp_path / "slide.zarr"
+    denied = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "slide.svs"))
+    try:
+        raise SlideReadError(f"{tmp_path / 'slide.svs'}: cannot open") from denied
+    except SlideReadError as exc:
+        assert write_failure(exc, out) is None
+    lock = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / ".slide.zarr.lock"))
+    assert write_failure(lock, out) == (
+        "not writable",
+        f"{out}: cannot write ({tmp_path / '.slide.zarr.lock'}): Permission denied",
+    )
+    elsewhere = PermissionError(errno.EACCES, "Permission denied", "/etc/elsewhere")
+    assert write_failure(elsewhere, out) is None
+    try:
+        raise StoreError("cannot record finished chunks") from OSError(errno.ENOSPC, "full")
+    except StoreError as exc:
+        assert write_failure(exc, out) == ("no space", f"{out}: no space left on device")
+    assert write_failure(ValueError("unrelated"), out) is None

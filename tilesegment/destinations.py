@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from tilesegment.errors import StoreError
+from tilesegment.errors import ConfigError, ModelError, SlideReadError, StoreError
 
 #: errno values that mean the filesystem is full: freeing space and resuming helps.
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -87,9 +87,12 @@ def write_failure(exc: BaseException, destination: Path) -> tuple[str, str] | No
     advice)``; None for any other error.
 
     A full filesystem counts wherever it happened (the fix is the same: free space); a
-    read-only or forbidden path only when it lies beside or inside ``destination``, so that an
-    unreadable *input* is never reported as an output problem.
+    read-only or forbidden path only when it lies beside or inside ``destination`` and the
+    error is not about an input (a slide or model that cannot be read, even when it sits in
+    the output's folder, is reported as what it is).
     """
+    if isinstance(exc, (SlideReadError, ModelError, ConfigError)):
+        return None
     cause = os_error_in(exc)
     if cause is None:
         return None
