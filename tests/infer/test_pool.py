@@ -26,19 +26,21 @@ from tests.infer.conftest import (
     wait_gone,
 )
 from tilesegment.errors import ConfigError
-from tilesegment.infer.pipeline import REPORT_NAME, BatchSize
-from tilesegment.infer.pool import (
-    FAULT_ENV,
+from tilesegment.infer.capacity import (
     WORKER_RSS_MB,
-    FaultInjector,
-    FaultSpec,
     available_memory_mb,
     cap_cpu_workers,
     cgroup_limit,
+    usable_cores,
+)
+from tilesegment.infer.pipeline import REPORT_NAME, BatchSize
+from tilesegment.infer.pool import (
+    FAULT_ENV,
+    FaultInjector,
+    FaultSpec,
     cpu_has_native_bf16,
     resolve_devices,
     resolve_precision,
-    usable_cores,
 )
 from tilesegment.infer.resume import lock_path
 from tilesegment.store import is_complete
