@@ -1,7 +1,16 @@
 """The ``tilesegment`` command line. The only place that turns errors into exit codes.
 
-Exit codes: 0 success; 1 runtime failure (a worker or the store failed mid-run); 2 bad input or
-usage (unreadable slide, invalid tile size, missing model, existing output without --overwrite).
+Exit codes (the README states the same contract):
+
+* 0 success;
+* 1 a failure during the run that running again can fix: a worker that kept failing, a full
+  disk (free space, then ``--resume``);
+* 2 bad input or usage, which running the same command again cannot fix: an unreadable slide
+  (also when a tile turns out unreadable half-way through the run), an invalid option, a
+  missing or broken model, an output that exists without --overwrite or cannot be written
+  (read-only filesystem, a path under a regular file);
+* 130 (SIGINT) or 143 (SIGTERM) interrupted; finished chunks are recorded: ``--resume``.
+
 Heavy imports (torch, zarr, openslide) happen inside commands so ``--help`` stays instant.
 """
 
@@ -19,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from tilesegment import __version__
+from tilesegment.destinations import prepare_destination, prepare_folder, write_failure
 from tilesegment.errors import (
     ConfigError,
     ModelError,
@@ -63,6 +73,26 @@ class _Group(click.Group):
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
+
+
+@contextlib.contextmanager
+def writing(destination: Path, *, then: str) -> Iterator[None]:
+    """Turn a full or unwritable filesystem met while writing ``destination`` into one line.
+
+    A full disk is a failure during the run (exit 1: "free space, then ``then``"); a read-only
+    or forbidden destination is an input error (exit 2: "choose a writable folder"). Any other
+    error passes through unchanged.
+    """
+    try:
+        yield
+    except (TilesegmentError, OSError) as exc:
+        failure = write_failure(exc, destination)
+        if failure is None:
+            raise
+        kind, message = failure
+        if kind == "no space":
+            raise RunFailed(f"{message}; free space, then {then}") from exc
+        raise InputError(f"{message}; choose a writable folder") from exc
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -259,7 +289,9 @@ def models_cmd(as_json: bool) -> None:
 @click.option(
     "--workers",
     type=click.IntRange(1, 256),
-    help="CPU worker processes (default 1, in-process); they split the cores.",
+    help="CPU worker processes (default 1, in-process); they split the cores. More than the "
+    "usable cores (affinity, cgroup quota) or than available memory allows (~520 MB each) "
+    "is capped to that, with a warning.",
 )
 @click.option(
     "--precision",
@@ -333,7 +365,9 @@ def run(
 
     Resumable: a run killed at any point continues with --resume and gives the same bytes.
     Ctrl-C (or SIGTERM) stops after writing the finished chunks (exit code 130 or 143). A JSON
-    report is written to OUTPUT/tilesegment-report.json.
+    report is written to OUTPUT/tilesegment-report.json. Exit codes: 0 done; 1 a failure that
+    running again can fix (a full disk: free space, then --resume); 2 bad input that it cannot
+    (unreadable slide or tile, invalid option, broken model, unwritable output).
 
     Many slides: give several SLIDEs, quoted shell-style globs ('slides/*.svs', '**' recurses)
     or @LIST (a text file, one path or glob per line, # comments, relative to the list's
@@ -384,7 +418,11 @@ def run(
         raise click.BadParameter(
             f"{geojson} is a folder; give FILE.geojson", param_hint="'--geojson'"
         )
-    with _sigterm_interrupts() as terminated:
+    # Every destination is checked (and its folder made) before the first tile.
+    prepare_destination(output, option="-o")
+    if geojson is not None:
+        prepare_destination(geojson, option="--geojson")
+    with _sigterm_interrupts() as terminated, writing(output, then="run it again with --resume"):
         try:
             summary = run_slide(slide, output, resolve_model(model_path), opts)
         except KeyboardInterrupt as exc:
@@ -397,7 +435,8 @@ def run(
         _echo_summary(summary)
     # A resumed complete output still gets the GeoJSON it lacks (as in a batch).
     if geojson is not None and not (complete_before and geojson.exists()):
-        _export_instances(output, geojson)
+        with writing(geojson, then="run it again with --resume"):
+            _export_instances(output, geojson)
 
 
 def _echo_summary(summary: RunSummary) -> None:
@@ -522,11 +561,9 @@ def _run_batch(
     _check_batch_paths(outdir, geojson_dir, opts.tissue)
     items = plan_batch(expand_slides(args), outdir, geojson_dir)
     expected = _expected_params(model, opts)
-    for folder in [f for f in (outdir, geojson_dir) if f is not None]:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"{folder}: cannot create the output folder ({exc})") from exc
+    prepare_folder(outdir, option="-o")
+    if geojson_dir is not None:
+        prepare_folder(geojson_dir, option="--geojson")
     failed: list[Path] = []
     n, i = len(items), 0
     with _sigterm_interrupts() as terminated:
@@ -538,7 +575,7 @@ def _run_batch(
                 except Exception as exc:  # reported, counted, and the batch goes on
                     log.debug("%s failed", item.slide, exc_info=True)
                     failed.append(item.slide)
-                    click.echo(f"failed: {_describe(exc, item.slide)}", err=True)
+                    click.echo(f"failed: {_describe(exc, item)}", err=True)
         except KeyboardInterrupt as exc:
             click.echo(f"stopped: {items[i - 1].output}: {exc or 'interrupted'}", err=True)
             succeeded = i - 1 - len(failed)
@@ -574,11 +611,23 @@ def _run_item(item: BatchItem, model: Path, opts: RunOptions, expected: dict[str
         _export_instances(item.output, item.geojson)
 
 
-def _describe(exc: Exception, slide: Path) -> str:
+_WRITE_ADVICE = {
+    "no space": "free space, then rerun with --resume",
+    "not writable": "choose a writable folder",
+}
+
+
+def _describe(exc: Exception, item: BatchItem) -> str:
     """One line for a failed slide, starting with its path; unexpected errors name their type."""
-    message = _one_line(exc)
-    if not isinstance(exc, TilesegmentError):
-        message = f"{type(exc).__name__}: {message} (rerun with --log-level debug for details)"
+    slide = item.slide
+    failure = write_failure(exc, item.output)
+    if failure is not None:
+        kind, message = failure
+        message = f"{message}; {_WRITE_ADVICE[kind]}"
+    else:
+        message = _one_line(exc)
+        if not isinstance(exc, TilesegmentError):
+            message = f"{type(exc).__name__}: {message} (rerun with --log-level debug for details)"
     return message if message.startswith(str(slide)) else f"{slide}: {message}"
 
 

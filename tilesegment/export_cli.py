@@ -98,24 +98,31 @@ def export(
     classification: str,
 ) -> None:
     """Label nucleus instances of the finished output STORE and export a table and GeoJSON."""
-    from tilesegment.postprocess import postprocess_output
+    from tilesegment.cli import writing
+    from tilesegment.destinations import prepare_destination
+    from tilesegment.postprocess import default_table_path, postprocess_output
 
     options: dict[str, Any] = {}
     if min_area_um2 is not None:
         options["min_area_um2"] = min_area_um2
     try:
-        result = postprocess_output(
-            store,
-            geojson=geojson,
-            table=table,
-            instances=instances,
-            class_id=class_id,
-            threshold=threshold,
-            connectivity=int(connectivity),
-            downsample=downsample,
-            classification=classification,
-            **options,
-        )
+        # The destinations are checked (and their folders made) before the labelling.
+        prepare_destination(table or default_table_path(store), option="--table")
+        if geojson is not None:
+            prepare_destination(geojson, option="--geojson")
+        with writing(geojson or store, then="run the export again"):
+            result = postprocess_output(
+                store,
+                geojson=geojson,
+                table=table,
+                instances=instances,
+                class_id=class_id,
+                threshold=threshold,
+                connectivity=int(connectivity),
+                downsample=downsample,
+                classification=classification,
+                **options,
+            )
     except (ConfigError, StoreError) as exc:
         raise _InputError(_one_line(exc)) from exc
     except TilesegmentError as exc:

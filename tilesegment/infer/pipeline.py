@@ -39,7 +39,7 @@ from typing import Any, NoReturn, Protocol
 import numpy as np
 
 from tilesegment import __version__
-from tilesegment.errors import ConfigError, SlideReadError, TilesegmentError
+from tilesegment.errors import ConfigError, ModelError, SlideReadError, TilesegmentError
 from tilesegment.geometry import Box, Tile, TileGrid, tile_grid, tile_indices
 from tilesegment.infer.identity import IDENTITY_KEYS, SlideIdentity, check_identity, identify
 from tilesegment.infer.predict import to_model_channels
@@ -982,9 +982,15 @@ def _run_locked(job: _Job, run: _Run) -> RunSummary:
                 _run_pool(context, plan, job.devices, done_log, run)
         except TilesegmentError as exc:
             _finish_failed(done_log, output, plan, run, opts, params, "failed", exc)
-            # The same public error class (so the same exit code), plus where the output is.
+            # The same public error class (so the same exit code), plus where the output is;
+            # --resume is advised only where it can help (not for a corrupt slide or model).
             public = next(c for c in type(exc).__mro__ if c.__module__ == "tilesegment.errors")
-            raise public(f"{exc}; {output} was left incomplete (resume with --resume)") from exc
+            advice = (
+                "running it again will fail the same way"
+                if isinstance(exc, (SlideReadError, ConfigError, ModelError))
+                else "resume with --resume"
+            )
+            raise public(f"{exc}; {output} was left incomplete ({advice})") from exc
         except Exception as exc:
             _finish_failed(done_log, output, plan, run, opts, params, "failed", exc)
             raise

@@ -43,12 +43,16 @@ the parent or the in-process path) makes worker slot 0 fail after writing 3 chun
 ``tile=ROW.COL`` (fail when that tile is about to be predicted, whatever the worker),
 ``mode`` = ``exit`` (``os._exit(86)``), ``kill`` (SIGKILL itself) or ``raise``
 (``RuntimeError``), ``gen`` = ``first`` (default: only the first process of the slot, so the
-respawned worker succeeds) or ``all``. It exists to test fault tolerance and is not a feature.
+respawned worker succeeds) or ``all``; ``startup=SECONDS`` makes the worker sleep that long
+before loading the model (a slow start-up, to test signals during it; no fault then unless
+``after``, ``tile`` or ``mode`` is also given). It exists to test fault tolerance and is not a
+feature.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import pickle
@@ -67,7 +71,9 @@ from typing import Any
 
 import numpy as np
 
+from tilesegment.destinations import NO_SPACE
 from tilesegment.errors import ConfigError, ModelError, SlideReadError, StoreError
+from tilesegment.infer.capacity import cap_cpu_workers
 from tilesegment.infer.pipeline import (
     ChunkTask,
     Unit,
@@ -78,6 +84,7 @@ from tilesegment.infer.pipeline import (
     stream_units,
 )
 from tilesegment.infer.predict import Predictor
+from tilesegment.infer.spawn import HELD_SIGNALS, run_worker
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +135,7 @@ def resolve_devices(device: str, workers: int | None = None) -> list[str]:
     if workers is not None:
         if out != ["cpu"]:
             raise ConfigError("--workers sets the number of CPU workers; use it with --devices cpu")
-        out = ["cpu"] * workers
+        out = ["cpu"] * cap_cpu_workers(workers)
     return out
 
 
@@ -328,6 +335,9 @@ class FaultSpec:
     tile: tuple[int, int] | None = None
     mode: str = "exit"
     every_generation: bool = False
+    startup_s: float = 0.0
+    fails: bool = True
+    """False when the spec only slows the start-up down."""
 
     @classmethod
     def parse(cls, text: str) -> FaultSpec:
@@ -346,10 +356,13 @@ class FaultSpec:
                     values["mode"] = value
                 elif key == "gen" and value in ("first", "all"):
                     values["every_generation"] = value == "all"
+                elif key == "startup":
+                    values["startup_s"] = float(value)
                 else:
                     raise ValueError(part)
         except ValueError as exc:
             raise ConfigError(f"{FAULT_ENV}={text!r}: cannot parse {exc}") from exc
+        values["fails"] = bool(set(values) & {"after", "tile", "mode"}) or "startup_s" not in values
         return cls(**values)
 
 
@@ -371,14 +384,20 @@ class FaultInjector:
         text = os.environ.get(FAULT_ENV, "")
         return cls(FaultSpec.parse(text) if text else None, slot, generation)
 
+    def starting(self) -> None:
+        """Sleep for the configured start-up delay, if any."""
+        if self.active and self.spec.startup_s > 0:
+            log.warning("slowing the start-up of %s by %g s", self._where, self.spec.startup_s)
+            time.sleep(self.spec.startup_s)
+
     def tile_started(self, tile) -> None:
-        if not self.active:
+        if not self.active or not self.spec.fails:
             return
         if self.spec.tile == tile.index or (self.spec.tile is None and self.spec.after == 0):
             self._fire(f"at tile {tile.index}")
 
     def chunk_written(self) -> None:
-        if not self.active or self.spec.tile is not None:
+        if not self.active or not self.spec.fails or self.spec.tile is not None:
             return
         self._chunks += 1
         if self._chunks == self.spec.after:
@@ -468,7 +487,7 @@ def _pack_error(exc: BaseException) -> tuple[bytes | None, str, str]:
     return blob, f"{type(exc).__name__}: {exc}", traceback.format_exc()
 
 
-def _worker_main(
+def worker_main(
     slot: int,
     generation: int,
     parent_pid: int,
@@ -477,10 +496,10 @@ def _worker_main(
     device: str,
     threads: int,
     read_threads: int,
-    conn,
     log_level: int,
+    conn,
 ) -> None:
-    """Entry point of a worker process (module level, so spawn can import it)."""
+    """The body of a worker process (started through :func:`tilesegment.infer.spawn.run_worker`)."""
     _die_with_parent(parent_pid)
     tune_malloc()
     # The parent decides when to stop (a terminal's Ctrl-C or a scheduler's SIGTERM reach the
@@ -501,6 +520,7 @@ def _worker_main(
         from tilesegment.store import OutputStore
 
         fault = FaultInjector.from_env(slot, generation)
+        fault.starting()
         torch.set_num_threads(threads)
         with contextlib.suppress(RuntimeError):
             torch.set_num_interop_threads(1)
@@ -673,9 +693,8 @@ class WorkerPool:
         s.inflight = {}
         s.current = None
         s.t_ready = s.t_last = None
-        s.process = self._mp.Process(
-            target=_worker_main,
-            args=(
+        payload = pickle.dumps(
+            (
                 s.slot,
                 s.generation,
                 os.getpid(),
@@ -684,13 +703,23 @@ class WorkerPool:
                 s.device,
                 s.threads,
                 self._read_threads,
-                child,
                 logging.getLogger("tilesegment").getEffectiveLevel(),
-            ),
+            )
+        )
+        process = self._mp.Process(
+            target=run_worker,
+            args=(payload, child),  # the pipe end travels the way multiprocessing passes it
             name=f"tilesegment-worker-{s.slot}",
             daemon=True,
         )
-        s.process.start()
+        # A signal inside start() would cut the payload short; hold it back until the child
+        # has read it (a fraction of a second: see tilesegment.infer.spawn).
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        s.process = process
         child.close()
         s.conn = parent
         log.info("started worker %d on %s (pid %d)", s.slot, s.device, s.process.pid)
@@ -770,7 +799,7 @@ class WorkerPool:
             reason = f"raised {text}"
             log.debug("worker %d traceback:\n%s", s.slot, tb)
             exc = _unpack(blob)
-            if isinstance(exc, _DETERMINISTIC):
+            if isinstance(exc, _DETERMINISTIC) or _cannot_write(exc):
                 raise exc
         elif code is not None and code < 0:
             reason = f"was killed by signal {-code}"
@@ -811,7 +840,17 @@ class WorkerPool:
             s.conn = None
 
     def _stop_all(self) -> None:
-        """Ask every worker to stop after its current batch; record what they finish."""
+        """Ask every worker to stop after its current batch; record what they finish.
+
+        A worker still starting (importing torch, loading the model) has written nothing and
+        would read the request only once started, which takes seconds per worker on a busy
+        machine: it is killed at once, so that a signal during start-up is honoured promptly.
+        """
+        for s in self._slots:
+            if s.process is not None and s.conn is not None:
+                self._drain(s)  # a worker may have become ready meanwhile
+                if not s.ready:
+                    self._kill(s, "still starting")
         live = [s for s in self._slots if s.process is not None and s.conn is not None]
         for s in live:
             with contextlib.suppress(BrokenPipeError, OSError):
@@ -834,13 +873,17 @@ class WorkerPool:
 
     def _kill_all(self) -> None:
         for s in self._slots:
-            if s.process is not None and s.process.is_alive():
-                log.warning("killing worker %d (pid %d)", s.slot, s.process.pid)
-                s.process.kill()
             if s.process is not None:
-                s.process.join()
-                self._close(s)
-                s.process = None
+                self._kill(s)
+
+    def _kill(self, s: _Slot, why: str = "") -> None:
+        if s.process.is_alive():
+            reason = f" ({why})" if why else ""
+            log.warning("killing worker %d (pid %d)%s", s.slot, s.process.pid, reason)
+            s.process.kill()
+        s.process.join()
+        self._close(s)
+        s.process = None
 
     # -- results -----------------------------------------------------------------------------
 
@@ -881,6 +924,12 @@ def _unpack(blob: bytes | None) -> BaseException | None:
     except Exception:
         return None
     return exc if isinstance(exc, BaseException) else None
+
+
+def _cannot_write(exc: BaseException | None) -> bool:
+    """A full or read-only filesystem: every worker would fail the same way, so the run stops
+    at once (with the error itself, which the command line turns into one line)."""
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE | {errno.EROFS}
 
 
 def _n_tiles(tasks: tuple[ChunkTask, ...]) -> int:
