@@ -149,7 +149,9 @@ def test_corrupt_tiles_mid_run_leave_an_incomplete_output(model, tmp_path):
     assert result.exit_code == 2, result.output
     message = result.output.strip()
     assert "\n" not in message and "unreadable.svs" in message
-    assert "left incomplete" in message
+    assert f"{out} was left incomplete" in message
+    # A corrupt slide fails the same way again: no advice to --resume (exit 2, see the README).
+    assert "--resume" not in message and "running it again will fail the same way" in message
     assert not is_complete(out)
     # OME-Zarr readers do not see an image there.
     assert "multiscales" not in zarr.open_group(out, mode="r").attrs

@@ -28,6 +28,7 @@ STAGES = (
     "tilesegment.tissue",
     "tilesegment.model",
     "tilesegment.store",
+    "tilesegment.infer.capacity",
     "tilesegment.infer.options",
     "tilesegment.infer.identity",
     "tilesegment.infer.devices",

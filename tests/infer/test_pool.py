@@ -5,7 +5,10 @@ failures reported and resumable, a killed parent leaves no orphan worker; plus t
 from __future__ import annotations
 
 import json
+import os
 import signal
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +26,13 @@ from tests.infer.conftest import (
     wait_gone,
 )
 from tilesegment.errors import ConfigError
+from tilesegment.infer.capacity import (
+    WORKER_RSS_MB,
+    available_memory_mb,
+    cap_cpu_workers,
+    cgroup_limit,
+    usable_cores,
+)
 from tilesegment.infer.devices import cpu_has_native_bf16, resolve_devices, resolve_precision
 from tilesegment.infer.executors.faults import FAULT_ENV, FaultInjector, FaultSpec
 from tilesegment.infer.stream import BatchSize
@@ -59,7 +69,7 @@ def test_batch_size_halves_on_out_of_memory_and_keeps_the_result():
 
 def test_devices_and_precision_are_resolved_per_device():
     assert resolve_devices("cpu") == ["cpu"]
-    assert resolve_devices("cpu", 3) == ["cpu", "cpu", "cpu"]
+    assert resolve_devices("cpu", 3) == ["cpu"] * cap_cpu_workers(3)  # capped on small machines
     if not torch.cuda.is_available():
         assert resolve_devices("auto") == ["cpu"]
         with pytest.raises(ConfigError, match=r"cuda:0 is not available .*0 CUDA devices"):
@@ -85,6 +95,83 @@ def test_fault_hook_grammar_and_targeting():
     hook.chunk_written()
     with pytest.raises(RuntimeError, match="injected fault in worker 0 generation 0 after 2"):
         hook.chunk_written()
+
+
+def test_worker_cap_reads_cgroup_limits_and_logs_the_cap(tmp_path, caplog):
+    """cgroup v2 and v1 limit files as the kernel writes them, and the cap on this machine."""
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    v2.mkdir()
+    v1.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs
+    (v2 / "memory.max").write_text(f"{2 * 2**30}\n")
+    (v2 / "memory.current").write_text(f"{2**29}\n")
+    assert cgroup_limit(v2, "cpu.max") == 1.5
+    assert cgroup_limit(v2, "memory.max") == 1536  # MB left under the limit
+    (v2 / "cpu.max").write_text("max 100000\n")
+    (v2 / "memory.max").write_text("max\n")
+    assert cgroup_limit(v2, "cpu.max") is None and cgroup_limit(v2, "memory.max") is None
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    (v1 / "memory.usage_in_bytes").write_text("1000\n")
+    assert cgroup_limit(v1, "cpu.cfs_quota_us") is None
+    assert cgroup_limit(v1, "memory.limit_in_bytes") is None
+    (v1 / "cpu.cfs_quota_us").write_text("300000\n")
+    assert cgroup_limit(v1, "cpu.cfs_quota_us") == 3.0
+
+    cores = usable_cores()
+    assert 1 <= cores <= len(os.sched_getaffinity(0))
+    memory_mb = available_memory_mb()
+    assert memory_mb is not None and memory_mb > 0
+    cap = min(cores, max(1, int(memory_mb // WORKER_RSS_MB)))
+    assert cap_cpu_workers(1) == 1 and "capped" not in caplog.text
+    assert cap_cpu_workers(cap) == cap and "capped" not in caplog.text
+    assert cap_cpu_workers(10_000) == cap
+    assert f"--workers 10000 capped to {cap}: {cores} usable CPU cores" in caplog.text
+
+
+def test_sigterm_during_worker_start_up_ends_the_process_tree_promptly(tiny_model, slide, tmp_path):
+    """SIGTERM while the workers start (each slowed down by 60 s, like a busy node importing
+    torch): exit 143 within seconds, no process left, no completion marker. Before the fix the
+    parent waited for every worker to finish starting (90 workers: no exit within 20 s)."""
+    out = tmp_path / "out.zarr"
+    env = {FAULT_ENV: "startup=60"}
+    args = ("run", slide, "-o", out, "--model", tiny_model, *RUN_ARGS, "--workers", 256)
+    proc = start_cli(*args, env=env)
+    cap = cap_cpu_workers(256)
+    deadline = time.monotonic() + 60
+    while len(_workers(proc.pid)) < cap and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert len(_workers(proc.pid)) == cap, "the workers did not start"
+    time.sleep(1.0)  # they are now sleeping in their start-up
+    children = descendants(proc.pid)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:  # the test failed: leave nothing running (workers die with it)
+            proc.kill()
+    took = time.monotonic() - t0
+    assert proc.returncode == 143, err
+    assert took < 5, f"took {took:.1f} s to stop"
+    assert wait_gone(children, timeout=5) == [], "workers left running"
+    assert f"--workers 256 capped to {cap}" in err
+    assert "(still starting)" in err and "Traceback" not in err, err
+    assert done_records(out) == 0 and not is_complete(out)
+
+
+def _workers(pid: int) -> list[int]:
+    """The pool workers among the descendants of ``pid`` (not multiprocessing's tracker)."""
+    found = []
+    for child in descendants(pid):
+        try:
+            cmdline = (Path("/proc") / str(child) / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            found.append(child)
+    return found
 
 
 # ------------------------------------------------------------------------------ end to end

@@ -173,3 +173,22 @@ def test_evaluate_resolves_a_shipped_model_name_like_run(tmp_path):
     assert doc["model"].endswith("nuclei-he")
     missing = invoke("evaluate", "--model", "no-such-model", "--images", images, "--labels", labels)
     assert missing.exit_code == 2 and "shipped: " in missing.output
+
+
+def test_class_labels_with_gaps_warn_naming_the_values(tmp_path, caplog):
+    """0/1/7 masks build an 8-class model; the unused classes 2-6 are named in a warning."""
+    images, labels = write_folder(tmp_path / "data", 3, kind="binary")
+    for path in sorted(labels.glob("*.tif")):
+        label = (tifffile.imread(path) > 0).astype(np.uint8)
+        label[:8, :8] = 7
+        tifffile.imwrite(path, label)
+    caplog.set_level(logging.WARNING)
+    result = invoke(*train_args(images, labels, tmp_path / "run", "--val-fraction", "0"))
+    assert result.exit_code == 0, result.output
+    assert (
+        "class labels hold the values 0, 1, 7: the model gets 8 classes, of which 2-6 never occur"
+        in caplog.text
+    )
+    assert "remap the labels to 0..2" in caplog.text
+    config = json.loads((tmp_path / "run" / "last.json").read_text())
+    assert len(config["classes"]["names"]) == 8

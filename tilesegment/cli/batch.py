@@ -284,14 +284,14 @@ def run_batch(
     args: tuple[str, ...], outdir: Path, geojson_dir: Path | None, model: Path, opts: RunOptions
 ) -> None:
     """Run every slide named by ``args`` into ``outdir``; report failures and go on."""
+    from tilesegment.store.destinations import prepare_folder
+
     _check_batch_paths(outdir, geojson_dir, opts.tissue)
     items = plan_batch(expand_slides(args), outdir, geojson_dir)
     expected = _expected_params(model, opts)
-    for folder in [f for f in (outdir, geojson_dir) if f is not None]:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"{folder}: cannot create the output folder ({exc})") from exc
+    prepare_folder(outdir, option="-o")
+    if geojson_dir is not None:
+        prepare_folder(geojson_dir, option="--geojson")
     failed: list[Path] = []
     n, i = len(items), 0
     with sigterm_interrupts() as terminated:
@@ -303,7 +303,7 @@ def run_batch(
                 except Exception as exc:  # reported, counted, and the batch goes on
                     log.debug("%s failed", item.slide, exc_info=True)
                     failed.append(item.slide)
-                    click.echo(f"failed: {_describe(exc, item.slide)}", err=True)
+                    click.echo(f"failed: {_describe(exc, item)}", err=True)
         except KeyboardInterrupt as exc:
             click.echo(f"stopped: {items[i - 1].output}: {exc or 'interrupted'}", err=True)
             succeeded = i - 1 - len(failed)
@@ -338,9 +338,23 @@ def _run_item(item: BatchItem, model: Path, opts: RunOptions, expected: dict[str
         export_instances(item.output, item.geojson)
 
 
-def _describe(exc: Exception, slide: Path) -> str:
+_WRITE_ADVICE = {
+    "no space": "free space, then rerun with --resume",
+    "not writable": "choose a writable folder",
+}
+
+
+def _describe(exc: Exception, item: BatchItem) -> str:
     """One line for a failed slide, starting with its path; unexpected errors name their type."""
-    message = one_line(exc)
-    if not isinstance(exc, TilesegmentError):
-        message = f"{type(exc).__name__}: {message} (rerun with --log-level debug for details)"
+    from tilesegment.store.destinations import write_failure
+
+    slide = item.slide
+    failure = write_failure(exc, item.output)
+    if failure is not None:
+        kind, message = failure
+        message = f"{message}; {_WRITE_ADVICE[kind]}"
+    else:
+        message = one_line(exc)
+        if not isinstance(exc, TilesegmentError):
+            message = f"{type(exc).__name__}: {message} (rerun with --log-level debug for details)"
     return message if message.startswith(str(slide)) else f"{slide}: {message}"

@@ -1,16 +1,26 @@
 """The only place that turns tilesegment's errors into one-line messages and exit codes.
 
-Exit codes: 0 success; 1 runtime failure (a worker or the store failed mid-run); 2 bad input or
-usage (:class:`~tilesegment.errors.InputError`: unreadable slide, invalid tile size, missing
-model, existing output without --overwrite; and click's usage errors); 130 / 143 after SIGINT /
-SIGTERM. Every command uses :class:`Command` (and the group :class:`Group`), so a command
-invoked on its own maps errors exactly as inside the ``tilesegment`` group.
+Exit codes (the README states the same contract):
+
+* 0 success;
+* 1 a failure during the run that running again can fix: a worker that kept failing, a full
+  disk (free space, then ``--resume``);
+* 2 bad input or usage (:class:`~tilesegment.errors.InputError` and click's usage errors), which
+  running the same command again cannot fix: an unreadable slide (also when a tile turns out
+  unreadable half-way through the run), an invalid option, a missing or broken model, an output
+  that exists without --overwrite or cannot be written (read-only filesystem, a path under a
+  regular file);
+* 130 (SIGINT) or 143 (SIGTERM) interrupted; finished chunks are recorded: ``--resume``.
+
+Every command uses :class:`Command` (and the group :class:`Group`), so a command invoked on its
+own maps errors exactly as inside the ``tilesegment`` group.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -44,6 +54,28 @@ def exit_codes() -> Iterator[None]:
         raise BadInput(one_line(exc)) from exc
     except TilesegmentError as exc:
         raise RunFailed(one_line(exc)) from exc
+
+
+@contextlib.contextmanager
+def writing(destination: Path, *, then: str) -> Iterator[None]:
+    """Turn a full or unwritable filesystem met while writing ``destination`` into one line.
+
+    A full disk is a failure during the run (exit 1: "free space, then ``then``"); a read-only
+    or forbidden destination is an input error (exit 2: "choose a writable folder"). Any other
+    error passes through unchanged.
+    """
+    from tilesegment.store.destinations import write_failure
+
+    try:
+        yield
+    except (TilesegmentError, OSError) as exc:
+        failure = write_failure(exc, destination)
+        if failure is None:
+            raise
+        kind, message = failure
+        if kind == "no space":
+            raise RunFailed(f"{message}; free space, then {then}") from exc
+        raise BadInput(f"{message}; choose a writable folder") from exc
 
 
 class Command(click.Command):

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from tilesegment.cli.exits import Command
+from tilesegment.cli.exits import Command, writing
 
 
 @click.command("export", cls=Command)
@@ -76,22 +76,28 @@ def export(
     classification: str,
 ) -> None:
     """Label nucleus instances of the finished output STORE and export a table and GeoJSON."""
-    from tilesegment.postprocess import InstanceOptions, postprocess_output
+    from tilesegment.postprocess import InstanceOptions, default_table_path, postprocess_output
+    from tilesegment.store.destinations import prepare_destination
 
     options: dict[str, Any] = {}
     if min_area_um2 is not None:
         options["min_area_um2"] = min_area_um2
-    result = postprocess_output(
-        store,
-        InstanceOptions(
-            class_id=class_id, threshold=threshold, connectivity=int(connectivity), **options
-        ),
-        geojson=geojson,
-        table=table,
-        instances=instances,
-        downsample=downsample,
-        classification=classification,
-    )
+    # The destinations are checked (and their folders made) before the labelling.
+    prepare_destination(table or default_table_path(store), option="--table")
+    if geojson is not None:
+        prepare_destination(geojson, option="--geojson")
+    with writing(geojson or store, then="run the export again"):
+        result = postprocess_output(
+            store,
+            InstanceOptions(
+                class_id=class_id, threshold=threshold, connectivity=int(connectivity), **options
+            ),
+            geojson=geojson,
+            table=table,
+            instances=instances,
+            downsample=downsample,
+            classification=classification,
+        )
     how = "labelled" if result.computed is not None else "reused labels/nuclei with"
     outputs = [str(p) for p in result.tables]
     if result.geojson is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from tilesegment.cli.batch import is_batch, run_batch
-from tilesegment.cli.exits import Command
+from tilesegment.cli.exits import Command, writing
 from tilesegment.cli.options import (
     device_option,
     model_option,
@@ -69,7 +69,9 @@ from tilesegment.cli.outcome import echo_summary, export_instances, sigterm_inte
 @click.option(
     "--workers",
     type=click.IntRange(1, 256),
-    help="CPU worker processes (default 1, in-process); they split the cores.",
+    help="CPU worker processes (default 1, in-process); they split the cores. More than the "
+    "usable cores (affinity, cgroup quota) or than available memory allows (~520 MB each) "
+    "is capped to that, with a warning.",
 )
 @precision_option(auto=True, default="auto")
 @click.option(
@@ -134,7 +136,9 @@ def run(
 
     Resumable: a run killed at any point continues with --resume and gives the same bytes.
     Ctrl-C (or SIGTERM) stops after writing the finished chunks (exit code 130 or 143). A JSON
-    report is written beside OUTPUT (OUT.zarr -> OUT.report.json).
+    report is written beside OUTPUT (OUT.zarr -> OUT.report.json). Exit codes: 0 done; 1 a
+    failure that running again can fix (a full disk: free space, then --resume); 2 bad input
+    that it cannot (unreadable slide or tile, invalid option, broken model, unwritable output).
 
     Many slides: give several SLIDEs, quoted shell-style globs ('slides/*.svs', '**' recurses)
     or @LIST (a text file, one path or glob per line, # comments, relative to the list's
@@ -153,6 +157,7 @@ def run(
     """
     from tilesegment.infer.options import RunOptions
     from tilesegment.infer.run import run_slide
+    from tilesegment.store.destinations import prepare_destination
 
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite contradict each other; pass one")
@@ -184,7 +189,11 @@ def run(
         raise click.BadParameter(
             f"{geojson} is a folder; give FILE.geojson", param_hint="'--geojson'"
         )
-    with sigterm_interrupts() as terminated:
+    # Every destination is checked (and its folder made) before the first tile.
+    prepare_destination(output, option="-o")
+    if geojson is not None:
+        prepare_destination(geojson, option="--geojson")
+    with sigterm_interrupts() as terminated, writing(output, then="run it again with --resume"):
         try:
             summary = run_slide(slide, output, model_path, opts)
         except KeyboardInterrupt as exc:
@@ -197,4 +206,5 @@ def run(
         echo_summary(summary)
     # A resumed complete output still gets the GeoJSON it lacks (as in a batch).
     if geojson is not None and not (complete_before and geojson.exists()):
-        export_instances(output, geojson)
+        with writing(geojson, then="run it again with --resume"):
+            export_instances(output, geojson)

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 
 from tilesegment.errors import ConfigError
+from tilesegment.infer.capacity import cap_cpu_workers
 
 #: Environment every process that runs torch for tilesegment starts with (the CLI sets it for
 #: itself; worker processes get it at spawn): OpenMP threads wait passively instead of spinning,
@@ -79,7 +80,7 @@ def resolve_devices(device: str, workers: int | None = None) -> list[str]:
     if workers is not None:
         if out != ["cpu"]:
             raise ConfigError("--workers sets the number of CPU workers; use it with --devices cpu")
-        out = ["cpu"] * workers
+        out = ["cpu"] * cap_cpu_workers(workers)
     return out
 
 

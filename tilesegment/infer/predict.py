@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from tilesegment.errors import ConfigError
+from tilesegment.errors import ConfigError, ModelError
 from tilesegment.geometry import PAD_MODE, whole_image_padding
 from tilesegment.model.checkpoint import ModelSpec
 from tilesegment.model.unet import UNet
@@ -118,7 +118,17 @@ class Predictor:
             x = x.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             logits = self.model(x)
-        return torch.softmax(logits.float(), dim=1).contiguous()
+        probs = torch.softmax(logits.float(), dim=1).contiguous()
+        # Softmax values lie in [0, 1] or are NaN (inf logits give NaN), so the sum is finite
+        # unless one is NaN: one reduction, 0.04 ms against ~700 ms for a 572 px fp32 forward pass
+        # of the default model on the 2-core CPU.
+        if not probs.sum().isfinite():
+            raise ModelError(
+                f"model {self.spec.name!r} produced NaN or inf values ({self.precision} on "
+                f"{self.device}): its checkpoint is broken or the input is out of the range its "
+                "weights can handle; check the model on known images with `tilesegment evaluate`"
+            )
+        return probs
 
 
 def predict_image(image: np.ndarray, predictor: Predictor) -> np.ndarray:

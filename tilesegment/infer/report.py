@@ -11,6 +11,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,10 @@ class RunRecord:
     worker_peak_rss_mb: float = 0.0
     tissue: dict[str, Any] = field(default_factory=dict)
     """How the tissue map was made (mode, how, fraction, found)."""
+    reader: Any = None
+    """The run's own reader (thumbnail, in-process tiles): its decode warnings go in the report."""
+    decode_warnings: dict[tuple[int, int, int], dict[str, Any]] = field(default_factory=dict)
+    """Corrupt-but-decodable segments reported by worker readers, by (level, row, column)."""
 
     @classmethod
     def start(cls) -> RunRecord:
@@ -80,10 +85,23 @@ class RunRecord:
         self.devices = stats.devices
         self.worker_peak_rss_mb = stats.worker_peak_rss_mb
         self.errors.extend(stats.errors)
+        self.add_decode_warnings(stats.decode_warnings)
         self.failed_tiles = list(stats.failed_tiles)
         self.tiles_processed = recorder.tiles
         self.core_px = recorder.core_px
         self.chunks_written = recorder.chunks
+
+    def add_decode_warnings(self, warnings: Iterable[Mapping[str, Any]]) -> None:
+        """Merge :meth:`DecodeWarning.as_dict` records (each segment once)."""
+        for w in warnings:
+            self.decode_warnings.setdefault((w["level"], w["row"], w["column"]), dict(w))
+
+    def decode_warnings_doc(self) -> dict[str, Any]:
+        """The report's ``decode_warnings``: tiles/strips of the slide that decoded with errors."""
+        if self.reader is not None:
+            self.add_decode_warnings(w.as_dict() for w in self.reader.decode_warnings())
+        tiles = [self.decode_warnings[k] for k in sorted(self.decode_warnings)]
+        return {"count": len(tiles), "tiles": tiles}
 
     def processed_rate(self) -> float | None:
         """Computed Mpx per streaming second, None when no tile was computed (a rate over no
@@ -142,6 +160,7 @@ class RunRecord:
             "peak_rss_mb": self.peak_rss(),
             "versions": versions(),
             "errors": self.errors,
+            "decode_warnings": self.decode_warnings_doc(),
         }
         # Earlier attempts on this output (interrupted or failed runs), oldest first.
         doc["history"] = []

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tilesegment import __version__
-from tilesegment.errors import ConfigError, SlideReadError, TilesegmentError
+from tilesegment.errors import ConfigError, ModelError, SlideReadError, TilesegmentError
 from tilesegment.geometry import TileGrid
 from tilesegment.infer.devices import (
     reset_peak_rss,
@@ -195,6 +195,7 @@ def _run_params(
 def _run_locked(job: _Job, run: RunRecord) -> RunSummary:
     """Create or reopen the output, compute what is missing, finalise, report."""
     opts, source, grid, output = job.opts, job.source, job.grid, job.output
+    run.reader = job.reader
     tissue, thumbnail, run.tissue = tissue_map(job.reader, source, opts, user_mask=job.tissue_mask)
     ky, kx = tiles_per_chunk(grid, opts.chunk_target_px)
     chunk_shape = (ky * grid.stride[0], kx * grid.stride[1])
@@ -282,9 +283,15 @@ def _execute(
                 run.absorb(executor.stats(), recorder)
     except TilesegmentError as exc:
         _finish_failed(recorder.done_log, output, plan, run, opts, params, "failed", exc)
-        # The same public error class (so the same exit code), plus where the output is.
+        # The same public error class (so the same exit code), plus where the output is;
+        # --resume is advised only where it can help (not for a corrupt slide or model).
         public = next(c for c in type(exc).__mro__ if c.__module__ == "tilesegment.errors")
-        raise public(f"{exc}; {output} was left incomplete (resume with --resume)") from exc
+        advice = (
+            "running it again will fail the same way"
+            if isinstance(exc, (SlideReadError, ConfigError, ModelError))
+            else "resume with --resume"
+        )
+        raise public(f"{exc}; {output} was left incomplete ({advice})") from exc
     except Exception as exc:
         _finish_failed(recorder.done_log, output, plan, run, opts, params, "failed", exc)
         raise

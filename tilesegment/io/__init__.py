@@ -8,9 +8,9 @@ input                                      backend
 =========================================  ===================================================
 directory with ``.zarray``/``.zgroup``/    :class:`~tilesegment.io.zarr.ZarrReader`
 ``zarr.json``
-TIFF header, OpenSlide detects a vendor    :class:`~tilesegment.io.openslide.OpenSlideReader`
-other than ``generic-tiff`` (svs, ndpi,
-scn, bif, philips...)
+TIFF header, OpenSlide detects a vendor    :class:`~tilesegment.io.openslide.OpenSlideReader`;
+other than ``generic-tiff`` (svs, ndpi,    if OpenSlide then cannot open it (damaged), a
+scn, bif, philips...)                      warning and :class:`~tilesegment.io.tiff.TiffReader`
 any other TIFF                             :class:`~tilesegment.io.tiff.TiffReader`, falling
                                            back to OpenSlide (when it detects the file) if
                                            tifffile cannot open or decode it
@@ -19,6 +19,10 @@ vms, vmu, dicom...)
 PNG, JPEG, BMP, GIF or WebP header         :class:`~tilesegment.io.image.ImageReader`
 anything else                              :class:`~tilesegment.errors.SlideReadError`
 =========================================  ===================================================
+
+A TIFF cut short (a truncated copy) is not detected by OpenSlide at all; tifffile reads the
+pages that are intact, with a warning that says the file looks truncated, or refuses it with an
+error that says so (see :mod:`tilesegment.io.integrity`).
 
 Probe on open: the tiff and zarr backends decode the top-left chunk of level 0 while opening
 (one tile or strip, skipped when it is over 64 MiB decoded), and check that a decoder exists
@@ -32,14 +36,22 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
 
-from tilesegment.io.base import SlideInfo, SlideReader
-from tilesegment.io.common import EXPECTED_INPUT, ReaderError, slide_error
+from tilesegment.io.base import DecodeWarning, SlideInfo, SlideReader
+from tilesegment.io.common import EXPECTED_INPUT, DamagedFileError, ReaderError, slide_error
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SlideInfo", "SlideReader", "open_slide", "sniff_format"]
+__all__ = [
+    "DecodeWarning",
+    "SlideInfo",
+    "SlideReader",
+    "check_slide_path",
+    "open_slide",
+    "sniff_format",
+]
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
 _IMAGE_MAGIC = {
@@ -87,17 +99,78 @@ def _looks_like_text(header: bytes) -> bool:
     return True
 
 
+_SPECIAL_FILES = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def check_slide_path(path: str | os.PathLike[str], /) -> None:
+    """Refuse a slide path that does not exist or is not a regular file or a directory.
+
+    Only looks at the path's ``stat`` (following symlinks): it never opens the path, so a FIFO,
+    a device or a socket is refused at once instead of blocking the first read forever.
+
+    Raises
+    ------
+    SlideReadError
+        One line naming the path, what it is and what to pass instead.
+
+    Examples
+    --------
+    >>> check_slide_path("/dev/null")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    tilesegment.io.common.ReaderError: /dev/null: not a regular file but a character device; ...
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise slide_error(
+            path, "no such file or directory", "check the path and the working directory"
+        ) from None
+    except OSError as exc:
+        raise slide_error(
+            path, f"cannot inspect the path ({exc.strerror or exc})", "check its permissions"
+        ) from exc
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = next((name for test, name in _SPECIAL_FILES if test(mode)), "a special file")
+    raise slide_error(
+        path,
+        f"not a regular file but {kind}",
+        "pass a slide or image file, or the folder of a Zarr store",
+    )
+
+
 def _open_tiff(path: Path) -> SlideReader:
     from tilesegment.io.openslide import OpenSlideReader, detect_vendor
     from tilesegment.io.tiff import TiffReader
 
     vendor = detect_vendor(path)
     if vendor is not None and vendor != "generic-tiff":
-        return OpenSlideReader(path)
+        try:
+            return OpenSlideReader(path)
+        except ReaderError as openslide_error:
+            # Detected from its header but not openable: truncated or damaged. tifffile reads
+            # what is intact (and the Aperio mpp), or says why it cannot.
+            logger.warning("%s: %s; reading it with tifffile instead", path, openslide_error.cause)
+            try:
+                return TiffReader(path)
+            except ReaderError as tiff_error:
+                raise slide_error(
+                    path,
+                    f"the file looks truncated or corrupt: {openslide_error.cause}; nor can "
+                    f"tifffile ({tiff_error.cause})",
+                    "the copy is incomplete or the file is damaged; copy or export it again",
+                ) from tiff_error
     try:
         return TiffReader(path)
     except ReaderError as tiff_error:
-        if vendor is None:
+        if vendor is None or isinstance(tiff_error, DamagedFileError):
             raise
         logger.info("%s: tifffile failed (%s); trying OpenSlide", path, tiff_error.cause)
         try:
@@ -131,10 +204,7 @@ def open_slide(path: str | os.PathLike[str], /) -> SlideReader:
     See the module docstring for the order in which backends are tried and what is probed.
     """
     path = Path(path)
-    if not path.exists():
-        raise slide_error(
-            path, "no such file or directory", "check the path and the working directory"
-        )
+    check_slide_path(path)
     if path.is_dir():
         from tilesegment.io.zarr import ZarrReader, is_zarr_directory
 

@@ -47,6 +47,44 @@ class SlideInfo:
         return self.mpp[0] * d, self.mpp[1] * d
 
 
+@dataclass(frozen=True, slots=True)
+class DecodeWarning:
+    """A tile or strip that decoded only with the decoder's warnings: its pixels may be wrong."""
+
+    level: int
+    """Pyramid level of the segment."""
+    segment: tuple[int, int]
+    """(row, column) of the tile or strip in the level's grid of segments (strips: column 0)."""
+    box: tuple[int, int, int, int]
+    """(y, x, h, w) of the segment's pixels in the level, clipped to the level."""
+    message: str
+    """The decoder's message, e.g. ``Corrupt JPEG data: premature end of data segment``."""
+
+    def describe(self) -> str:
+        """One line for the log: which segment, where, what the decoder said."""
+        y, x, h, w = self.box
+        row, col = self.segment
+        return (
+            f"tile (row {row}, column {col}) of level {self.level}, pixels y={y}..{y + h - 1}, "
+            f"x={x}..{x + w - 1}, is corrupt ({self.message}); it decodes, but its pixels are "
+            "probably wrong"
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        """The JSON form used in the run report."""
+        y, x, h, w = self.box
+        return {
+            "level": self.level,
+            "row": self.segment[0],
+            "column": self.segment[1],
+            "y": y,
+            "x": x,
+            "h": h,
+            "w": w,
+            "message": self.message,
+        }
+
+
 @runtime_checkable
 class SlideReader(Protocol):
     """A source of uint8 pixels at several pyramid levels.
@@ -64,6 +102,13 @@ class SlideReader(Protocol):
         The box must lie inside the level (callers mirror-pad themselves). Returns a C-contiguous
         (h, w, C) uint8 array with C = ``info.channels``. Raises ``SlideReadError`` naming the file
         when the data cannot be decoded.
+        """
+        ...
+
+    def decode_warnings(self) -> tuple[DecodeWarning, ...]:
+        """Segments read so far that decoded only with warnings (corrupt data), oldest first.
+
+        Each segment is reported once per reader, and logged as a warning when found.
         """
         ...
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from tilesegment.errors import ConfigError, SlideReadError
-from tilesegment.io.base import ReaderBase, SlideInfo
+from tilesegment.io.aio import read_selection
+from tilesegment.io.base import DecodeWarning, ReaderBase, SlideInfo
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,10 @@ class ReaderError(SlideReadError):
 
     def __reduce__(self) -> tuple[type[ReaderError], tuple[str, str, str | None]]:
         return type(self), (self.path, self.cause, self.hint)
+
+
+class DamagedFileError(ReaderError):
+    """The file is truncated or its structure is damaged: no other backend should try it."""
 
 
 def slide_error(path: Path | str, cause: str, hint: str | None = EXPECTED_INPUT) -> ReaderError:
@@ -373,18 +378,23 @@ class PixelLayout:
 
 
 class ArrayLevelsReader(ReaderBase):
-    """Shared reading for backends whose levels are array-likes (tifffile's Zarr store, Zarr).
+    """Shared reading for backends whose levels are Zarr arrays (tifffile's Zarr store, Zarr).
 
-    Subclasses set ``info``, ``path``, ``_arrays`` (one array per level) and ``_layout`` (an
-    :class:`AxisLayout`-like object with ``selection`` and ``to_output``).
+    Subclasses set ``info``, ``path``, ``_arrays`` (one ``zarr.Array`` per level) and
+    ``_layout`` (a :class:`PixelLayout`).
     """
 
     info: SlideInfo
     path: Path
 
     def _read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
-        raw = self._arrays[level][self._layout.selection(y, x, h, w)]  # type: ignore[attr-defined]
-        return self._layout.to_output(np.asarray(raw))  # type: ignore[attr-defined]
+        selection = self._layout.selection(y, x, h, w)  # type: ignore[attr-defined]
+        raw = read_selection(self._arrays[level], selection)  # type: ignore[attr-defined]
+        return self._layout.to_output(raw)  # type: ignore[attr-defined]
+
+    def decode_warnings(self) -> tuple[DecodeWarning, ...]:
+        """Chunks that decoded only with warnings; none here (backends that check override)."""
+        return ()
 
     def read_region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
         """Pixels of the box (y, x, h, w) of ``level`` as a C-contiguous (h, w, C) uint8 array.
@@ -416,7 +426,7 @@ class ArrayLevelsReader(ReaderBase):
             raise ConfigError(f"`step` ({step}) must be >= 1 for {self.path}")
         selection = self._layout.selection(y, x, h, w, step)  # type: ignore[attr-defined]
         try:
-            raw = self._arrays[level][selection]
-            return self._layout.to_output(np.asarray(raw))  # type: ignore[attr-defined]
+            raw = read_selection(self._arrays[level], selection)  # type: ignore[attr-defined]
+            return self._layout.to_output(raw)  # type: ignore[attr-defined]
         except DECODE_ERRORS as exc:
             raise region_error(self.path, level, (y, x, h, w), exc) from exc

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tilesegment.io.base import ReaderBase, SlideInfo
+from tilesegment.io.base import DecodeWarning, ReaderBase, SlideInfo
 from tilesegment.io.common import (
     DECODE_ERRORS,
     check_box,
@@ -160,6 +160,10 @@ class ImageReader(ReaderBase):
             raise region_error(self.path, level, (y, x, h, w), exc) from exc
         # copy: the cached array is shared and read-only, the caller owns what it gets
         return samples_to_output(pixels[y : y + h, x : x + w].copy(), alpha=self._alpha)
+
+    def decode_warnings(self) -> tuple[DecodeWarning, ...]:
+        """Always empty: not checked (Pillow, like imagecodecs, drops libjpeg's warnings)."""
+        return ()
 
     def close(self) -> None:
         """Drop the decoded pixels; idempotent."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import openslide
 
-from tilesegment.io.base import ReaderBase, SlideInfo
+from tilesegment.io.base import DecodeWarning, ReaderBase, SlideInfo
 from tilesegment.io.common import (
     check_box,
     composite_on_white,
@@ -142,6 +142,10 @@ class OpenSlideReader(ReaderBase):
             raise region_error(self.path, level, (y, x, h, w), exc) from exc
         rgba = np.asarray(image)
         return np.ascontiguousarray(composite_on_white(rgba[..., :3], rgba[..., 3]))
+
+    def decode_warnings(self) -> tuple[DecodeWarning, ...]:
+        """None: OpenSlide raises libjpeg's corrupt-data warnings as errors (read_region fails)."""
+        return ()
 
     def close(self) -> None:
         """Release the OpenSlide handle; idempotent."""

@@ -10,23 +10,31 @@ import logging
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
 import zarr
 
-from tilesegment.io.base import SlideInfo
+from tilesegment.io.base import DecodeWarning, SlideInfo
 from tilesegment.io.common import (
     DECODE_ERRORS,
     PROBE_MAX_BYTES,
     UM_PER_UNIT,
     ArrayLevelsReader,
+    DamagedFileError,
     PixelLayout,
     describe,
     first_plane_warning,
     make_info,
     plausible_mpp,
     slide_error,
+)
+from tilesegment.io.integrity import (
+    JpegChecker,
+    structure_problem,
+    tifffile_messages,
+    truncated_segments,
 )
 
 logger = logging.getLogger(__name__)
@@ -39,6 +47,7 @@ _SUPPORTED_DTYPES = (np.uint8, np.uint16, np.bool_)
 _UM_PER_RESUNIT = {2: 25400.0, 3: 1e4, 4: 1e3, 5: 1.0}  # TIFF ResolutionUnit -> µm per unit
 _ALPHA = {1: "associated", 2: "unassociated"}  # ExtraSamples values that mean opacity
 _JPEG_COMPRESSIONS = {6, 7, 33007, 34892}  # tifffile converts YCbCr to RGB only for these
+_DAMAGED_HINT = "the copy is incomplete or the file is damaged; copy or export it again"
 
 
 def _ome_size(path: Path, pixels: ET.Element, axis: str) -> float | None:
@@ -79,6 +88,32 @@ def _ome_mpp(path: Path, ome_xml: str) -> tuple[float, float] | None:
         return None
     logger.debug("%s: OME gives one PhysicalSize only; assuming square pixels", path)
     return known, known
+
+
+def _aperio_mpp(path: Path, description: str) -> tuple[float, float] | None:
+    """(y, x) µm/px from the ``MPP = value`` field of an Aperio ImageDescription (square pixels).
+
+    The description is a header line, then ``|``-separated ``key = value`` fields
+    (``Aperio Image Library v11.2.1 ...|AppMag = 20|...|MPP = 0.499|...``). tifffile parses the
+    same format in ``svs_description_metadata``, which it does not export.
+
+    Examples
+    --------
+    >>> _aperio_mpp(Path("a.svs"), "Aperio Image Library v11|AppMag = 20|MPP = 0.499|Left = 2")
+    (0.499, 0.499)
+    >>> _aperio_mpp(Path("a.svs"), "Aperio Image Library v11|AppMag = 20") is None
+    True
+    """
+    for item in description.split("|")[1:]:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() == "MPP":
+            try:
+                mpp = float(value)
+            except ValueError:
+                logger.debug("%s: ignoring unparsable Aperio MPP %r", path, value.strip())
+                return None
+            return plausible_mpp(path, mpp, mpp, source="Aperio MPP")
+    return None
 
 
 def _tag_mpp(
@@ -140,14 +175,23 @@ class TiffReader(ArrayLevelsReader):
     MinIsWhite is inverted, 16-bit is scaled by 255/65535 (warned once). Axes other than
     Y, X and samples (Z, T, C, pages) are read at index 0, with a warning if longer than 1.
 
-    mpp: OME ``PhysicalSizeY/X`` (trusted, any length unit); otherwise the resolution tags
-    (unit inch, cm, mm or µm; or ImageJ's unit when ResolutionUnit is none), trusted only when
-    the result lies in 0.05–50 µm/px: 72 dpi defaults (352.8 µm/px) are ignored with a debug log.
+    mpp: OME ``PhysicalSizeY/X`` (trusted, any length unit); for Aperio files (an SVS that
+    OpenSlide refused, e.g. truncated) the ``MPP =`` field of the first page's description;
+    otherwise the resolution tags (unit inch, cm, mm or µm; or ImageJ's unit when ResolutionUnit
+    is none). Aperio and tag values are trusted only when they lie in 0.05–50 µm/px: 72 dpi
+    defaults (352.8 µm/px) are ignored with a debug log.
+
+    Damage: a file whose IFD chain points past its end (truncated) is read as far as it is
+    intact, with one warning naming the file; it is refused when no image is left, or when the
+    tile data of a level runs past the end of the file. JPEG tiles and strips are decoded a
+    second time, strictly, to find corrupt data that still decodes (see
+    :mod:`tilesegment.io.integrity`); each is logged once and listed by :meth:`decode_warnings`.
 
     Lifecycle: the file stays open until :meth:`close`. Thread-safety: ``read_region`` may be
     called from several threads; tifffile's Zarr store serialises every seek+read on the file
-    handle's re-entrant lock (``FileHandle.set_lock(True)``) and decodes outside it, and zarr 3
-    runs chunk requests on its own event loop, so no extra lock is needed. Picklability: not
+    handle's re-entrant lock (``FileHandle.set_lock(True)``, also taken by the JPEG check) and
+    decodes outside it, and each calling thread's reads run on an event loop of its own (see
+    :mod:`tilesegment.io.aio`), so no extra lock is needed. Picklability: not
     picklable; workers open their own reader from the path.
     """
 
@@ -155,26 +199,48 @@ class TiffReader(ArrayLevelsReader):
 
     def __init__(self, path: Path, *, probe: bool = True) -> None:
         self.path = Path(path)
-        try:
-            self._tif = tifffile.TiffFile(self.path)
-        except (tifffile.TiffFileError, *DECODE_ERRORS) as exc:
-            raise slide_error(
-                self.path,
-                f"tifffile cannot parse the TIFF structure ({describe(exc)})",
-                "the file is corrupt or truncated; re-export or re-copy it",
-            ) from exc
-        try:
-            self._open(probe=probe)
-        except BaseException:
-            self._tif.close()
-            raise
+        self._size = self.path.stat().st_size
+        self._checkers: list[JpegChecker | None] = []
+        with tifffile_messages() as messages:
+            try:
+                self._tif = tifffile.TiffFile(self.path)
+            except (tifffile.TiffFileError, *DECODE_ERRORS) as exc:
+                raise DamagedFileError(
+                    self.path,
+                    structure_problem(messages, self._size)
+                    or f"tifffile cannot parse the TIFF structure ({describe(exc)})",
+                    _DAMAGED_HINT,
+                ) from exc
+            try:
+                self._open(probe=probe, messages=messages)
+            except BaseException:
+                self._tif.close()
+                raise
 
-    def _open(self, *, probe: bool) -> None:
-        tif = self._tif
+    def _first_series(self, messages: list[str]) -> tifffile.TiffPageSeries:
+        """The image's first series; a damaged file (``messages``) fails or warns by what is
+        left of it."""
         try:
-            series = tif.series[0]
+            series = self._tif.series[0]
         except (IndexError, *DECODE_ERRORS) as exc:
+            damage = structure_problem(messages, self._size)
+            if damage is not None:
+                raise DamagedFileError(
+                    self.path, f"{damage}; no image is left", _DAMAGED_HINT
+                ) from exc
             raise slide_error(self.path, f"the TIFF contains no image ({describe(exc)})") from exc
+        damage = structure_problem(messages, self._size)
+        if damage is not None:
+            logger.warning(
+                "%s: %s; reading the intact part with tifffile (OpenSlide does not open it)",
+                self.path,
+                damage,
+            )
+        return series
+
+    def _open(self, *, probe: bool, messages: list[str]) -> None:
+        tif = self._tif
+        series = self._first_series(messages)
         self._series = series
         shape0 = tuple(series.get_shape(False))
         if 0 in shape0 or not shape0:
@@ -195,12 +261,36 @@ class TiffReader(ArrayLevelsReader):
                     "the pyramid is malformed; rebuild it",
                 )
             self._check_decoder(index, level.keyframe)
+            self._check_data(index, level)
         self._arrays = [self._open_level(i) for i in range(len(levels))]
+        tif.filehandle.set_lock(True)  # the JPEG checks read beside tifffile's Zarr store
+        self._checkers = [
+            JpegChecker(self.path, i, level.pages[0], tif.filehandle)
+            if isinstance(level.pages[0], tifffile.TiffPage) and JpegChecker.applies(level.pages[0])
+            else None
+            for i, level in enumerate(levels)
+        ]
         y_axis, x_axis = self._layout.axes.index("Y"), self._layout.axes.index("X")
         shapes = [(a.shape[y_axis], a.shape[x_axis]) for a in self._arrays]
+        self.info: SlideInfo = self._make_info(series, keyframe, shapes)
+        if series.dtype == np.uint16 and self._layout.palette is None:
+            logger.warning(
+                "%s: 16-bit samples are scaled to 8 bits (value * 255 / 65535)", self.path
+            )
+        if probe:
+            self._probe()
+
+    def _make_info(
+        self, series: tifffile.TiffPageSeries, keyframe: Any, shapes: list[tuple[int, int]]
+    ) -> SlideInfo:
+        """What the file says about itself: format, µm/px, compression."""
+        tif = self._tif
         if tif.is_ome and tif.ome_metadata:
             mpp = _ome_mpp(self.path, tif.ome_metadata)
             vendor = "ome-tiff"
+        elif tif.is_svs:
+            mpp = _aperio_mpp(self.path, tif.pages.first.description)
+            vendor = "aperio"
         else:
             mpp = _tag_mpp(self.path, tif, keyframe)
             vendor = "imagej-tiff" if tif.is_imagej else "generic-tiff"
@@ -212,7 +302,7 @@ class TiffReader(ArrayLevelsReader):
             "tiff.dtype": str(series.dtype),
             "tiff.tiled": str(keyframe.is_tiled),
         }
-        self.info: SlideInfo = make_info(
+        return make_info(
             self.path,
             backend=self.backend,
             vendor=vendor,
@@ -221,12 +311,6 @@ class TiffReader(ArrayLevelsReader):
             mpp=mpp,
             properties=properties,
         )
-        if series.dtype == np.uint16 and self._layout.palette is None:
-            logger.warning(
-                "%s: 16-bit samples are scaled to 8 bits (value * 255 / 65535)", self.path
-            )
-        if probe:
-            self._probe()
 
     def _make_layout(self, series: tifffile.TiffPageSeries) -> PixelLayout:
         """Work out axes, colour, alpha and palette handling from the level-0 series."""
@@ -303,6 +387,30 @@ class TiffReader(ArrayLevelsReader):
                 "convert the file to a supported compression (e.g. JPEG, deflate or LZW), "
                 "or install imagecodecs with that codec",
             ) from exc
+
+    def _check_data(self, index: int, level: tifffile.TiffPageSeries) -> None:
+        """Refuse a level whose tile or strip data runs past the end of the file."""
+        for page in level.pages:
+            past = None if page is None else truncated_segments(page, self._size)
+            if past is not None:
+                count, end = past
+                raise DamagedFileError(
+                    self.path,
+                    f"the file is truncated: {count} tiles/strips of level {index} end after "
+                    f"its last byte (up to byte {end}, the file has {self._size} bytes)",
+                    _DAMAGED_HINT,
+                )
+
+    def _read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        pixels = super()._read(level, y, x, h, w)
+        checker = self._checkers[level] if self._checkers else None
+        if checker is not None:
+            checker.check(y, x, h, w)
+        return pixels
+
+    def decode_warnings(self) -> tuple[DecodeWarning, ...]:
+        """JPEG tiles/strips read so far that decoded only with libjpeg warnings (corrupt data)."""
+        return tuple(w for c in self._checkers if c is not None for w in c.warnings)
 
     def _open_level(self, index: int) -> zarr.Array:
         """Zarr array of one pyramid level; unsqueezed so every level has the same axes."""

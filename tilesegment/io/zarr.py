@@ -103,8 +103,9 @@ class ZarrReader(ArrayLevelsReader):
     axes' unit is a length unit (micrometer, nanometer, millimeter...); otherwise None.
 
     Lifecycle: Zarr holds no open file between reads; :meth:`close` is a no-op kept for the
-    protocol. Thread-safety: zarr 3 reads are thread-safe (requests run on zarr's own event
-    loop, local files are opened per chunk). Picklability: not picklable by contract.
+    protocol. Thread-safety: reads are thread-safe (each calling thread's reads run on an event
+    loop of its own, see :mod:`tilesegment.io.aio`; local files are opened per chunk).
+    Picklability: not picklable by contract.
     """
 
     backend = "zarr"

@@ -211,9 +211,42 @@ def save_checkpoint(model: UNet, spec: ModelSpec, path: str | Path) -> tuple[Pat
     return weights, config
 
 
+#: File signatures of model files that are not tilesegment checkpoints: (magic, what it is).
+_FOREIGN_FORMATS = (
+    (b"PK\x03\x04", "a torch.save file, i.e. a zip archive of pickles"),
+    (b"\x80", "a Python pickle, e.g. an old-style torch.save file"),
+    (b"\x89HDF", "an HDF5 file, e.g. a Keras model"),
+)
+
+
+def not_a_checkpoint(path: str | Path) -> ModelError | None:
+    """The error for ``path`` if it is an existing file other than ``NAME.json`` or
+    ``NAME.safetensors`` (a ``.pt``/``.pth``/``.ckpt`` file, say), naming what it looks like
+    and how to convert it; None otherwise."""
+    p = Path(path)
+    if p.suffix in (".json", ".safetensors") or not p.is_file():
+        return None
+    try:
+        with p.open("rb") as f:
+            head = f.read(8)
+    except OSError:
+        head = b""
+    what = next((w for magic, w in _FOREIGN_FORMATS if head.startswith(magic)), "")
+    what = what or f"a {p.suffix or 'suffix-less'} file of another format"
+    return ModelError(
+        f"{p}: not a tilesegment checkpoint ({what}); tilesegment reads only NAME.safetensors "
+        "+ NAME.json and never unpickles a file: convert it once with save_checkpoint, as shown "
+        "under 'Converting a PyTorch checkpoint' in the README, or create a new one with "
+        "`tilesegment model init`"
+    )
+
+
 def load_spec(path: str | Path) -> ModelSpec:
     """Read only the JSON config of a checkpoint."""
     _, config = checkpoint_paths(path)
+    foreign = not_a_checkpoint(path)
+    if foreign is not None:
+        raise foreign
     if not config.is_file():
         raise ModelError(
             f"{config}: model config not found; a checkpoint is NAME.json + NAME.safetensors "
@@ -248,6 +281,13 @@ def load_checkpoint(
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as exc:
         raise ModelError(f"{weights}: unreadable safetensors file ({exc})") from exc
+    broken = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    if broken:
+        raise ModelError(
+            f"{weights}: {len(broken)} of {len(state)} weight tensors of model {spec.name!r} "
+            f"hold NaN or inf values (e.g. {broken[0]}); the checkpoint is broken: retrain it "
+            "or restore a good copy"
+        )
     net = UNet(spec.unet)
     expected = net.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tilesegment.errors import ModelError
-from tilesegment.model.checkpoint import checkpoint_paths
+from tilesegment.model.checkpoint import checkpoint_paths, not_a_checkpoint
 
 #: Where shipped checkpoints live.
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -57,6 +57,9 @@ def shipped_models() -> list[ShippedModel]:
 def resolve_model(name_or_path: str | Path) -> Path:
     """Checkpoint path for a shipped model name or a path (NAME, NAME.json, NAME.safetensors)."""
     value = str(name_or_path)
+    foreign = not_a_checkpoint(value)
+    if foreign is not None:
+        raise foreign
     weights, config = checkpoint_paths(value)
     if config.is_file() or weights.is_file():
         return Path(value)

@@ -334,7 +334,35 @@ def number_of_classes(
     largest class index + 1."""
     if kind != "classes":
         return 3 if boundary_class else 2
-    return max(2, 1 + max(int(p.label.max(initial=0)) for p in pairs))
+    values = sorted(set().union(*(np.unique(p.label).tolist() for p in pairs)))
+    n = max(2, 1 + int(max(values, default=0)))
+    unused = [c for c in range(n) if c not in values]
+    if len(values) > 1 and unused:
+        log.warning(
+            "class labels hold the values %s: the model gets %d classes, of which %s never "
+            "occur (their outputs are never trained); if the values are codes rather than class "
+            "indices, remap the labels to 0..%d first (--class-names then names them)",
+            ", ".join(map(str, values)),
+            n,
+            _ranges(unused),
+            len(values) - 1,
+        )
+    return n
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """``[2, 3, 4, 6]`` -> ``"2-4, 6"``.
+
+    >>> _ranges([2, 3, 4, 6])
+    '2-4, 6'
+    """
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 def _check_values(label: np.ndarray, kind: LabelKind, num_classes: int, source: str) -> None:

@@ -50,6 +50,8 @@ class ExecutorStats:
     worker_peak_rss_mb: float = 0.0
     errors: list[str] = field(default_factory=list)
     failed_tiles: list[tuple[int, int]] = field(default_factory=list)
+    decode_warnings: list[dict[str, Any]] = field(default_factory=list)
+    """Corrupt-but-decodable segments the workers' readers found (``DecodeWarning.as_dict``)."""
 
 
 class Executor(Protocol):

@@ -333,5 +333,6 @@ class _Driver:
         if missing:  # stream_units writes every chunk of a unit or raises
             raise WorkerError(f"unit {uid} returned without its chunks {sorted(missing)}")
         self.workers.add(result, self.job.device)
+        self.stats.decode_warnings.extend(result.decode_warnings)
         for key in result.keys:
             self.recorder.record(tasks[key])

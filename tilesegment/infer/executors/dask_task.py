@@ -85,6 +85,8 @@ class UnitResult:
     core_px: int
     seconds: float
     peak_rss_mb: float
+    decode_warnings: tuple[dict[str, Any], ...] = ()
+    """Corrupt-but-decodable segments this worker's reader has found so far in the run."""
 
 
 class _JobResources:
@@ -198,6 +200,7 @@ def compute_unit(job: UnitJob, unit: Unit) -> UnitResult:
         core_px=stats.core_px,
         seconds=time.perf_counter() - t0,
         peak_rss_mb=peak_rss_mb(),
+        decode_warnings=tuple(w.as_dict() for w in res.reader.decode_warnings()),
     )
 
 

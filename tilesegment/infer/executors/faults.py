@@ -6,7 +6,10 @@ the parent or the in-process path) makes worker slot 0 fail after writing 3 chun
 ``tile=ROW.COL`` (fail when that tile is about to be predicted, whatever the worker),
 ``mode`` = ``exit`` (``os._exit(86)``), ``kill`` (SIGKILL itself) or ``raise``
 (``RuntimeError``), ``gen`` = ``first`` (default: only the first process of the slot, so the
-respawned worker succeeds) or ``all``. It exists to test fault tolerance and is not a feature.
+respawned worker succeeds) or ``all``; ``startup=SECONDS`` makes the worker sleep that long
+before loading the model (a slow start-up, to test signals during it; no fault then unless
+``after``, ``tile`` or ``mode`` is also given). It exists to test fault tolerance and is not a
+feature.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +37,9 @@ class FaultSpec:
     tile: tuple[int, int] | None = None
     mode: str = "exit"
     every_generation: bool = False
+    startup_s: float = 0.0
+    fails: bool = True
+    """False when the spec only slows the start-up down."""
 
     @classmethod
     def parse(cls, text: str) -> FaultSpec:
@@ -51,10 +58,13 @@ class FaultSpec:
                     values["mode"] = value
                 elif key == "gen" and value in ("first", "all"):
                     values["every_generation"] = value == "all"
+                elif key == "startup":
+                    values["startup_s"] = float(value)
                 else:
                     raise ValueError(part)
         except ValueError as exc:
             raise ConfigError(f"{FAULT_ENV}={text!r}: cannot parse {exc}") from exc
+        values["fails"] = bool(set(values) & {"after", "tile", "mode"}) or "startup_s" not in values
         return cls(**values)
 
 
@@ -76,14 +86,20 @@ class FaultInjector:
         text = os.environ.get(FAULT_ENV, "")
         return cls(FaultSpec.parse(text) if text else None, slot, generation)
 
+    def starting(self) -> None:
+        """Sleep for the configured start-up delay, if any."""
+        if self.active and self.spec.startup_s > 0:
+            log.warning("slowing the start-up of %s by %g s", self._where, self.spec.startup_s)
+            time.sleep(self.spec.startup_s)
+
     def tile_started(self, tile) -> None:
-        if not self.active:
+        if not self.active or not self.spec.fails:
             return
         if self.spec.tile == tile.index or (self.spec.tile is None and self.spec.after == 0):
             self._fire(f"at tile {tile.index}")
 
     def chunk_written(self) -> None:
-        if not self.active or self.spec.tile is not None:
+        if not self.active or not self.spec.fails or self.spec.tile is not None:
             return
         self._chunks += 1
         if self._chunks == self.spec.after:

@@ -7,9 +7,11 @@ run at once. The design, with its reasons, is in ``docs/architecture.md`` (Execu
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import pickle
+import signal
 import time
 from collections import deque
 from collections.abc import Callable
@@ -27,9 +29,10 @@ from tilesegment.infer.executors.base import (
     remove_worker_leftovers,
     retryable,
 )
-from tilesegment.infer.executors.pool_worker import worker_main
+from tilesegment.infer.executors.spawn import HELD_SIGNALS, run_worker
 from tilesegment.infer.plan import ChunkTask, WorkPlan, core_px
 from tilesegment.infer.record import Recorder
+from tilesegment.store.destinations import NO_SPACE
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,7 @@ class PoolExecutor:
             self._stats.devices = pool.device_stats()
             self._stats.worker_peak_rss_mb = pool.peak_rss_mb()
             self._stats.errors.extend(pool.errors)
+            self._stats.decode_warnings.extend(pool.decode_warnings)
         if pool.errors:
             remove_worker_leftovers(self.ctx.output)
         if result.failed:
@@ -126,6 +130,8 @@ class WorkerPool:
         self.depth = depth
         self.stop_timeout_s = stop_timeout_s
         self.errors: list[str] = []
+        self.decode_warnings: list[dict[str, Any]] = []
+        """Corrupt-but-decodable segments the workers' readers found (``DecodeWarning.as_dict``)."""
         self._mp = tmp.get_context("spawn")
         per_worker = max(1, cpu_cores() // len(self.devices))
         self._read_threads = max(1, ctx.options.read_threads // len(self.devices))
@@ -185,9 +191,8 @@ class WorkerPool:
         s.inflight = {}
         s.current = None
         s.t_ready = s.t_last = None
-        s.process = self._mp.Process(
-            target=worker_main,
-            args=(
+        payload = pickle.dumps(
+            (
                 s.slot,
                 s.generation,
                 os.getpid(),
@@ -196,14 +201,25 @@ class WorkerPool:
                 s.device,
                 s.threads,
                 self._read_threads,
-                child,
                 logging.getLogger("tilesegment").getEffectiveLevel(),
-            ),
+            )
+        )
+        process = self._mp.Process(
+            target=run_worker,
+            args=(payload, child),  # the pipe end travels the way multiprocessing passes it
             name=f"tilesegment-worker-{s.slot}",
             daemon=True,
         )
-        with spawn_env():  # the worker imports torch with it; the parent's env is restored
-            s.process.start()
+        # A signal inside start() would cut the payload short; hold it back until the child
+        # has read it (a fraction of a second: see tilesegment.infer.executors.spawn). The
+        # worker imports torch with WORKER_ENV; the parent's environment is restored.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+        try:
+            with spawn_env():
+                process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        s.process = process
         child.close()
         s.conn = parent
         log.info("started worker %d on %s (pid %d)", s.slot, s.device, s.process.pid)
@@ -263,6 +279,7 @@ class WorkerPool:
             elif kind == "bye":
                 s.finished = True
                 s.peak_rss_mb = max(s.peak_rss_mb, msg[1]["peak_rss_mb"])
+                self.decode_warnings.extend(msg[1]["decode_warnings"])
 
     def _on_exit(
         self,
@@ -282,7 +299,7 @@ class WorkerPool:
             reason = f"raised {text}"
             log.debug("worker %d traceback:\n%s", s.slot, tb)
             exc = _unpack(blob)
-            if exc is not None and not retryable(exc):
+            if exc is not None and (not retryable(exc) or _cannot_write(exc)):
                 raise exc
         elif code is not None and code < 0:
             reason = f"was killed by signal {-code}"
@@ -322,7 +339,17 @@ class WorkerPool:
             s.conn = None
 
     def _stop_all(self) -> None:
-        """Ask every worker to stop after its current batch; record what they finish."""
+        """Ask every worker to stop after its current batch; record what they finish.
+
+        A worker still starting (importing torch, loading the model) has written nothing and
+        would read the request only once started, which takes seconds per worker on a busy
+        machine: it is killed at once, so that a signal during start-up is honoured promptly.
+        """
+        for s in self._slots:
+            if s.process is not None and s.conn is not None:
+                self._drain(s)  # a worker may have become ready meanwhile
+                if not s.ready:
+                    self._kill(s, "still starting")
         live = [s for s in self._slots if s.process is not None and s.conn is not None]
         for s in live:
             with contextlib.suppress(BrokenPipeError, OSError):
@@ -345,13 +372,17 @@ class WorkerPool:
 
     def _kill_all(self) -> None:
         for s in self._slots:
-            if s.process is not None and s.process.is_alive():
-                log.warning("killing worker %d (pid %d)", s.slot, s.process.pid)
-                s.process.kill()
             if s.process is not None:
-                s.process.join()
-                self._close(s)
-                s.process = None
+                self._kill(s)
+
+    def _kill(self, s: _Slot, why: str = "") -> None:
+        if s.process.is_alive():
+            reason = f" ({why})" if why else ""
+            log.warning("killing worker %d (pid %d)%s", s.slot, s.process.pid, reason)
+            s.process.kill()
+        s.process.join()
+        self._close(s)
+        s.process = None
 
     # -- results -----------------------------------------------------------------------------
 
@@ -381,6 +412,12 @@ class WorkerPool:
         """The largest peak RSS a worker reported (each measures its own; the kernel's
         ``RUSAGE_CHILDREN`` figure would include the parent's peak, see :func:`peak_rss_mb`)."""
         return max((s.peak_rss_mb for s in self._slots), default=0.0)
+
+
+def _cannot_write(exc: BaseException) -> bool:
+    """A full or read-only filesystem: every worker would fail the same way, so the run stops
+    at once (with the error itself, which the command line turns into one line)."""
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE | {errno.EROFS}
 
 
 def _unpack(blob: bytes | None) -> BaseException | None:

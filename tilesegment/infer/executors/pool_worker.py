@@ -95,19 +95,8 @@ def pack_error(exc: BaseException) -> tuple[bytes | None, str, str]:
     return blob, f"{type(exc).__name__}: {exc}", traceback.format_exc()
 
 
-def worker_main(
-    slot: int,
-    generation: int,
-    parent_pid: int,
-    ctx: RunContext,
-    grid,
-    device: str,
-    threads: int,
-    read_threads: int,
-    conn,
-    log_level: int,
-) -> None:
-    """Entry point of a worker process (module level, so spawn can import it)."""
+def _setup_process(slot: int, parent_pid: int, log_level: int) -> None:
+    """Die with the parent, tune malloc, leave signals to the parent, log with the slot."""
     _die_with_parent(parent_pid)
     tune_malloc()
     # The parent decides when to stop (a terminal's Ctrl-C or a scheduler's SIGTERM reach the
@@ -119,6 +108,23 @@ def worker_main(
         format=f"%(levelname)s %(name)s [worker {slot}]: %(message)s",
         stream=sys.stderr,
     )
+
+
+def worker_main(
+    slot: int,
+    generation: int,
+    parent_pid: int,
+    ctx: RunContext,
+    grid,
+    device: str,
+    threads: int,
+    read_threads: int,
+    log_level: int,
+    conn,
+) -> None:
+    """The body of a worker process (started through
+    :func:`tilesegment.infer.executors.spawn.run_worker`)."""
+    _setup_process(slot, parent_pid, log_level)
     out = _Outbox(conn)
     try:
         import torch
@@ -129,6 +135,7 @@ def worker_main(
         from tilesegment.store import OutputStore
 
         fault = FaultInjector.from_env(slot, generation)
+        fault.starting()
         torch.set_num_threads(threads)
         with contextlib.suppress(RuntimeError):
             torch.set_num_interop_threads(1)
@@ -162,7 +169,15 @@ def worker_main(
                 on_unit=lambda unit: out.send("start", unit[0].unit),
                 stop=inbox.stop,
             )
-        out.send("bye", {"peak_rss_mb": peak_rss_mb(), "batch_size": stats.batch_size})
+            decode_warnings = [w.as_dict() for w in reader.decode_warnings()]
+        out.send(
+            "bye",
+            {
+                "peak_rss_mb": peak_rss_mb(),
+                "batch_size": stats.batch_size,
+                "decode_warnings": decode_warnings,
+            },
+        )
     except BaseException as exc:
         out.send("error", *pack_error(exc))
         sys.exit(1)  # a normal exit, so that finalisers release shared semaphores
