@@ -52,7 +52,8 @@ MODES = {
 
 def child_run(slide: str, model: str, out: str, mode: str, tissue: str, precision: str) -> dict:
     """One ``run_slide`` in this (fresh) process; what it did and how long it took."""
-    from tilesegment.infer.pipeline import RunOptions, run_slide
+    from tilesegment.infer.options import RunOptions
+    from tilesegment.infer.run import run_slide
 
     opts = RunOptions(
         tissue=tissue,

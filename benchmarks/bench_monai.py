@@ -127,8 +127,9 @@ class ArrayReader:
 def ours_in_memory(image: np.ndarray, valid, spec, precision: str) -> tuple[np.ndarray, float]:
     """tilesegment's tiling on the image in memory, stitched into an array: the same work as
     MONAI's call (no file decoding, no Zarr, no pyramid)."""
-    from tilesegment.infer.pipeline import plan_grid, read_tile
-    from tilesegment.infer.pool import make_predictor
+    from tilesegment.infer.plan import plan_grid
+    from tilesegment.infer.predict import make_predictor
+    from tilesegment.infer.stream import read_tile
 
     predictor = make_predictor(copy.deepcopy(valid), spec, "cpu", precision)
     grid = plan_grid(image.shape[:2], valid, 572)
@@ -143,7 +144,8 @@ def ours_in_memory(image: np.ndarray, valid, spec, precision: str) -> tuple[np.n
 
 
 def ours(slide: Path, model: Path, out: Path, dtype: str, precision: str) -> tuple[Path, float]:
-    from tilesegment.infer.pipeline import RunOptions, run_slide
+    from tilesegment.infer.options import RunOptions
+    from tilesegment.infer.run import run_slide
 
     opts = RunOptions(
         tile_size=572,

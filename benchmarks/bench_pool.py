@@ -94,8 +94,11 @@ def child_efficiency(slide: str, model: str, tile: int, precision: str, out: str
     import numpy as np
     import torch
 
-    from tilesegment.infer.pipeline import RunOptions, plan_grid, read_tile, run_slide
-    from tilesegment.infer.pool import make_predictor
+    from tilesegment.infer.options import RunOptions
+    from tilesegment.infer.plan import plan_grid
+    from tilesegment.infer.predict import make_predictor
+    from tilesegment.infer.run import run_slide
+    from tilesegment.infer.stream import read_tile
     from tilesegment.io import open_slide
     from tilesegment.model import load_checkpoint
 
@@ -156,7 +159,8 @@ MODES = {"in-process": (1, True), "1 worker process": (1, False), "2 worker proc
 def child_run(
     slide: str, model: str, tile: int, out: str, mode: str, tissue: str, compile: str = "auto"
 ) -> dict:
-    from tilesegment.infer.pipeline import RunOptions, run_slide
+    from tilesegment.infer.options import RunOptions
+    from tilesegment.infer.run import run_slide
 
     workers, in_process = MODES[mode]
     opts = RunOptions(
@@ -194,7 +198,8 @@ def child_profile(slide: str, model: str, tile: int, precision: str, out: str) -
     import collections
     import threading
 
-    from tilesegment.infer.pipeline import RunOptions, run_slide
+    from tilesegment.infer.options import RunOptions
+    from tilesegment.infer.run import run_slide
 
     last: dict[str, tuple[str, float]] = {}
     stop = threading.Event()
@@ -287,7 +292,7 @@ def _model_name(args) -> str:
 
 
 def _slide(size: int, tissue_fraction: float, patches: int = 6) -> Path:
-    from tilesegment.synthetic import write_slide
+    from tilesegment.testing.synthetic import write_slide
 
     # 0.25 µm/px: the shipped models' resolution, so level 0 is read as is (no resampling).
     path = WORK / f"synthetic-{size}-t{tissue_fraction:g}-p{patches}.tif"

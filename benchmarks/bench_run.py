@@ -51,7 +51,8 @@ def child_forward(model: str, tile: int, repeats: int) -> dict:
 
 
 def child_run(slide: str, model: str, tile: int, out: str) -> dict:
-    from tilesegment.infer.pipeline import RunOptions, run_slide
+    from tilesegment.infer.options import RunOptions
+    from tilesegment.infer.run import run_slide
 
     t0 = time.perf_counter()
     summary = run_slide(
@@ -98,7 +99,7 @@ def main() -> None:
         return
 
     from tilesegment.model import ModelSpec, UNetConfig, new_model, save_checkpoint
-    from tilesegment.synthetic import write_slide
+    from tilesegment.testing.synthetic import write_slide
 
     WORK.mkdir(exist_ok=True)
     slide = WORK / f"synthetic-{args.size}.tif"

@@ -4,9 +4,9 @@ item 6): the tissue thumbnail must not read the slide in full-width bands.
     python benchmarks/bench_single_level.py --sizes 20000 60000
     python benchmarks/bench_single_level.py --sizes 20000 --python OLD/.venv/bin/python  # before
 
-Slides: ``tilesegment.synthetic.write_glass_slide`` — a single-level 512 px tiled JPEG TIFF at
-0.25 µm/px, glass with one H&E-like patch of tissue (an ellipse in a 3000 x 4000 px box at a
-third of the height, half the width), written tile by tile from pre-compressed bytes.
+Slides: ``tilesegment.testing.synthetic.write_glass_slide`` — a single-level 512 px tiled JPEG
+TIFF at 0.25 µm/px, glass with one H&E-like patch of tissue (an ellipse in a 3000 x 4000 px box
+at a third of the height, half the width), written tile by tile from pre-compressed bytes.
 
 Each run is the default command in a fresh child, ``python -m tilesegment run SLIDE -o OUT
 --no-progress`` (tissue auto, preview, the shipped model, in-process), and its peak RSS is the
@@ -32,7 +32,7 @@ WORK = HERE / "_work" / "single_level"
 
 
 def slide(size: int) -> Path:
-    from tilesegment.synthetic import write_glass_slide
+    from tilesegment.testing.synthetic import write_glass_slide
 
     path = WORK / f"glass-{size}.tif"
     if not path.exists():

@@ -34,8 +34,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tilesegment.labels import instances_from_binary, separate_touching  # noqa: E402
-from tilesegment.weights import (  # noqa: E402
+from tilesegment.train.labels import instances_from_binary, separate_touching  # noqa: E402
+from tilesegment.train.weights import (  # noqa: E402
     BORDER_RTOL,
     border_weight_map,
     border_weight_map_bruteforce,

@@ -51,7 +51,8 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from tilesegment.train.loop import TrainConfig, run_training
+    from tilesegment.train.config import TrainConfig
+    from tilesegment.train.loop import run_training
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)

@@ -203,3 +203,38 @@ def test_resume_of_a_complete_output_still_writes_the_missing_geojson(model, tmp
     assert again.exit_code == 0, again.output
     assert "already complete" in again.output
     assert json.loads(geojson.read_text())["type"] == "FeatureCollection"
+
+
+def _options(command, prefix=()):
+    """(command path, option) for every option of every command of the group."""
+    import click
+
+    for param in command.params:
+        if isinstance(param, click.Option):
+            yield " ".join(prefix), param
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _options(sub, (*prefix, name))
+
+
+def test_an_option_means_the_same_thing_on_every_command():
+    from tilesegment.cli.options import model_option
+
+    by_name: dict[str, list] = {}
+    for where, opt in _options(main):
+        for flag in opt.opts:
+            by_name.setdefault(flag, []).append((where, opt))
+    # --model resolves shipped names wherever it is taken (run and evaluate alike).
+    models = by_name["--model"]
+    assert {w for w, _ in models} >= {"run", "evaluate"}
+    resolver = model_option()(lambda: None).__click_params__[0].callback
+    assert all(o.callback.__code__ is resolver.__code__ for _, o in models)
+    # One help text per option name (run's --device adds how to give several devices).
+    for flag in ("--model", "--threads", "--progress", "--json", "--workers", "--device"):
+        helps = {o.help.split(" A comma-separated list")[0] for _, o in by_name.get(flag, [])}
+        assert len(helps) <= 1, (flag, helps)
+    # --workers is worker processes; the DataLoader's workers have their own name.
+    assert [w for w, _ in by_name["--workers"]] == ["run"]
+    assert [w for w, _ in by_name["--loader-workers"]] == ["train"]
+    # --precision auto means the inference choice wherever inference runs.
+    for where, opt in by_name["--precision"]:
+        assert ("auto" in opt.type.choices) == (where in ("run", "evaluate")), where

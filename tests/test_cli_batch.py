@@ -13,12 +13,11 @@ from click.testing import CliRunner
 
 from tests.conftest import data_path
 from tests.infer.conftest import start_cli, wait_for_records
-from tilesegment.batch import expand_slides, is_batch, plan_batch, read_list, slide_stem
 from tilesegment.cli import main
+from tilesegment.cli.batch import expand_slides, is_batch, plan_batch, read_list, slide_stem
 from tilesegment.errors import ConfigError
-from tilesegment.infer.pipeline import REPORT_NAME
 from tilesegment.store import is_complete
-from tilesegment.synthetic import write_slide
+from tilesegment.testing.synthetic import write_slide
 
 FAST = ("--no-preview", "--no-progress")
 
@@ -154,7 +153,7 @@ def test_resume_skips_complete_outputs_without_running_them(tmp_path, tiny_model
     first = invoke("run", str(slides / "*.tif"), "-o", out, "--model", tiny_model, *FAST)
     assert first.exit_code == 0, first.output
     assert err_lines(first)[-1] == "batch: 2 succeeded, 0 failed"
-    reports = {p: p.stat().st_mtime_ns for p in out.glob(f"*.zarr/{REPORT_NAME}")}
+    reports = {p: p.stat().st_mtime_ns for p in out.glob("*.report.json")}
     assert len(reports) == 2
     # A list file naming one slide twice (once through a pattern) runs each slide once.
     listing = tmp_path / "slides.txt"

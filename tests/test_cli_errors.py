@@ -249,8 +249,8 @@ def test_write_failures_are_told_apart_from_unreadable_inputs(tmp_path):
     output's own folder is not one of them (as root, permissions cannot make a real case)."""
     import errno
 
-    from tilesegment.destinations import write_failure
     from tilesegment.errors import SlideReadError, StoreError
+    from tilesegment.store.destinations import write_failure
 
     out = tmp_path / "slide.zarr"
     denied = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "slide.svs"))

@@ -17,7 +17,7 @@ from tilesegment.dask import block_geometry, segment
 from tilesegment.errors import ConfigError
 from tilesegment.infer.predict import Predictor, predict_image
 from tilesegment.model import ModelSpec, UNetConfig, load_checkpoint, new_model, save_checkpoint
-from tilesegment.synthetic import render
+from tilesegment.testing.synthetic import render
 
 #: fp32 blocks differ from the whole-image pass only by float rounding (other conv sizes).
 ATOL = 1e-5
@@ -60,7 +60,7 @@ def test_numpy_and_zarr_images_equal_the_whole_image_pass(model, predictor, imag
 def test_odd_dask_chunks_on_a_cluster_equal_the_pass_and_load_the_model_once_per_worker(
     model, predictor, image, dask_client
 ):
-    from tilesegment.infer import cache
+    from tilesegment.infer.executors import cache
 
     expected = predict_image(image, predictor)
     lazy = da.from_array(image, chunks=(123, 457, 3))
@@ -88,7 +88,8 @@ def test_grayscale_image_and_stored_uint8_output(model, predictor, image):
 
 
 def test_equals_the_stored_output_of_run(model, tmp_path, cmu_slide):
-    from tilesegment.infer.pipeline import RunOptions, run_slide
+    from tilesegment.infer.options import RunOptions
+    from tilesegment.infer.run import run_slide
     from tilesegment.io import open_slide
     from tilesegment.store import OutputStore
 

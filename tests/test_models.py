@@ -9,10 +9,14 @@ from PIL import Image
 
 from tests.conftest import data_path
 from tilesegment.infer.predict import Predictor, predict_image
-from tilesegment.labels import instances_from_binary
-from tilesegment.metrics import aggregated_jaccard_index, rand_scores, segmentation_from_binary
 from tilesegment.model import load_checkpoint
 from tilesegment.model.registry import DEFAULT_MODEL, resolve_model, shipped_models
+from tilesegment.train.labels import instances_from_binary
+from tilesegment.train.metrics import (
+    aggregated_jaccard_index,
+    rand_scores,
+    segmentation_from_binary,
+)
 
 
 def test_both_models_ship_small_with_cards():
@@ -55,3 +59,27 @@ def test_unknown_model_name_lists_the_shipped_ones():
 
     with pytest.raises(ModelError, match="nuclei-he"):
         resolve_model("no-such-model")
+
+
+def test_shipped_models_name_their_data_sets_not_a_developers_paths():
+    import json
+
+    def strings(doc):
+        if isinstance(doc, dict):
+            for v in doc.values():
+                yield from strings(v)
+        elif isinstance(doc, list):
+            for v in doc:
+                yield from strings(v)
+        elif isinstance(doc, str):
+            yield doc
+
+    for m in shipped_models():
+        doc = json.loads(m.path.with_suffix(".json").read_text())
+        absolute = [s for s in strings(doc) if s.startswith(("/", "~")) or s[1:3] == ":\\"]
+        assert absolute == [], (m.name, absolute)
+        card = m.path.with_suffix(".md").read_text()
+        assert "/work/" not in card and "/home/" not in card
+    nuclei = json.loads(resolve_model("nuclei-he").with_suffix(".json").read_text())["training"]
+    assert nuclei["data"]["images"] == "monuseg/images"
+    assert nuclei["config"]["run_dir"] == "nuclei-he"

@@ -17,10 +17,11 @@ from scipy import ndimage
 from skimage.draw import disk
 
 from tilesegment import postprocess
+from tilesegment.cli.export import export
 from tilesegment.errors import ConfigError, StoreError
-from tilesegment.export_cli import export
 from tilesegment.geometry import Box
 from tilesegment.postprocess import (
+    InstanceOptions,
     default_table_path,
     export_geojson,
     instance_polygon,
@@ -30,6 +31,7 @@ from tilesegment.postprocess import (
     measure_instances,
     postprocess_output,
 )
+from tilesegment.postprocess import geojson as geojson_module
 from tilesegment.store import ClassSpec, OutputStore, is_complete
 
 shapely = pytest.importorskip("shapely")
@@ -157,7 +159,7 @@ def labelled(tmp_path_factory, drawn) -> tuple[Path, postprocess.InstanceSummary
     truth, _ = drawn
     path = tmp_path_factory.mktemp("pp") / "slide.zarr"
     build_store(path, truth, attrs={"level": 1, "level0_per_px": [2.0, 2.0]})
-    return path, label_instances(path, min_area_um2=10.0)
+    return path, label_instances(path, InstanceOptions(min_area_um2=10.0))
 
 
 @pytest.fixture(scope="module")
@@ -365,13 +367,13 @@ def test_geojson_simplified_and_downsample_override(labelled, nuclei, tmp_path):
 def test_features_are_streamed_lazily(labelled, monkeypatch, tmp_path):
     path, summary = labelled
     reads = []
-    real_read = postprocess._read_region
+    real_read = geojson_module._read_region
 
     def counting(array, box):
         reads.append(box)
         return real_read(array, box)
 
-    monkeypatch.setattr(postprocess, "_read_region", counting)
+    monkeypatch.setattr(geojson_module, "_read_region", counting)
     chunks = len(list(OutputStore.open(path).chunk_boxes()))
     features = iter_features(path, threads=1)
     assert inspect.isgenerator(features) and reads == []
@@ -395,8 +397,8 @@ def test_features_are_streamed_lazily(labelled, monkeypatch, tmp_path):
         dumped.append(obj["type"])
         return real_dumps(obj, **kwargs)
 
-    monkeypatch.setattr(postprocess.json, "dump", whole_dump)
-    monkeypatch.setattr(postprocess.json, "dumps", per_feature)
+    monkeypatch.setattr(geojson_module.json, "dump", whole_dump)
+    monkeypatch.setattr(geojson_module.json, "dumps", per_feature)
     export_geojson(path, tmp_path / "s.geojson")
     assert dumped == ["Feature"] * summary.count
 
@@ -407,7 +409,9 @@ def test_features_are_streamed_lazily(labelled, monkeypatch, tmp_path):
 def test_unknown_mpp_uses_pixels(tmp_path, drawn):
     truth, _ = drawn
     path = build_store(tmp_path / "px.zarr", truth, mpp=None)
-    result = postprocess_output(path, min_area_um2=30, geojson=tmp_path / "px.geojson")
+    result = postprocess_output(
+        path, InstanceOptions(min_area_um2=30), geojson=tmp_path / "px.geojson"
+    )
     expected = reference_labels(truth > 0, 4, 30)
     assert result.instances == expected.max()
     np.testing.assert_array_equal(OutputStore.open(path).label("nuclei")[:], expected)
@@ -421,15 +425,15 @@ def test_unknown_mpp_uses_pixels(tmp_path, drawn):
 def test_probability_threshold_on_float32_store(tmp_path, drawn):
     truth, _ = drawn
     path = build_store(tmp_path / "f.zarr", truth, dtype="float32")
-    summary = label_instances(path, threshold=0.8, min_area_um2=2.0)
+    summary = label_instances(path, InstanceOptions(threshold=0.8, min_area_um2=2.0))
     fg = probabilities(truth)[1] >= 0.8  # scattered pixels: many small fragments
     expected = reference_labels(fg, 4, 8)
     assert summary.count == expected.max() > 10 and summary.threshold == 0.8
     np.testing.assert_array_equal(OutputStore.open(path).label("nuclei")[:], expected)
     with pytest.raises(ConfigError, match="threshold"):
-        label_instances(path, threshold=1.5)
+        label_instances(path, InstanceOptions(threshold=1.5))
     with pytest.raises(ConfigError, match="class_id"):
-        label_instances(path, class_id=2)
+        label_instances(path, InstanceOptions(class_id=2))
 
 
 def test_image_without_nuclei(tmp_path):

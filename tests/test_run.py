@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import zarr
 
-from tilesegment.infer.pipeline import RunOptions, run_slide
+from tilesegment.infer.options import RunOptions
 from tilesegment.infer.predict import Predictor, predict_image
+from tilesegment.infer.run import run_slide
 from tilesegment.io import open_slide
 from tilesegment.model import ModelSpec, UNetConfig, load_checkpoint, new_model, save_checkpoint
 from tilesegment.store import OutputStore, is_complete
@@ -173,7 +174,7 @@ def test_resampled_runs_are_tile_invariant(tmp_path):
 
 
 def test_tissue_masking_skips_glass_and_keeps_tissue_output(tmp_path, tiny_model):
-    from tilesegment.synthetic import write_slide
+    from tilesegment.testing.synthetic import write_slide
 
     # 90 % glass, one compact tissue region.
     slide = write_slide(tmp_path / "glass.tif", (6000, 6000), tissue_fraction=0.1, patches=1)
@@ -202,8 +203,8 @@ def test_report_peak_rss_is_this_runs_not_the_processes(tmp_path, tiny_model):
     import json
 
     from tests.conftest import data_path
-    from tilesegment.infer.pipeline import REPORT_NAME
-    from tilesegment.infer.pool import peak_rss_mb
+    from tilesegment.infer.devices import peak_rss_mb
+    from tilesegment.store.layout import report_path
 
     big = np.ones(600 * 2**20 // 8)  # +600 MB, freed before the run
     inflated = peak_rss_mb()
@@ -211,5 +212,5 @@ def test_report_peak_rss_is_this_runs_not_the_processes(tmp_path, tiny_model):
     out = tmp_path / "o.zarr"
     opts = RunOptions(tile_size=572, tissue="none", preview=False, progress=False)
     run_slide(data_path("slides", "small.svs"), out, tiny_model, opts)
-    report = json.loads((out / REPORT_NAME).read_text())
+    report = json.loads(report_path(out).read_text())
     assert 0 < report["peak_rss_mb"]["main"] < inflated - 300, (report["peak_rss_mb"], inflated)

@@ -20,12 +20,14 @@ from PIL import Image
 from tests.conftest import data_path
 from tilesegment.cli import main
 from tilesegment.errors import ConfigError
-from tilesegment.infer.pipeline import REPORT_NAME, RunOptions, run_slide
+from tilesegment.infer.options import RunOptions
+from tilesegment.infer.run import run_slide
 from tilesegment.io import open_slide
 from tilesegment.io.base import StridedReader
 from tilesegment.model.registry import resolve_model
 from tilesegment.store import OutputStore, is_complete
-from tilesegment.synthetic import render, write_glass_slide, write_slide
+from tilesegment.store.layout import report_path
+from tilesegment.testing.synthetic import render, write_glass_slide, write_slide
 from tilesegment.tissue import (
     MIN_DETECT_PX,
     auto_tissue,
@@ -203,7 +205,7 @@ def test_an_all_glass_image_says_no_tissue_and_reports_no_rate(tmp_path, tiny_mo
     assert len(warnings) == 2, proc.stderr  # the warning line and the summary line
     assert warnings[0].startswith("WARNING") and "glass.tif" in warnings[0]
     assert "no tile computed" in proc.stderr and "Mpx/s" not in proc.stderr.split("done:")[1]
-    report = json.loads((out / REPORT_NAME).read_text())
+    report = json.loads(report_path(out).read_text())
     assert report["tissue"]["mode"] == "auto" and report["tissue"]["found"] is False
     assert report["tissue"]["fraction"] == 0.0
     assert report["tiles"]["processed"] == 0 and report["megapixels"]["processed"] == 0

@@ -19,7 +19,7 @@ An axis that fits in one block is not overlapped; the block is mirror-padded in 
 exactly as :func:`~tilesegment.geometry.whole_image_padding` pads the whole image.
 
 Tasks carry the checkpoint *path*, never a model: the first block a process computes loads
-the weights through :func:`tilesegment.infer.cache.cached_predictor`, later blocks reuse
+the weights through :func:`tilesegment.infer.executors.cache.cached_predictor`, later blocks reuse
 them. The result equals a whole-image pass to float rounding (identical when the forward
 passes run with the same number of torch threads), on any dask scheduler.
 
@@ -134,7 +134,7 @@ def _predict_block(
     block: np.ndarray, *, model: str, device: str, precision: str, geometry: BlockGeometry
 ) -> np.ndarray:
     """(C, core_h, core_w) float32 probabilities of one overlapped (h, w, c) uint8 block."""
-    from tilesegment.infer.cache import cached_predictor
+    from tilesegment.infer.executors.cache import cached_predictor
     from tilesegment.infer.predict import to_model_channels
 
     predictor = cached_predictor(model, device, precision)
@@ -149,7 +149,7 @@ def _predict_block(
 
 
 def _quantise(probabilities: np.ndarray) -> np.ndarray:
-    from tilesegment.store import _quantise as quantise
+    from tilesegment.store import quantise
 
     return quantise(probabilities, np.dtype(np.uint8))
 
@@ -162,20 +162,17 @@ def _argmax(probabilities: np.ndarray) -> np.ndarray:
 
 def _model_geometry(path: Path, tile_size: int | None) -> tuple[Any, int, int, int, int]:
     """(spec, halo, pooling, residue, tile size) of a checkpoint, without loading weights."""
-    import torch
-
-    from tilesegment.infer.pipeline import resolve_tile_size
+    from tilesegment.geometry import UNetGeometry
+    from tilesegment.infer.plan import resolve_tile_size
     from tilesegment.model.checkpoint import load_spec
-    from tilesegment.model.unet import UNet
 
     spec = load_spec(path)
-    with torch.device("meta"):  # shapes only: no memory for, or initialisation of, weights
-        net = UNet(spec.unet)
+    geometry = UNetGeometry.of(spec.unet.depth, spec.unet.upsampling)  # no weights needed
     if tile_size is not None:
-        net.check_input_size(tile_size, name="`tile_size`")
-    tile_size = resolve_tile_size(net, tile_size)
-    residue = net.output_size(tile_size) % net.pooling
-    return spec, net.halo, net.pooling, residue, tile_size
+        geometry.check_input_size(tile_size, name="`tile_size`")
+    tile_size = resolve_tile_size(geometry, tile_size)
+    residue = geometry.output_size(tile_size) % geometry.pooling
+    return spec, geometry.halo, geometry.pooling, residue, tile_size
 
 
 def _check_image(image: Any) -> tuple[int, int, int]:
@@ -272,7 +269,7 @@ def segment(
     """
     import dask.array as da
 
-    from tilesegment.infer.pool import resolve_precision
+    from tilesegment.infer.devices import resolve_precision
     from tilesegment.model.registry import resolve_model
 
     if output not in _OUTPUTS:

@@ -2,7 +2,9 @@
 
 Every error the package raises on purpose derives from :class:`TilesegmentError` and from the
 built-in exception it specialises, so generic handlers (``except OSError``) keep working.
-Only :mod:`tilesegment.cli` turns these into exit codes.
+:class:`InputError` marks the errors about what the caller passed in: retrying cannot help
+(executors stop at once instead of retrying) and the command line exits with code 2. Only
+:mod:`tilesegment.cli` turns errors into exit codes.
 """
 
 from __future__ import annotations
@@ -12,19 +14,23 @@ class TilesegmentError(Exception):
     """Root of all errors raised by tilesegment."""
 
 
-class ConfigError(TilesegmentError, ValueError):
+class InputError(TilesegmentError):
+    """Bad input (a slide, a model, an option, an output path): exit code 2, never retried."""
+
+
+class ConfigError(InputError, ValueError):
     """An argument or configuration value is invalid (bad tile size, bad option combination)."""
 
 
-class SlideReadError(TilesegmentError, OSError):
+class SlideReadError(InputError, OSError):
     """A slide or image cannot be opened or a region of it cannot be read."""
 
 
-class ModelError(TilesegmentError, ValueError):
+class ModelError(InputError, ValueError):
     """A model checkpoint is missing, malformed or incompatible with the input."""
 
 
-class StoreError(TilesegmentError, OSError):
+class StoreError(InputError, OSError):
     """The output store cannot be created, written or resumed."""
 
 

@@ -1,7 +1,9 @@
-"""Pure tile arithmetic for a valid-convolution U-Net: halos, tile grids, mirror indices.
+"""Pure tile arithmetic for a valid-convolution U-Net: halos, valid sizes, tile grids, mirror
+indices.
 
-This module works on shapes, never on pixels of a slide, and imports only numpy and the
-standard library. All boxes are ``(y, x, h, w)`` in the pixel grid of the level being
+This module works on shapes, never on pixels of a slide or on an ``nn.Module``, and imports only
+numpy, the standard library and :mod:`tilesegment.errors`; planning a run or a training crop
+needs nothing else. All boxes are ``(y, x, h, w)`` in the pixel grid of the level being
 processed, half-open: rows ``y .. y + h - 1`` and columns ``x .. x + w - 1``.
 
 The contract that makes tiled output identical to a whole-image pass:
@@ -28,6 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+
+from tilesegment.errors import ConfigError
 
 #: The one padding mode used everywhere: numpy's ``"symmetric"`` (``abc|cba``), which dask's
 #: ``map_overlap`` calls ``"reflect"``. Ronneberger et al. mirror the border the same way.
@@ -264,3 +268,102 @@ def whole_image_padding(
         extra = (residue - n) % pooling
         pads.append((halo, halo + extra))
     return pads[0], pads[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# the U-Net's size arithmetic
+
+
+def _unet_walk(n: int, depth: int, up_crop: int) -> int | None:
+    """Output size for input size ``n`` along one axis, or None if ``n`` is invalid.
+
+    Two 3x3 valid convolutions (-4) then a 2x2 pooling (/2, even sizes only) per level down, two
+    convolutions at the bottom, and per level up a 2x up-sampling (minus ``up_crop`` px) and two
+    convolutions.
+    """
+    for _ in range(depth):
+        n -= 4
+        if n <= 0 or n % 2:
+            return None
+        n //= 2
+    n -= 4
+    if n <= 0:
+        return None
+    for _ in range(depth):
+        n = 2 * n - up_crop - 4
+        if n <= 0:
+            return None
+    return n
+
+
+@dataclass(frozen=True, slots=True)
+class UNetGeometry:
+    """The sizes a valid U-Net accepts and returns, from its depth and up-sampling alone.
+
+    >>> g = UNetGeometry.of(depth=4)
+    >>> g.halo, g.pooling, g.output_size(572), g.input_size(388), g.valid_input_sizes(3)
+    (92, 16, 388, 572, [188, 204, 220])
+    """
+
+    depth: int
+    """Number of 2x2 poolings."""
+    min_input: int
+    """Smallest valid input size in px; valid sizes are ``min_input + pooling * k``."""
+    halo: int
+    """Pixels lost on each side: output = input - 2 * halo."""
+
+    @classmethod
+    def of(cls, depth: int, upsampling: str = "transpose") -> UNetGeometry:
+        """The geometry of a U-Net of ``depth`` with ``"transpose"`` or ``"bilinear"`` up-sampling
+        (bilinear crops the 1 px border that sees the up-sampler's edge clamping)."""
+        crop = 2 if upsampling == "bilinear" else 0
+        n = 1
+        while _unet_walk(n, depth, crop) is None:
+            n += 1
+        return cls(depth, n, (n - _unet_walk(n, depth, crop)) // 2)  # type: ignore[operator]
+
+    @property
+    def pooling(self) -> int:
+        """Total pooling factor ``2**depth``: valid sizes and tile origins step by it."""
+        return 2**self.depth
+
+    def is_valid_input(self, n: int) -> bool:
+        """Whether ``n`` px along an axis is a valid input size."""
+        return n >= self.min_input and (n - self.min_input) % self.pooling == 0
+
+    def valid_input_sizes(self, count: int, start: int = 0) -> list[int]:
+        """The ``count`` valid input sizes from the ``start``-th one (smallest first)."""
+        return [self.min_input + self.pooling * k for k in range(start, start + count)]
+
+    def nearest_valid_inputs(self, n: int) -> tuple[int, ...]:
+        """The valid input sizes just below and above ``n`` (one if ``n`` is below the minimum)."""
+        if n <= self.min_input:
+            return (self.min_input,)
+        k = (n - self.min_input) // self.pooling
+        lo = self.min_input + k * self.pooling
+        return (lo,) if lo == n else (lo, lo + self.pooling)
+
+    def check_input_size(self, n: int, *, name: str = "input size") -> None:
+        """Raise :class:`ConfigError` naming the nearest valid sizes when ``n`` is invalid."""
+        if not self.is_valid_input(n):
+            near = " or ".join(str(v) for v in self.nearest_valid_inputs(n))
+            raise ConfigError(
+                f"{name} {n} px is not valid for this U-Net (depth {self.depth}: "
+                f"{self.min_input} + {self.pooling}k); nearest valid: {near}"
+            )
+
+    def output_size(self, input_size: int) -> int:
+        """Output size along an axis for a valid ``input_size``."""
+        self.check_input_size(input_size)
+        return input_size - 2 * self.halo
+
+    def input_size(self, output_size: int) -> int:
+        """Input size along an axis that yields ``output_size`` (which must be reachable)."""
+        n = output_size + 2 * self.halo
+        if not self.is_valid_input(n):
+            lo = self.min_input - 2 * self.halo
+            raise ConfigError(
+                f"output size {output_size} px is not reachable (valid outputs: "
+                f"{lo} + {self.pooling}k)"
+            )
+        return n

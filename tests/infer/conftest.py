@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tilesegment.infer.pipeline import REPORT_NAME
-from tilesegment.infer.resume import DONE_LOG, STATE_DIR
+from tilesegment.store.layout import DONE_LOG, state_dir
 
 #: Options every run in these tests shares (the output must not depend on anything else).
 RUN_ARGS = ("--tile-size", "572", "--no-preview", "--no-progress")
@@ -25,7 +24,7 @@ RUN_ARGS = ("--tile-size", "572", "--no-preview", "--no-progress")
 @pytest.fixture(scope="session")
 def slide(tmp_path_factory) -> Path:
     """A 3000 x 3000 px pyramidal JPEG TIFF, 70 % tissue: 64 tiles of 572 px, a few skipped."""
-    from tilesegment.synthetic import write_slide
+    from tilesegment.testing.synthetic import write_slide
 
     path = tmp_path_factory.mktemp("slide") / "synthetic.tif"
     return write_slide(path, (3000, 3000), tissue_fraction=0.7, patches=3, seed=4)
@@ -68,7 +67,7 @@ def start_cli(*args: object, env: dict[str, str] | None = None) -> subprocess.Po
 
 def done_records(output: Path) -> int:
     try:
-        return (output / STATE_DIR / DONE_LOG).read_bytes().count(b"\n")
+        return (state_dir(output) / DONE_LOG).read_bytes().count(b"\n")
     except FileNotFoundError:
         return 0
 
@@ -125,11 +124,11 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
 
 
 def store_files(path: Path) -> dict[str, bytes]:
-    """Every file of an output store except the run report and the resume state."""
+    """Every file of an output store (the run report and the resume state live beside it)."""
     files = {}
     for f in sorted(path.rglob("*")):
         rel = f.relative_to(path).as_posix()
-        if f.is_file() and rel != REPORT_NAME and not rel.startswith(STATE_DIR + "/"):
+        if f.is_file():
             files[rel] = f.read_bytes()
     return files
 

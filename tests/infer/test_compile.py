@@ -10,14 +10,10 @@ import numpy as np
 import torch
 
 from tests.conftest import data_path
-from tilesegment.infer.pipeline import (
-    COMPILE_MIN_TILES,
-    REPORT_NAME,
-    RunOptions,
-    resolve_compile,
-    run_slide,
-)
+from tilesegment.infer.options import COMPILE_MIN_TILES, RunOptions, resolve_compile
+from tilesegment.infer.run import run_slide
 from tilesegment.store import OutputStore
+from tilesegment.store.layout import report_path
 
 
 def test_auto_compiles_only_runs_long_enough_to_repay_it():
@@ -37,7 +33,7 @@ def _run(tmp_path, model, name: str, compile: bool | None):
         precision="fp32",
     )
     run_slide(data_path("slides", "small.svs"), out, model, opts)
-    report = json.loads((out / REPORT_NAME).read_text())
+    report = json.loads(report_path(out).read_text())
     return OutputStore.open(out), report
 
 

@@ -27,9 +27,9 @@ from tests.infer.conftest import (
     wait_for_records,
     wait_gone,
 )
-from tilesegment.infer.pipeline import REPORT_NAME
-from tilesegment.infer.resume import lock_path
 from tilesegment.store import is_complete
+from tilesegment.store.layout import report_path
+from tilesegment.store.resume import lock_path
 
 pytest.importorskip("distributed", reason="dask.distributed is not installed")
 
@@ -53,7 +53,7 @@ def cmu_slide_module():
 
 
 def _report(out):
-    return json.loads((out / REPORT_NAME).read_text())
+    return json.loads(report_path(out).read_text())
 
 
 def test_dask_workers_give_the_bytes_of_a_local_run(tiny_model, cmu_slide_module, local, tmp_path):

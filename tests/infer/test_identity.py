@@ -33,9 +33,10 @@ from tilesegment.infer.identity import (
     check_identity,
     identify,
 )
-from tilesegment.infer.pipeline import REPORT_NAME, RunOptions, run_slide
-from tilesegment.infer.resume import PARAMS_FILE, STATE_DIR, lock_path
+from tilesegment.infer.options import RunOptions
+from tilesegment.infer.run import run_slide
 from tilesegment.store import is_complete
+from tilesegment.store.layout import PARAMS_FILE, lock_path, report_path, state_dir
 
 # ------------------------------------------------------------------------------- fingerprint
 
@@ -43,7 +44,7 @@ from tilesegment.store import is_complete
 @pytest.fixture(scope="module")
 def twins(tmp_path_factory) -> tuple[Path, Path]:
     """``A/slide.tif`` and ``B/slide.tif``: uncompressed 2400² TIFFs, equal bytes, other pixels."""
-    from tilesegment.synthetic import write_slide
+    from tilesegment.testing.synthetic import write_slide
 
     root = tmp_path_factory.mktemp("twins")
     a, b = (root / k / "slide.tif" for k in "AB")
@@ -182,13 +183,13 @@ def test_resume_with_the_other_twin_is_refused_and_the_right_one_finishes(
     resumed = invoke("run", a, "-o", out, "--model", tiny_model, "--resume", *RUN_ARGS)
     assert resumed.exit_code == 0, resumed.output
     assert_identical(out, clean_a)
-    report = json.loads((out / REPORT_NAME).read_text())
+    report = json.loads(report_path(out).read_text())
     assert report["params"]["slide_fingerprint"] == identify(a).fingerprint
 
 
 def _drop_fingerprint(output: Path) -> None:
     """Rewrite the run record as tilesegment wrote it before fingerprints existed."""
-    path = output / STATE_DIR / PARAMS_FILE
+    path = state_dir(output) / PARAMS_FILE
     doc = json.loads(path.read_text())
     del doc["params"]["slide_fingerprint"]
     del doc["info"]["slide_mtime"]
@@ -214,6 +215,7 @@ def test_batch_resume_skips_only_the_recorded_slide(tiny_model, twins, clean_a, 
     outdir.mkdir()
     out = outdir / "slide.zarr"
     shutil.copytree(clean_a, out)
+    shutil.copytree(state_dir(clean_a), state_dir(out))  # the run record lives beside the store
     before = store_files(out)
     args = ("-o", outdir, "--model", tiny_model, "--resume", *RUN_ARGS)
     same = invoke("run", a.parent / "*.tif", *args)

@@ -6,14 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from tilesegment.geometry import Box
-from tilesegment.infer.pipeline import (
-    ChunkAssembler,
-    RunOptions,
-    plan_grid,
-    plan_work,
-    read_tile,
-    read_unit,
-)
+from tilesegment.infer.options import RunOptions
+from tilesegment.infer.plan import plan_grid, plan_work
+from tilesegment.infer.stream import ChunkAssembler, read_tile, read_unit
 from tilesegment.io import open_slide
 from tilesegment.model import UNet, UNetConfig
 

@@ -33,17 +33,12 @@ from tilesegment.infer.capacity import (
     cgroup_limit,
     usable_cores,
 )
-from tilesegment.infer.pipeline import REPORT_NAME, BatchSize
-from tilesegment.infer.pool import (
-    FAULT_ENV,
-    FaultInjector,
-    FaultSpec,
-    cpu_has_native_bf16,
-    resolve_devices,
-    resolve_precision,
-)
-from tilesegment.infer.resume import lock_path
+from tilesegment.infer.devices import cpu_has_native_bf16, resolve_devices, resolve_precision
+from tilesegment.infer.executors.faults import FAULT_ENV, FaultInjector, FaultSpec
+from tilesegment.infer.stream import BatchSize
 from tilesegment.store import is_complete
+from tilesegment.store.layout import report_path
+from tilesegment.store.resume import lock_path
 
 POOL_ARGS = ("--workers", "2", *RUN_ARGS)
 #: What ``--precision auto`` is on this machine's CPU.
@@ -202,7 +197,7 @@ def test_injected_worker_crash_is_retried_into_identical_output(
     assert "worker 0 (cpu, pid" in caplog.text and "exited with code 86" in caplog.text
     assert f"worker 0: cpu {AUTO_CPU} x1 threads" in result.output and "1 restarts" in result.output
     assert_identical(out, pool_clean)
-    report = json.loads((out / REPORT_NAME).read_text())
+    report = json.loads(report_path(out).read_text())
     assert report["status"] == "complete"
     assert [d["restarts"] for d in report["devices"]] == [1, 0]
     assert sum(d["tiles"] for d in report["devices"]) == report["tiles"]["processed"]
@@ -224,7 +219,7 @@ def test_persistent_failure_stops_with_the_failed_tiles_and_resumes(
     assert "tiles failed after 1 attempt " in message and "(4, 4)" in message
     assert "injected fault" in message and "--resume" in message
     assert not is_complete(out) and not lock_path(out).exists()
-    report = json.loads((out / REPORT_NAME).read_text())
+    report = json.loads(report_path(out).read_text())
     assert report["status"] == "failed" and [4, 4] in report["tiles"]["failed_tiles"]
     assert report["tiles"]["failed"] == len(report["tiles"]["failed_tiles"])
     # Everything else was computed and recorded; a resume without the fault completes.

@@ -23,17 +23,11 @@ from tests.infer.conftest import (
     wait_for_records,
 )
 from tilesegment.errors import ConfigError, StoreError
-from tilesegment.infer.pipeline import REPORT_NAME, RunOptions, run_slide
-from tilesegment.infer.resume import (
-    DONE_LOG,
-    STATE_DIR,
-    DoneLog,
-    RunLock,
-    check_params,
-    lock_path,
-    read_done,
-)
+from tilesegment.infer.options import RunOptions
+from tilesegment.infer.run import run_slide
 from tilesegment.store import is_complete
+from tilesegment.store.layout import DONE_LOG, report_path, state_dir
+from tilesegment.store.resume import DoneLog, RunLock, check_params, lock_path, read_done
 
 # ------------------------------------------------------------------------------- unit level
 
@@ -49,7 +43,7 @@ def test_done_log_records_survive_reopening_and_a_torn_tail(tmp_path):
         log.flush()
         assert log.done == {(0, 1), (2, 3)}
     assert sorted(committed) == [(0, 1), (2, 3)]
-    path = out / STATE_DIR / DONE_LOG
+    path = state_dir(out) / DONE_LOG
     # A crash mid-append leaves a record without its newline: dropped, and cut off the file
     # so that the next record starts on its own line.
     with path.open("ab") as fh:
@@ -62,7 +56,7 @@ def test_done_log_records_survive_reopening_and_a_torn_tail(tmp_path):
 
 
 def test_done_log_rejects_a_corrupt_record(tmp_path):
-    path = tmp_path / STATE_DIR / DONE_LOG
+    path = state_dir(tmp_path) / DONE_LOG
     path.parent.mkdir(parents=True)
     path.write_text("0 1\nnot a record\n")
     with pytest.raises(StoreError, match=r"done.log:2: malformed record"):
@@ -109,7 +103,7 @@ def test_lock_of_another_host_is_not_guessed_stale(tmp_path):
 def test_lock_held_by_a_live_process_is_refused(tmp_path):
     out = tmp_path / "o.zarr"
     code = (
-        "import sys, time; from tilesegment.infer.resume import RunLock; "
+        "import sys, time; from tilesegment.store.resume import RunLock; "
         f"l = RunLock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(60)"
     )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -155,7 +149,7 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(
     assert "done before" in result.output
     assert is_complete(out) and not lock_path(out).exists()
     assert_identical(out, clean)
-    report = json.loads((out / REPORT_NAME).read_text())
+    report = json.loads(report_path(out).read_text())
     assert report["status"] == "complete" and report["resumed"]
     assert report["tiles"]["done_before"] >= seen
     assert report["history"] == []  # the killed run wrote no report
@@ -180,14 +174,14 @@ def test_sigint_flushes_refuses_a_second_run_and_resumes(tiny_model, slide, clea
     assert proc.returncode == 130, err
     assert "resume with --resume" in err
     assert not lock_path(out).exists() and not is_complete(out)
-    report = json.loads((out / REPORT_NAME).read_text())
+    report = json.loads(report_path(out).read_text())
     assert report["status"] == "interrupted"
     # Everything the interrupted run counted as written is recorded.
     assert done_records(out) == report["chunks"]["written"] > 0
     again = invoke(*args, "--resume")
     assert again.exit_code == 0, again.output
     assert_identical(out, clean)
-    report = json.loads((out / REPORT_NAME).read_text())
+    report = json.loads(report_path(out).read_text())
     assert [h["status"] for h in report["history"]] == ["interrupted"]
     # Resuming a complete output does nothing.
     done = invoke(*args, "--resume")
@@ -199,6 +193,7 @@ def test_resume_with_other_parameters_is_refused(tiny_model, slide, clean, tmp_p
 
     out = tmp_path / "out.zarr"
     shutil.copytree(clean, out)
+    shutil.copytree(state_dir(clean), state_dir(out))  # the resume state lives beside the store
     attrs = out / ".zattrs"
     attrs.write_text(attrs.read_text().replace('"complete"', '"incomplete"'))
     args = ("run", slide, "-o", out, "--model", tiny_model, "--tissue", "none", *RUN_ARGS)
@@ -214,3 +209,58 @@ def test_resume_of_a_missing_output_starts_it(tiny_model, slide, tmp_path):
     opts = RunOptions(tile_size=572, preview=False, progress=False, resume=True, tissue="none")
     summary = run_slide(slide, out, tiny_model, opts)
     assert is_complete(out) and summary.extra["tiles_processed"] == summary.tiles
+
+
+def test_resume_adopts_the_state_an_older_version_kept_inside_the_group(
+    tiny_model, slide, clean, tmp_path
+):
+    """Outputs written before the state moved beside the group resume as before, and end up
+    with a group zarr opens without warnings about foreign objects."""
+    import shutil
+    import warnings
+
+    import zarr
+
+    from tilesegment.store.layout import legacy_report_path, legacy_state_dir
+
+    out = tmp_path / "out.zarr"
+    shutil.copytree(clean, out)
+    shutil.copytree(state_dir(clean), legacy_state_dir(out))
+    shutil.copy(report_path(clean), legacy_report_path(out))
+    attrs = out / ".zattrs"
+    attrs.write_text(attrs.read_text().replace('"complete"', '"incomplete"'))
+    result = invoke("run", slide, "-o", out, "--model", tiny_model, *RUN_ARGS, "--resume")
+    assert result.exit_code == 0, result.output
+    assert is_complete(out)
+    assert not legacy_state_dir(out).exists() and not legacy_report_path(out).exists()
+    assert (state_dir(out) / DONE_LOG).read_bytes() == (state_dir(clean) / DONE_LOG).read_bytes()
+    report = json.loads(report_path(out).read_text())
+    assert [h["status"] for h in report["history"]] == ["complete"]
+    assert_identical(out, clean)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        group = zarr.open_group(str(out), mode="r")
+        assert sorted(group.keys()) == sorted(zarr.open_group(str(clean), mode="r").keys())
+
+
+def test_a_finished_output_opens_in_zarr_without_warnings(clean):
+    """The report and the resume state live beside the group, not in it (napari and
+    ome-zarr users saw ZarrUserWarnings about them)."""
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        group = zarr.open_group(str(clean), mode="r")
+        members = dict(group.members(max_depth=None))
+    assert "labels/mask/0" in members and "0" in members
+    assert report_path(clean).is_file() and (state_dir(clean) / DONE_LOG).is_file()
+    assert sorted(p.name for p in clean.iterdir()) == [
+        ".zattrs",
+        ".zgroup",
+        "0",
+        "1",
+        "2",
+        "labels",
+    ]

@@ -8,7 +8,6 @@ are computed here independently of the reader code (Pillow, numpy, tifffile's ow
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,31 +16,9 @@ import zarr
 from PIL import Image
 
 from tests.conftest import data_path
-from tilesegment.io import SlideReader, open_slide
+from tilesegment.io import open_slide
 from tilesegment.io.openslide import OpenSlideReader
-
-ANY_MPP = "any"  # sentinel: the case does not pin mpp
-
-
-@dataclass(frozen=True)
-class Case:
-    """An opened reader and what a test can assert about it."""
-
-    reader: SlideReader
-    backend: str
-    levels: list[np.ndarray | None]
-    """Expected (H, W, C) uint8 pixels of every level (None where not known)."""
-    channels: int
-    mpp: tuple[float, float] | str | None = None
-    tolerance: float = 0.0
-    """Allowed mean absolute difference to ``levels`` (0: exact, lossless data)."""
-    offset_tolerance: dict[int, float] = field(default_factory=dict)
-    """Per level, allowed mean abs difference between a box and the same pixels read as part of a
-    bigger box (0 unless the backend resamples, as OpenSlide does at non-integer downsamples)."""
-
-    @property
-    def level_count(self) -> int:
-        return len(self.levels)
+from tilesegment.testing.readers import Case
 
 
 def noise(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:

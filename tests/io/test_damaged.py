@@ -23,6 +23,7 @@ from tilesegment.errors import SlideReadError
 from tilesegment.io import DecodeWarning, open_slide
 from tilesegment.io.openslide import OpenSlideReader, detect_vendor
 from tilesegment.io.tiff import TiffReader
+from tilesegment.store.layout import report_path
 
 APERIO = "Aperio Image Library v11.2.1 \r\n2048x2048 -> 512x512 - |AppMag = 20|MPP = 0.499|X = 1"
 
@@ -273,7 +274,7 @@ def test_run_reports_the_corrupt_tile(tmp_path: Path, tiny_model: Path) -> None:
     logged = [line for line in proc.stderr.splitlines() if "is corrupt" in line]
     assert len(logged) == 1
     assert f"{slide}: tile (row 1, column 1) of level 0, pixels y=256..511, x=256..511" in logged[0]
-    report = json.loads((out / "tilesegment-report.json").read_text())
+    report = json.loads(report_path(out).read_text())
     assert report["decode_warnings"]["count"] == 1
     (tile,) = report["decode_warnings"]["tiles"]
     assert {k: tile[k] for k in ("level", "row", "column", "y", "x", "h", "w")} == {

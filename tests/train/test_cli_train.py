@@ -11,6 +11,7 @@ import pytest
 import tifffile
 from click.testing import CliRunner
 
+from tests.conftest import data_path
 from tests.train.conftest import write_folder
 from tilesegment.cli import main
 
@@ -143,6 +144,35 @@ def test_train_then_evaluate_and_run(tmp_path):
 
     again = invoke(*train_args(images, labels, out))
     assert_input_error(again, "already holds a training run")
+
+
+def test_checkpoints_name_their_data_not_this_machines_paths(tmp_path):
+    images, labels = write_folder(tmp_path / "data", 2, rgb=True, shape=(80, 80))
+    out = tmp_path / "run"
+    result = invoke(*train_args(images, labels, out, "--val-fraction", "0"))
+    assert result.exit_code == 0, result.output
+    training = json.loads((out / "last.json").read_text())["training"]
+    assert training["data"]["images"] == "data/images"
+    assert training["config"]["labels"] == "data/labels"
+    assert training["config"]["run_dir"] == "run"
+    assert str(tmp_path) not in json.dumps(training)
+
+
+def test_evaluate_resolves_a_shipped_model_name_like_run(tmp_path):
+    """`evaluate --model nuclei-he` used to fail with 'model config not found'."""
+    images, labels = data_path("tnbc", "images"), data_path("tnbc", "labels")
+    names = tmp_path / "one.txt"
+    names.write_text(sorted(p.stem for p in images.glob("*.png"))[0] + "\n")
+    result = invoke(
+        "evaluate", "--model", "nuclei-he", "--images", images, "--labels", labels,
+        "--list", names, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["name"] == "nuclei-he" and len(doc["images"]) == 1
+    assert doc["model"].endswith("nuclei-he")
+    missing = invoke("evaluate", "--model", "no-such-model", "--images", images, "--labels", labels)
+    assert missing.exit_code == 2 and "shipped: " in missing.output
 
 
 def test_class_labels_with_gaps_warn_naming_the_values(tmp_path, caplog):

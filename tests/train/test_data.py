@@ -12,6 +12,7 @@ from tilesegment.errors import ConfigError
 from tilesegment.geometry import PAD_MODE
 from tilesegment.model.unet import UNet, UNetConfig
 from tilesegment.train import data as D
+from tilesegment.train import sampling as S
 
 
 def isbi_pairs():
@@ -114,13 +115,13 @@ def test_mismatched_shapes_are_refused(tmp_path):
 
 def sampler_for(items, *, tile=60, depth=2, seed=0, augment=None):
     net = UNet(UNetConfig(depth=depth, base_channels=1, in_channels=1))
-    return D.CropSampler(
+    return S.CropSampler(
         items,
         tile=tile,
         halo=net.halo,
         pooling=net.pooling,
         seed=seed,
-        augment=augment or D.AugmentOptions(flips=False, elastic_sigma=0, intensity=False),
+        augment=augment or S.AugmentOptions(flips=False, elastic_sigma=0, intensity=False),
     ), net
 
 
@@ -160,7 +161,7 @@ def test_deformed_crops_keep_labels_on_their_pixels():
         image = np.where(inst > 0, 200, 40).astype(np.uint8)[..., None]
         pairs.append(D.LabelledImage(f"b{i}", image, inst, f"b{i}"))
     items = D.prepare_items(pairs, "instances", num_classes=2, channels=1, boundary_class=False)
-    aug = D.AugmentOptions(flips=True, elastic_sigma=10.0, intensity=False)
+    aug = S.AugmentOptions(flips=True, elastic_sigma=10.0, intensity=False)
     sampler, net = sampler_for(items, tile=60, depth=2, augment=aug)
     h, o = net.halo, sampler.output
     agree = []
@@ -176,7 +177,7 @@ def test_deformed_crops_keep_labels_on_their_pixels():
 
 def test_samples_depend_only_on_seed_epoch_index():
     items = D.prepare_items(isbi_pairs()[:3], "binary", num_classes=2, channels=1)
-    aug = D.AugmentOptions()
+    aug = S.AugmentOptions()
     a, _ = sampler_for(items, augment=aug, seed=1)
     b, _ = sampler_for(items, augment=aug, seed=1)
     for got, again in zip(a.sample(3, 5), b.sample(3, 5), strict=True):
@@ -186,13 +187,13 @@ def test_samples_depend_only_on_seed_epoch_index():
 
 
 def test_rank_sampler_splits_each_global_batch():
-    one = list(D.RankSampler(steps=3, global_batch=4, rank=0, world=1))
-    ranks = [list(D.RankSampler(steps=3, global_batch=4, rank=r, world=2)) for r in range(2)]
+    one = list(S.RankSampler(steps=3, global_batch=4, rank=0, world=1))
+    ranks = [list(S.RankSampler(steps=3, global_batch=4, rank=r, world=2)) for r in range(2)]
     for s in range(3):
         glob = one[4 * s : 4 * s + 4]
         assert ranks[0][2 * s : 2 * s + 2] + ranks[1][2 * s : 2 * s + 2] == glob
     with pytest.raises(ConfigError, match="divisible by the number of processes"):
-        D.RankSampler(steps=1, global_batch=3, rank=0, world=2)
+        S.RankSampler(steps=1, global_batch=3, rank=0, world=2)
 
 
 def test_channel_stats():

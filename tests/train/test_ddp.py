@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import data_path
 from tilesegment.model.checkpoint import load_spec, new_model
-from tilesegment.train.loop import TrainConfig, run_training
+from tilesegment.train.config import TrainConfig
+from tilesegment.train.loop import run_training
 
 OPTIONS = {
     "label_kind": "binary",

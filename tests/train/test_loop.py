@@ -18,9 +18,10 @@ from tests.conftest import data_path
 from tests.train.conftest import write_folder
 from tilesegment.errors import ConfigError
 from tilesegment.model.checkpoint import load_checkpoint, new_model
-from tilesegment.train import loop
+from tilesegment.train import loop, state
+from tilesegment.train.config import TrainConfig, TrainingDiverged
 from tilesegment.train.evaluate import evaluate_model
-from tilesegment.train.loop import TrainConfig, TrainingDiverged, run_training
+from tilesegment.train.loop import run_training
 
 
 def tiny(tmp_path: Path, run: str = "run", **overrides) -> TrainConfig:
@@ -61,11 +62,11 @@ def test_optimizer_state_round_trip_without_pickle(tmp_path, name):
     for _ in range(3):
         net(torch.randn(2, 1, 8, 8)).square().mean().backward()
         opt.step()
-    tensors, doc = loop.flatten_optimizer_state(opt.state_dict())
+    tensors, doc = state.flatten_optimizer_state(opt.state_dict())
     save_file(tensors, str(tmp_path / "s.safetensors"))
     (tmp_path / "s.json").write_text(json.dumps(doc))
     fresh = make(net.parameters())
-    restored = loop.unflatten_optimizer_state(
+    restored = state.unflatten_optimizer_state(
         load_file(str(tmp_path / "s.safetensors")),
         json.loads((tmp_path / "s.json").read_text()),
         fresh.state_dict(),

@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tilesegment.store import is_complete
+from tilesegment.store.layout import report_path
 
 pytest.importorskip("dask_jobqueue", reason="dask-jobqueue missing: pip install -e '.[cluster]'")
 pytest.importorskip("distributed", reason="distributed missing: pip install -e '.[cluster]'")
@@ -135,7 +136,7 @@ class _LocalJobs:
 
 
 def test_main_segments_the_slides_on_the_cluster_workers(slurm, tmp_path, monkeypatch, tiny_model):
-    from tilesegment.synthetic import write_slide
+    from tilesegment.testing.synthetic import write_slide
 
     folder = tmp_path / "slides"
     folder.mkdir()
@@ -148,6 +149,6 @@ def test_main_segments_the_slides_on_the_cluster_workers(slurm, tmp_path, monkey
     assert code == 0
     for stem in ("s1", "s2"):
         assert is_complete(out / f"{stem}.zarr")
-        report = json.loads((out / f"{stem}.zarr" / "tilesegment-report.json").read_text())
+        report = json.loads(report_path(out / f"{stem}.zarr").read_text())
         assert report["options"]["scheduler"].startswith("tcp://127.0.0.1:")
         assert [d["executor"] for d in report["devices"]] == ["dask"]  # computed by the workers

@@ -16,7 +16,8 @@ import zarr
 from tests.conftest import ROOT, data_path
 from tilesegment.model.checkpoint import file_sha256
 from tilesegment.store import ClassSpec, OutputStore, is_complete
-from tilesegment.synthetic import write_slide
+from tilesegment.store.layout import report_path
+from tilesegment.testing.synthetic import write_slide
 
 WORKFLOW = ROOT / "workflows" / "snakemake"
 
@@ -91,7 +92,7 @@ def test_aggregate_table_has_one_complete_row_per_slide(workflow_run):
     assert sorted(rows) == sorted(stems)
     sha = file_sha256(model.with_suffix(".safetensors"))
     for stem, row in rows.items():
-        report = json.loads((outdir / f"{stem}.zarr" / "tilesegment-report.json").read_text())
+        report = json.loads(report_path(outdir / f"{stem}.zarr").read_text())
         assert row["status"] == "complete"
         assert row["model_sha256"] == sha
         assert int(row["tiles"]) == report["tiles"]["total"] >= 1

@@ -1,14 +1,15 @@
 """Predict one batch of tiles: uint8 pixels in, class probabilities out. Pure, no I/O.
 
 A :class:`Predictor` owns one model copy on one device. It is not thread-safe (one caller per
-predictor); the worker pool gives every device its own predictor.
+predictor); every worker makes its own with :func:`make_predictor` (channels-last, pinned
+staging on CUDA, ``torch.compile`` with an eager fallback).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -151,3 +152,81 @@ def predict_image(image: np.ndarray, predictor: Predictor) -> np.ndarray:
     padded = np.pad(image, (*pads, (0, 0)), mode=PAD_MODE)
     probs = predictor(padded[None])[0]
     return probs[:, : image.shape[0], : image.shape[1]]
+
+
+class PinnedPredictor(Predictor):
+    """A CUDA predictor that stages each uint8 batch in one reused page-locked host buffer, so
+    the host-to-device copy is a DMA that does not block the host.
+
+    The buffer is overwritten only after the previous batch's work on the device is done
+    (an event recorded after it is synchronised first), so reuse is safe whoever calls.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._staging = None
+        self._in_use = None
+
+    def probabilities(self, batch: np.ndarray):
+        import torch
+
+        if self._in_use is not None:
+            self._in_use.synchronize()
+        if self._staging is None or self._staging.numel() < batch.size:
+            self._staging = torch.empty(batch.size, dtype=torch.uint8).pin_memory()
+        view = self._staging[: batch.size].view(batch.shape).numpy()
+        np.copyto(view, batch)
+        out = super().probabilities(view)
+        self._in_use = torch.cuda.Event()
+        self._in_use.record()
+        return out
+
+
+def make_predictor(net, spec, device: str, precision: str, *, compile: bool = False) -> Predictor:
+    """The predictor a worker uses on ``device`` (channels-last; pinned staging on CUDA)."""
+    import torch
+
+    if device.startswith("cuda"):
+        # Make it the current device, so that pinned buffers, events and streams belong to it
+        # (not to cuda:0 in every worker).
+        torch.cuda.set_device(device)
+    cls = PinnedPredictor if device.startswith("cuda") else Predictor
+    predictor = cls(net, spec, device=device, precision=precision, channels_last=True)
+    if compile:
+        predictor.model = CompiledOrEager(predictor.model)
+    return predictor
+
+
+class CompiledOrEager:
+    """A model behind ``torch.compile`` that falls back to eager mode for good when compiling
+    or running the compiled graph raises (no C++ compiler, an op inductor cannot lower...).
+
+    Attribute access reaches the model (``halo``, ``output_size``...), as with
+    ``torch.compile``'s own wrapper. Compilation happens at the first call, per input shape.
+    """
+
+    def __init__(self, model) -> None:
+        import torch
+
+        self.eager = model
+        self.compiled = torch.compile(model)
+        self.failed: str | None = None
+
+    def __call__(self, x):
+        import torch
+
+        if self.failed is None:
+            try:
+                return self.compiled(x)
+            except torch.OutOfMemoryError:
+                raise  # the batch is halved by the caller; compiling is not to blame
+            except Exception as exc:  # any failure of the compiler stack
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                self.failed = f"{type(exc).__name__}: {first}"
+                log.warning("torch.compile failed (%s); running the model eagerly", self.failed)
+        return self.eager(x)
+
+    def __getattr__(self, name: str):
+        if name in ("eager", "compiled", "failed"):  # not set yet (unpickling, __init__)
+            raise AttributeError(name)
+        return getattr(self.eager, name)

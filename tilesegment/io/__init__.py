@@ -39,8 +39,8 @@ import os
 import stat
 from pathlib import Path
 
-from tilesegment.io._common import EXPECTED_INPUT, DamagedFileError, ReaderError, slide_error
 from tilesegment.io.base import DecodeWarning, SlideInfo, SlideReader
+from tilesegment.io.common import EXPECTED_INPUT, DamagedFileError, ReaderError, slide_error
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def check_slide_path(path: str | os.PathLike[str], /) -> None:
     >>> check_slide_path("/dev/null")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    tilesegment.io._common.ReaderError: /dev/null: not a regular file but a character device; ...
+    tilesegment.io.common.ReaderError: /dev/null: not a regular file but a character device; ...
     """
     path = Path(path)
     try:

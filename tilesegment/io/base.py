@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -117,6 +117,28 @@ class SlideReader(Protocol):
     def __enter__(self) -> SlideReader: ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+
+_R = TypeVar("_R", bound="ReaderBase")
+
+
+class ReaderBase:
+    """What every reader shares: ``with reader:`` closes it on exit, and a repr naming the file.
+
+    Subclasses implement ``read_region`` and override :meth:`close` to release their handles.
+    """
+
+    def close(self) -> None:
+        """Release what the reader holds; idempotent."""
+
+    def __enter__(self: _R) -> _R:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(getattr(self, 'path', '?'))!r})"
 
 
 @runtime_checkable

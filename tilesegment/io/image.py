@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tilesegment.io._common import (
+from tilesegment.io.base import DecodeWarning, ReaderBase, SlideInfo
+from tilesegment.io.common import (
     DECODE_ERRORS,
     check_box,
     describe,
@@ -24,7 +25,6 @@ from tilesegment.io._common import (
     scale_to_uint8,
     slide_error,
 )
-from tilesegment.io.base import DecodeWarning, SlideInfo
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _as_samples(image: Image.Image) -> tuple[np.ndarray, bool]:
     return scale_to_uint8(samples), alpha
 
 
-class ImageReader:
+class ImageReader(ReaderBase):
     """A :class:`~tilesegment.io.base.SlideReader` over a flat image file read with Pillow.
 
     Parameters
@@ -169,12 +169,3 @@ class ImageReader:
         """Drop the decoded pixels; idempotent."""
         with self._lock:
             self._pixels = None
-
-    def __enter__(self) -> ImageReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.path)!r})"

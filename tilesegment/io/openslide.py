@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import openslide
 
-from tilesegment.io._common import (
+from tilesegment.io.base import DecodeWarning, ReaderBase, SlideInfo
+from tilesegment.io.common import (
     check_box,
     composite_on_white,
     describe,
@@ -23,7 +24,6 @@ from tilesegment.io._common import (
     region_error,
     slide_error,
 )
-from tilesegment.io.base import DecodeWarning, SlideInfo
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _mpp(path: Path, properties: dict[str, str], vendor: str) -> tuple[float, fl
     return mpp_y, mpp_x
 
 
-class OpenSlideReader:
+class OpenSlideReader(ReaderBase):
     """A :class:`~tilesegment.io.base.SlideReader` over ``openslide.OpenSlide``.
 
     Parameters
@@ -153,12 +153,3 @@ class OpenSlideReader:
             if not self._closed:
                 self._closed = True
                 self._slide.close()
-
-    def __enter__(self) -> OpenSlideReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.path)!r})"

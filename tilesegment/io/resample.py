@@ -19,7 +19,7 @@ import numpy as np
 from scipy import sparse
 
 from tilesegment.errors import ConfigError
-from tilesegment.io.base import SlideInfo, SlideReader
+from tilesegment.io.base import ReaderBase, SlideInfo, SlideReader
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _weights(start: int, n: int, scale: float, size: int) -> tuple[int, sparse.c
     return first, m
 
 
-class ResampledReader:
+class ResampledReader(ReaderBase):
     """A one-level view of ``reader``'s ``level`` resampled to ``target_mpp``.
 
     Satisfies the :class:`~tilesegment.io.base.SlideReader` protocol (level 0 only). Thread-safe
@@ -118,9 +118,3 @@ class ResampledReader:
 
     def close(self) -> None:
         self.reader.close()
-
-    def __enter__(self) -> ResampledReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -10,12 +10,14 @@ import logging
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
 import zarr
 
-from tilesegment.io._common import (
+from tilesegment.io.base import DecodeWarning, SlideInfo
+from tilesegment.io.common import (
     DECODE_ERRORS,
     PROBE_MAX_BYTES,
     UM_PER_UNIT,
@@ -28,7 +30,6 @@ from tilesegment.io._common import (
     plausible_mpp,
     slide_error,
 )
-from tilesegment.io.base import DecodeWarning, SlideInfo
 from tilesegment.io.integrity import (
     JpegChecker,
     structure_problem,
@@ -190,7 +191,7 @@ class TiffReader(ArrayLevelsReader):
     called from several threads; tifffile's Zarr store serialises every seek+read on the file
     handle's re-entrant lock (``FileHandle.set_lock(True)``, also taken by the JPEG check) and
     decodes outside it, and each calling thread's reads run on an event loop of its own (see
-    :mod:`tilesegment.io._aio`), so no extra lock is needed. Picklability: not
+    :mod:`tilesegment.io.aio`), so no extra lock is needed. Picklability: not
     picklable; workers open their own reader from the path.
     """
 
@@ -216,10 +217,11 @@ class TiffReader(ArrayLevelsReader):
                 self._tif.close()
                 raise
 
-    def _open(self, *, probe: bool, messages: list[str]) -> None:
-        tif = self._tif
+    def _first_series(self, messages: list[str]) -> tifffile.TiffPageSeries:
+        """The image's first series; a damaged file (``messages``) fails or warns by what is
+        left of it."""
         try:
-            series = tif.series[0]
+            series = self._tif.series[0]
         except (IndexError, *DECODE_ERRORS) as exc:
             damage = structure_problem(messages, self._size)
             if damage is not None:
@@ -234,6 +236,11 @@ class TiffReader(ArrayLevelsReader):
                 self.path,
                 damage,
             )
+        return series
+
+    def _open(self, *, probe: bool, messages: list[str]) -> None:
+        tif = self._tif
+        series = self._first_series(messages)
         self._series = series
         shape0 = tuple(series.get_shape(False))
         if 0 in shape0 or not shape0:
@@ -265,6 +272,19 @@ class TiffReader(ArrayLevelsReader):
         ]
         y_axis, x_axis = self._layout.axes.index("Y"), self._layout.axes.index("X")
         shapes = [(a.shape[y_axis], a.shape[x_axis]) for a in self._arrays]
+        self.info: SlideInfo = self._make_info(series, keyframe, shapes)
+        if series.dtype == np.uint16 and self._layout.palette is None:
+            logger.warning(
+                "%s: 16-bit samples are scaled to 8 bits (value * 255 / 65535)", self.path
+            )
+        if probe:
+            self._probe()
+
+    def _make_info(
+        self, series: tifffile.TiffPageSeries, keyframe: Any, shapes: list[tuple[int, int]]
+    ) -> SlideInfo:
+        """What the file says about itself: format, µm/px, compression."""
+        tif = self._tif
         if tif.is_ome and tif.ome_metadata:
             mpp = _ome_mpp(self.path, tif.ome_metadata)
             vendor = "ome-tiff"
@@ -282,7 +302,7 @@ class TiffReader(ArrayLevelsReader):
             "tiff.dtype": str(series.dtype),
             "tiff.tiled": str(keyframe.is_tiled),
         }
-        self.info: SlideInfo = make_info(
+        return make_info(
             self.path,
             backend=self.backend,
             vendor=vendor,
@@ -291,12 +311,6 @@ class TiffReader(ArrayLevelsReader):
             mpp=mpp,
             properties=properties,
         )
-        if series.dtype == np.uint16 and self._layout.palette is None:
-            logger.warning(
-                "%s: 16-bit samples are scaled to 8 bits (value * 255 / 65535)", self.path
-            )
-        if probe:
-            self._probe()
 
     def _make_layout(self, series: tifffile.TiffPageSeries) -> PixelLayout:
         """Work out axes, colour, alpha and palette handling from the level-0 series."""
@@ -432,12 +446,3 @@ class TiffReader(ArrayLevelsReader):
     def close(self) -> None:
         """Close the file; idempotent."""
         self._tif.close()
-
-    def __enter__(self) -> TiffReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.path)!r})"

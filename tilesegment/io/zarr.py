@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from tilesegment.io._common import (
+from tilesegment.io.base import SlideInfo
+from tilesegment.io.common import (
     DECODE_ERRORS,
     PROBE_MAX_BYTES,
     UM_PER_UNIT,
@@ -30,7 +31,6 @@ from tilesegment.io._common import (
     make_info,
     slide_error,
 )
-from tilesegment.io.base import SlideInfo
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class ZarrReader(ArrayLevelsReader):
 
     Lifecycle: Zarr holds no open file between reads; :meth:`close` is a no-op kept for the
     protocol. Thread-safety: reads are thread-safe (each calling thread's reads run on an event
-    loop of its own, see :mod:`tilesegment.io._aio`; local files are opened per chunk).
+    loop of its own, see :mod:`tilesegment.io.aio`; local files are opened per chunk).
     Picklability: not picklable by contract.
     """
 
@@ -271,12 +271,3 @@ class ZarrReader(ArrayLevelsReader):
 
     def close(self) -> None:
         """Nothing to release (Zarr opens chunk files per read); kept for the protocol."""
-
-    def __enter__(self) -> ZarrReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.path)!r})"

@@ -2,8 +2,8 @@
 
 Every 3×3 convolution is unpadded, so each output pixel depends on a fixed input window and a
 tile's output equals the whole-image output wherever they overlap, provided tile origins keep the
-pooling phase (multiples of ``2**depth``). The network computes its halo and its valid sizes
-from its own layer arithmetic; nothing else hard-codes them.
+pooling phase (multiples of ``2**depth``). Its halo and valid sizes come from
+:class:`tilesegment.geometry.UNetGeometry` (the same layer arithmetic, without the module).
 
 >>> net = UNet(UNetConfig(depth=4, base_channels=8))
 >>> net.halo, net.pooling, net.output_size(572), net.input_size(388)
@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tilesegment.errors import ConfigError
+from tilesegment.geometry import UNetGeometry
 
 Upsampling = Literal["transpose", "bilinear"]
 
@@ -128,79 +129,34 @@ class UNet(nn.Module):
             self.ups.append(_Up(chans[i], chans[i - 1], config.upsampling))
             self.up_convs.append(_double_conv(2 * chans[i - 1], chans[i - 1], config.batch_norm))
         self.head = nn.Conv2d(chans[0], config.classes, 1)
-        self._min_input = self._find_min_input()
-        self.halo = (self._min_input - self._walk(self._min_input)) // 2  # type: ignore[operator]
+        self.geometry = UNetGeometry.of(config.depth, config.upsampling)
+        self.halo = self.geometry.halo
         self._init_weights()
 
     # ------------------------------------------------------------------ geometry
+    # The size arithmetic lives in tilesegment.geometry (pure, no nn.Module); these delegate.
     @property
     def pooling(self) -> int:
         """Total pooling factor ``2**depth``: valid sizes and tile origins step by it."""
-        return 2**self.config.depth
-
-    def _walk(self, n: int) -> int | None:
-        """Output size for input size ``n`` along one axis, or None if ``n`` is invalid."""
-        crop = 2 if self.config.upsampling == "bilinear" else 0
-        for _ in range(self.config.depth):
-            n -= 4
-            if n <= 0 or n % 2:
-                return None
-            n //= 2
-        n -= 4
-        if n <= 0:
-            return None
-        for _ in range(self.config.depth):
-            n = 2 * n - crop - 4
-            if n <= 0:
-                return None
-        return n
-
-    def _find_min_input(self) -> int:
-        n = 1
-        while self._walk(n) is None:
-            n += 1
-        return n
+        return self.geometry.pooling
 
     def is_valid_input(self, n: int) -> bool:
-        """Whether ``n`` px along an axis is a valid input size."""
-        return n >= self._min_input and (n - self._min_input) % self.pooling == 0
+        return self.geometry.is_valid_input(n)
 
     def valid_input_sizes(self, count: int, start: int = 0) -> list[int]:
-        """The ``count`` valid input sizes from the ``start``-th one (smallest first)."""
-        return [self._min_input + self.pooling * k for k in range(start, start + count)]
+        return self.geometry.valid_input_sizes(count, start)
 
     def nearest_valid_inputs(self, n: int) -> tuple[int, ...]:
-        """The valid input sizes just below and above ``n`` (one if ``n`` is below the minimum)."""
-        if n <= self._min_input:
-            return (self._min_input,)
-        k = (n - self._min_input) // self.pooling
-        lo = self._min_input + k * self.pooling
-        return (lo,) if lo == n else (lo, lo + self.pooling)
+        return self.geometry.nearest_valid_inputs(n)
 
     def check_input_size(self, n: int, *, name: str = "input size") -> None:
-        """Raise :class:`ConfigError` naming the nearest valid sizes when ``n`` is invalid."""
-        if not self.is_valid_input(n):
-            near = " or ".join(str(v) for v in self.nearest_valid_inputs(n))
-            raise ConfigError(
-                f"{name} {n} px is not valid for this U-Net (depth {self.config.depth}: "
-                f"{self._min_input} + {self.pooling}k); nearest valid: {near}"
-            )
+        self.geometry.check_input_size(n, name=name)
 
     def output_size(self, input_size: int) -> int:
-        """Output size along an axis for a valid ``input_size``."""
-        self.check_input_size(input_size)
-        return input_size - 2 * self.halo
+        return self.geometry.output_size(input_size)
 
     def input_size(self, output_size: int) -> int:
-        """Input size along an axis that yields ``output_size`` (which must be reachable)."""
-        n = output_size + 2 * self.halo
-        if not self.is_valid_input(n):
-            lo = self._min_input - 2 * self.halo
-            raise ConfigError(
-                f"output size {output_size} px is not reachable (valid outputs: "
-                f"{lo} + {self.pooling}k)"
-            )
-        return n
+        return self.geometry.input_size(output_size)
 
     # ------------------------------------------------------------------ network
     def _init_weights(self) -> None:

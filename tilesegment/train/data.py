@@ -1,4 +1,5 @@
-"""Training data: image/label pairs, their targets and weight maps, and seeded random crops.
+"""Training data: image/label pairs, their targets and weight maps (the crops drawn from them are
+in :mod:`tilesegment.train.sampling`).
 
 Two layouts are read (:func:`load_pairs`), both through the same code for ``train`` and
 ``evaluate``:
@@ -10,18 +11,18 @@ Two layouts are read (:func:`load_pairs`), both through the same code for ``trai
   Images are PNG, TIFF or JPEG, gray or RGB; labels are single-channel integer images.
 
 A label image is ``binary`` (0/1 or 0/255 masks), ``classes`` (index masks) or ``instances``
-(object ids), see :mod:`tilesegment.labels`. Binary and instance labels become two classes
+(object ids), see :mod:`tilesegment.train.labels`. Binary and instance labels become two classes
 (0 = background, 1 = foreground; ISBI: 0 = membrane, 1 = cell interior) after the objects
-are separated by a background border (:func:`~tilesegment.labels.separate_touching`; a binary
+are separated by a background border (:func:`~tilesegment.train.labels.separate_touching`; a binary
 mask is first split into its 4-connected components). With ``boundary_class`` instance data
 gets a third class, the objects' one-pixel inner boundary and the cut borders.
 
 Weights (:func:`target_and_weights`) are the paper's ``w = w_c + w0 exp(-(d1 + d2)^2 / 2
 sigma^2)`` with ``w_c`` balancing the classes of each image (mean 1), computed once per image.
 
-Sampling (:class:`CropSampler`): sample ``index`` of ``epoch`` depends only on
-``(seed, epoch, index)`` (:func:`tilesegment.augment.rng_for`): an image chosen with
-probability proportional to its area, a ``tile x tile`` input crop of the image
+Sampling (:class:`~tilesegment.train.sampling.CropSampler`): sample ``index`` of ``epoch``
+depends only on ``(seed, epoch, index)`` (:func:`tilesegment.train.augment.rng_for`): an
+image chosen with probability proportional to its area, a ``tile x tile`` input crop of the image
 mirror-padded by the halo whose origin is a multiple of the pooling factor, a random flip /
 rotation, the elastic deformation of the whole input-sized crop (image, target and weights
 with one displacement field), intensity (and for RGB, stain) jitter, and finally the target and
@@ -33,35 +34,25 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tifffile
-import torch
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage as ndi
 
-from tilesegment.augment import (
-    colour_jitter,
-    elastic_deformation,
-    flip_rotate,
-    intensity_jitter,
-    random_crop_box,
-    rng_for,
-)
 from tilesegment.errors import ConfigError
-from tilesegment.geometry import mirror_indices
 from tilesegment.infer.predict import to_model_channels
-from tilesegment.labels import (
+from tilesegment.train.labels import (
     LabelKind,
     detect_label_kind,
     instances_from_binary,
     separate_touching,
 )
-from tilesegment.weights import border_weight_map, cached_weight_map
+from tilesegment.train.weights import border_weight_map, cached_weight_map
 
 log = logging.getLogger(__name__)
 
@@ -544,168 +535,6 @@ def channel_stats(items: Sequence[TrainItem]) -> tuple[tuple[float, ...], tuple[
     std = np.sqrt(np.maximum(squares / n - mean**2, 0.0))
     std = np.where(std < 1e-3, 1.0, std)  # a constant channel: do not blow it up
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
-
-
-# ------------------------------------------------------------------------------ crops
-@dataclass(frozen=True, slots=True)
-class AugmentOptions:
-    """Which augmentations :class:`CropSampler` applies."""
-
-    flips: bool = True
-    """Random flip / rotation by multiples of 90 degrees."""
-    elastic_sigma: float = 10.0
-    """Standard deviation (px) of the elastic deformation on a 3 x 3 grid; 0 disables it."""
-    elastic_grid: int = 3
-    """Nodes per axis of the coarse displacement grid (paper: 3)."""
-    intensity: bool = True
-    """Gamma/contrast/brightness jitter, and HED stain jitter for RGB."""
-
-
-class CropSampler:
-    """Seeded random training crops from prepared images (pure numpy).
-
-    Parameters
-    ----------
-    items : sequence of TrainItem
-    tile : int
-        Input crop edge in px (a valid U-Net input size).
-    halo, pooling : int
-        The network's halo and pooling factor (crop origins are multiples of ``pooling`` in
-        the image mirror-padded by ``halo``).
-    seed : int
-    augment : AugmentOptions
-
-    Notes
-    -----
-    The padded frame of an ``H x W`` image is ``H + 2 * halo`` rows plus up to
-    ``pooling - 1`` more mirrored rows at the bottom so that the last aligned crop reaches the
-    last image row (same for columns); every image pixel can be a target. Thread-safety and
-    picklability: immutable after construction, safe to share and to send to DataLoader
-    workers.
-    """
-
-    def __init__(
-        self,
-        items: Sequence[TrainItem],
-        *,
-        tile: int,
-        halo: int,
-        pooling: int,
-        seed: int,
-        augment: AugmentOptions = AugmentOptions(),
-    ) -> None:
-        self.items = list(items)
-        self.tile, self.halo, self.pooling = tile, halo, pooling
-        self.output = tile - 2 * halo
-        self.seed = seed
-        self.augment = augment
-        for it in self.items:
-            if min(it.image.shape[:2]) < self.output:
-                raise ConfigError(
-                    f"{it.name}: {it.image.shape[0]} x {it.image.shape[1]} px is smaller than "
-                    f"the {self.output} px output window of a {tile} px tile"
-                )
-        area = np.array([it.image.shape[0] * it.image.shape[1] for it in self.items], float)
-        self.probabilities = area / area.sum()
-
-    def frame_shape(self, item: TrainItem) -> tuple[int, int]:
-        """(h, w) of the aligned padded frame crops are drawn from."""
-        shape = []
-        for n in item.image.shape[:2]:
-            size = n + 2 * self.halo
-            shape.append(size + (-(size - self.tile)) % self.pooling)
-        return shape[0], shape[1]
-
-    def sample(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Sample ``index`` of ``epoch``.
-
-        Returns
-        -------
-        image : (tile, tile, C) uint8 ndarray
-        target : (out, out) uint8 ndarray
-            ``out = tile - 2 * halo``.
-        weights : (out, out) float32 ndarray
-        """
-        rng = rng_for(self.seed, epoch, index)
-        item = self.items[int(rng.choice(len(self.items), p=self.probabilities))]
-        t, h = self.tile, self.halo
-        y, x = random_crop_box(self.frame_shape(item), (t, t), rng, align=self.pooling)
-        rows = mirror_indices(y - h, y - h + t, item.image.shape[0])
-        cols = mirror_indices(x - h, x - h + t, item.image.shape[1])
-        box = np.ix_(rows, cols)
-        image, target, weights = item.image[box], item.target[box], item.weights[box]
-        aug = self.augment
-        if aug.flips:
-            image, target, weights = flip_rotate([image, target, weights], rng)
-        if aug.elastic_sigma > 0:
-            image, target, weights = elastic_deformation(
-                image, target, weights, rng, grid=aug.elastic_grid, sigma=aug.elastic_sigma
-            )
-        if aug.intensity:
-            if image.shape[-1] == 3:
-                image = colour_jitter(image, rng)
-            image = intensity_jitter(image, rng)
-        window = slice(h, h + self.output)
-        return (
-            np.ascontiguousarray(image),
-            np.ascontiguousarray(target[window, window]),
-            np.ascontiguousarray(weights[window, window], dtype=np.float32),
-        )
-
-
-class CropDataset(torch.utils.data.Dataset):
-    """Map-style dataset whose keys are ``(epoch, index)`` pairs (see :class:`RankSampler`).
-
-    Items are ``(image (C, T, T) uint8, target (O, O) int64, weights (O, O) float32)``
-    tensors; normalisation happens on the device, as in :class:`~tilesegment.infer.predict.
-    Predictor`.
-    """
-
-    def __init__(self, sampler: CropSampler) -> None:
-        self.sampler = sampler
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
-        image, target, weights = self.sampler.sample(*key)
-        return (
-            torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-            torch.from_numpy(target.astype(np.int64)),
-            torch.from_numpy(weights),
-        )
-
-
-class RankSampler(torch.utils.data.Sampler):
-    """This rank's share of every global batch of an epoch, as ``(epoch, index)`` keys.
-
-    Global batch ``s`` is samples ``s * B .. s * B + B - 1``; rank ``r`` of ``R`` takes the
-    contiguous block ``s * B + r * B / R`` onwards. The samples, and so the whole run, are the
-    same for any number of ranks. Set :attr:`epoch` before iterating.
-    """
-
-    def __init__(self, *, steps: int, global_batch: int, rank: int, world: int) -> None:
-        if global_batch % world:
-            raise ConfigError(
-                f"--batch-size ({global_batch}) must be divisible by the number of processes "
-                f"({world})"
-            )
-        self.steps, self.global_batch = steps, global_batch
-        self.local_batch = global_batch // world
-        self.rank = rank
-        self.epoch = 0
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for s in range(self.steps):
-            first = s * self.global_batch + self.rank * self.local_batch
-            for j in range(self.local_batch):
-                yield self.epoch, first + j
-
-    def __len__(self) -> int:
-        return self.steps * self.local_batch
-
-
-def largest_valid_tile(min_side: int, *, halo: int, valid: Sequence[int]) -> int | None:
-    """The largest of ``valid`` whose output window fits in ``min_side`` px, or None."""
-    fitting = [v for v in valid if v - 2 * halo <= min_side]
-    return max(fitting) if fitting else None
 
 
 def describe_items(items: Sequence[TrainItem]) -> str:

@@ -7,7 +7,7 @@ From probabilities ``(K, H, W)`` to a label image comparable with the truth
 (:func:`labels_from_probabilities`): the class map is the arg-max;
 
 * ``binary``: foreground = class 1 (ISBI: cell interior); metrics of
-  :func:`tilesegment.metrics.evaluate_pair` with kind ``"binary"`` (Rand error of the
+  :func:`tilesegment.train.metrics.evaluate_pair` with kind ``"binary"`` (Rand error of the
   4-connected components, pixel error, foreground IoU/Dice);
 * ``instances``: the 4-connected components of class 1, objects smaller than
   ``min_object_size`` px removed; with a boundary class (3 classes) the components of the
@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 from skimage.segmentation import expand_labels
 
-from tilesegment.labels import LabelKind, instances_from_binary
-from tilesegment.metrics import evaluate_pair
+from tilesegment.train.labels import LabelKind, instances_from_binary
+from tilesegment.train.metrics import evaluate_pair
 
 log = logging.getLogger(__name__)
 

@@ -68,6 +68,7 @@ def main() -> None:
     )
     best["name"] = args.name
     best["training"]["summary"] = f"held-out ({len(held_out)} images): {summary}"
+    result["model"] = args.name  # the shipped name, not this machine's path to the run
     best["training"]["held_out_metrics"] = result
     MODELS.mkdir(exist_ok=True)
     shutil.copyfile(args.run_dir / "best.safetensors", MODELS / f"{args.name}.safetensors")

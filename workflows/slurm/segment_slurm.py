@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tilesegment.batch import is_batch, slide_stem
+from tilesegment.cli.batch import is_batch, slide_stem
 
 #: File patterns of slides searched in a folder argument.
 DEFAULT_PATTERNS = ("*.svs", "*.ndpi", "*.mrxs", "*.scn", "*.tif", "*.tiff")

@@ -4,9 +4,9 @@ Used by the Snakefile's ``aggregate`` rule (``script:``), and runnable by hand::
 
     python workflows/snakemake/scripts/aggregate.py results/runs.tsv results/*.zarr
 
-One row per output, from ``OUT.zarr/tilesegment-report.json`` (status, tiles, megapixels,
+One row per output, from ``OUT.report.json`` beside ``OUT.zarr`` (status, tiles, megapixels,
 seconds, throughput, model hash, peak memory) and, when it exists, the per-nucleus table
-``OUT.nuclei.csv`` beside it (the instance count). Standard library only.
+``OUT.nuclei.csv`` beside it (the instance count).
 """
 
 # No `from __future__` import: Snakemake's script directive puts its preamble above this file.
@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-REPORT_NAME = "tilesegment-report.json"
+from tilesegment.store.layout import report_path
 
 COLUMNS = (
     "slide",
@@ -41,7 +41,7 @@ def report_row(slide: str, output: Path, table: Path | None = None) -> dict[str,
     row: dict[str, Any] = dict.fromkeys(COLUMNS, "")
     row.update(slide=slide, output=str(output), status="missing")
     try:
-        doc = json.loads((output / REPORT_NAME).read_text())
+        doc = json.loads(report_path(output).read_text())
     except (OSError, ValueError):
         return row
     tiles, rss = doc.get("tiles", {}), doc.get("peak_rss_mb", {})

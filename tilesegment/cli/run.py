@@ -1,0 +1,210 @@
+"""``tilesegment run``: segment one slide, or a batch of them (see :mod:`tilesegment.cli.batch`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from tilesegment.cli.batch import is_batch, run_batch
+from tilesegment.cli.exits import Command, writing
+from tilesegment.cli.options import (
+    device_option,
+    model_option,
+    overwrite_option,
+    precision_option,
+    progress_option,
+    show_progress,
+    tile_size_option,
+)
+from tilesegment.cli.outcome import echo_summary, export_instances, sigterm_interrupts
+
+
+@click.command(cls=Command)
+@click.argument("slides", nargs=-1, required=True, metavar="SLIDE...")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="OUT.zarr to write; with several slides the folder OUTDIR for OUTDIR/<stem>.zarr.",
+)
+@model_option(default="nuclei-he")
+@tile_size_option(default=None, help="Input tile edge in px (a valid U-Net input size).")
+@click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True)
+@click.option(
+    "--level",
+    type=click.IntRange(0),
+    help="Pyramid level to read (default: the coarsest at or finer than the model's um/px).",
+)
+@click.option(
+    "--mpp",
+    type=click.FloatRange(0, min_open=True),
+    help="The slide's um/px, when the file lacks it or states it wrongly.",
+)
+@click.option(
+    "--tissue",
+    default="auto",
+    show_default=True,
+    help="Skip tiles without tissue: auto (detect; an image with a side under 2048 px is all "
+    "tissue), none, or a mask image/Zarr path of the slide's aspect ratio (within 2 %, any "
+    "scale; others are refused).",
+)
+@click.option("--preview/--no-preview", default=True, help="Write OUT.preview.png.")
+@click.option(
+    "--geojson",
+    type=click.Path(path_type=Path),
+    help="Also label instances and export them as QuPath GeoJSON (see `tilesegment export`); "
+    "with several slides a folder (may be OUTDIR) for <stem>.geojson.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["uint8", "float32"]),
+    default="uint8",
+    show_default=True,
+    help="Stored probability type.",
+)
+@device_option(several=True)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    help="CPU worker processes (default 1, in-process); they split the cores. More than the "
+    "usable cores (affinity, cgroup quota) or than available memory allows (~520 MB each) "
+    "is capped to that, with a warning.",
+)
+@precision_option(auto=True, default="auto")
+@click.option(
+    "--compile/--no-compile",
+    "compile_model",
+    default=None,
+    help="torch.compile the model (default: when the run computes >= 2000 tiles; falls back "
+    "to eager mode if compiling fails).",
+)
+@click.option("--read-threads", type=click.IntRange(1, 64), default=2, show_default=True)
+@overwrite_option("output")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted OUTPUT, skipping its finished chunks (or start it if absent).",
+)
+@click.option(
+    "--max-retries",
+    type=click.IntRange(0, 100),
+    default=2,
+    show_default=True,
+    help="Retries of a unit of work whose worker died or raised.",
+)
+@click.option(
+    "--scheduler",
+    metavar="ADDRESS",
+    help="Compute on the workers of this dask scheduler (e.g. tcp://host:8786); the output "
+    "must be on a filesystem they share. Needs tilesegment[cluster].",
+)
+@click.option(
+    "--dask-workers",
+    type=click.IntRange(1, 1024),
+    help="Compute on a local dask cluster of N worker processes started for the run. Needs "
+    "tilesegment[cluster].",
+)
+@progress_option()
+def run(
+    slides: tuple[str, ...],
+    output: Path,
+    model_path: Path,
+    tile_size: int | None,
+    batch_size: int,
+    level: int | None,
+    mpp: float | None,
+    tissue: str,
+    preview: bool,
+    geojson: Path | None,
+    dtype: str,
+    device: str,
+    workers: int | None,
+    precision: str,
+    compile_model: bool | None,
+    read_threads: int,
+    overwrite: bool,
+    resume: bool,
+    max_retries: int,
+    scheduler: str | None,
+    dask_workers: int | None,
+    progress: bool | None,
+) -> None:
+    """Segment SLIDE into the OME-Zarr OUTPUT with a valid U-Net.
+
+    Resumable: a run killed at any point continues with --resume and gives the same bytes.
+    Ctrl-C (or SIGTERM) stops after writing the finished chunks (exit code 130 or 143). A JSON
+    report is written beside OUTPUT (OUT.zarr -> OUT.report.json). Exit codes: 0 done; 1 a
+    failure that running again can fix (a full disk: free space, then --resume); 2 bad input
+    that it cannot (unreadable slide or tile, invalid option, broken model, unwritable output).
+
+    Many slides: give several SLIDEs, quoted shell-style globs ('slides/*.svs', '**' recurses)
+    or @LIST (a text file, one path or glob per line, # comments, relative to the list's
+    folder). Then -o names a folder OUTDIR that receives OUTDIR/<stem>.zarr per slide (stem:
+    the file name without extension), and --geojson a folder for <stem>.geojson (it may be
+    OUTDIR). Two slides with the same stem are refused before anything runs. A slide that
+    fails is reported in one line and the batch goes on; a summary ends it, with exit code 1
+    if any slide failed. Ctrl-C stops the whole batch. With --resume, complete outputs made
+    from the same slide file and model are skipped without reading the slide.
+
+    \b
+    Examples:
+      tilesegment run slide.svs -o out/slide.zarr --geojson out/slide.geojson
+      tilesegment run 'slides/*.svs' 'more/*.ndpi' -o out --geojson out
+      tilesegment run @slides.txt -o out --resume
+    """
+    from tilesegment.infer.options import RunOptions
+    from tilesegment.infer.run import run_slide
+    from tilesegment.store.destinations import prepare_destination
+
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite contradict each other; pass one")
+    opts = RunOptions(
+        tile_size=tile_size,
+        batch_size=batch_size,
+        level=level,
+        mpp=mpp,
+        tissue=tissue,
+        preview=preview,
+        overwrite=overwrite,
+        dtype=dtype,
+        device=device,
+        workers=workers,
+        precision=precision,
+        compile=compile_model,
+        read_threads=read_threads,
+        resume=resume,
+        max_retries=max_retries,
+        scheduler=scheduler,
+        dask_workers=dask_workers,
+        progress=show_progress(progress),
+    )
+    if is_batch(slides):
+        run_batch(slides, output, geojson, model_path, opts)
+        return
+    slide = Path(slides[0])
+    if geojson is not None and geojson.is_dir():
+        raise click.BadParameter(
+            f"{geojson} is a folder; give FILE.geojson", param_hint="'--geojson'"
+        )
+    # Every destination is checked (and its folder made) before the first tile.
+    prepare_destination(output, option="-o")
+    if geojson is not None:
+        prepare_destination(geojson, option="--geojson")
+    with sigterm_interrupts() as terminated, writing(output, then="run it again with --resume"):
+        try:
+            summary = run_slide(slide, output, model_path, opts)
+        except KeyboardInterrupt as exc:
+            click.echo(f"stopped: {output}: {exc or 'interrupted'}", err=True)
+            sys.exit(143 if terminated else 130)
+    complete_before = bool(summary.extra.get("already_complete"))
+    if complete_before:
+        click.echo(f"done: {summary.output} was already complete; nothing to resume", err=True)
+    else:
+        echo_summary(summary)
+    # A resumed complete output still gets the GeoJSON it lacks (as in a batch).
+    if geojson is not None and not (complete_before and geojson.exists()):
+        with writing(geojson, then="run it again with --resume"):
+            export_instances(output, geojson)

@@ -1,0 +1,434 @@
+"""The worker-pool executor: one spawned process per device, each with its own model copy,
+slide reader and store handle. Units go out as specs; "chunk (i, j) is written" comes back and
+is recorded by the parent. Failed units are retried on a respawned worker; bad input stops the
+run at once. The design, with its reasons, is in ``docs/architecture.md`` (Executors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import pickle
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing import connection as mp_connection
+from typing import Any
+
+from tilesegment.infer.devices import cpu_cores, spawn_env
+from tilesegment.infer.executors.base import (
+    Attempts,
+    ExecutorStats,
+    RunContext,
+    device_entry,
+    failed_tiles_error,
+    remove_worker_leftovers,
+    retryable,
+)
+from tilesegment.infer.executors.spawn import HELD_SIGNALS, run_worker
+from tilesegment.infer.plan import ChunkTask, WorkPlan, core_px
+from tilesegment.infer.record import Recorder
+from tilesegment.store.destinations import NO_SPACE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One device's worker, across respawns."""
+
+    slot: int
+    device: str
+    threads: int
+    generation: int = -1
+    process: Any = None
+    conn: Any = None
+    ready: bool = False
+    inflight: dict[int, None] = field(default_factory=dict)
+    current: int | None = None
+    """The unit the worker said it is computing (the one to blame if it fails)."""
+    error: tuple[bytes | None, str, str] | None = None
+    finished: bool = False
+    restarts: int = 0
+    tiles: int = 0
+    core_px: int = 0
+    t_ready: float | None = None
+    t_last: float | None = None
+    busy_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    precision: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolResult:
+    """What the pool could not do: failed units with their unfinished chunks."""
+
+    failed: dict[int, tuple[ChunkTask, ...]]
+
+
+class PoolExecutor:
+    """The worker pool as an :class:`~tilesegment.infer.executors.base.Executor`: runs the
+    plan on a :class:`WorkerPool`, records each chunk a worker reports, and raises the failed
+    tiles. Lifecycle: construct, :meth:`run` once. Not thread-safe, not picklable."""
+
+    def __init__(self, ctx: RunContext, devices: list[str]) -> None:
+        self.ctx, self.devices = ctx, devices
+        self._stats = ExecutorStats()
+
+    def stats(self) -> ExecutorStats:
+        return self._stats
+
+    def run(self, plan: WorkPlan, recorder: Recorder) -> None:
+        t0 = time.perf_counter()
+        pool = WorkerPool(self.ctx, plan, self.devices)
+        try:
+            result = pool.run(lambda task, slot: recorder.record(task))
+        finally:
+            self._stats.seconds = time.perf_counter() - t0
+            self._stats.devices = pool.device_stats()
+            self._stats.worker_peak_rss_mb = pool.peak_rss_mb()
+            self._stats.errors.extend(pool.errors)
+            self._stats.decode_warnings.extend(pool.decode_warnings)
+        if pool.errors:
+            remove_worker_leftovers(self.ctx.output)
+        if result.failed:
+            raise failed_tiles_error(
+                self._stats,
+                [task for uid in result.failed for task in result.failed[uid]],
+                self.ctx.options.max_retries,
+                pool.errors[-1] if pool.errors else "unknown",
+            )
+
+
+class WorkerPool:
+    """Runs a :class:`~tilesegment.infer.plan.WorkPlan` on one worker process per device.
+
+    Lifecycle: construct, call :meth:`run` once (it starts, feeds, supervises and stops the
+    workers; on return or on an exception no worker is left running), then read
+    :meth:`device_stats`. Not thread-safe, not picklable.
+    """
+
+    def __init__(
+        self,
+        ctx: RunContext,
+        plan: WorkPlan,
+        devices: list[str],
+        *,
+        depth: int = 2,
+        stop_timeout_s: float = 60.0,
+    ) -> None:
+        import torch.multiprocessing as tmp
+
+        self.ctx = ctx
+        self.plan = plan
+        self.devices = list(devices)
+        self.max_retries = ctx.options.max_retries
+        self.depth = depth
+        self.stop_timeout_s = stop_timeout_s
+        self.errors: list[str] = []
+        self.decode_warnings: list[dict[str, Any]] = []
+        """Corrupt-but-decodable segments the workers' readers found (``DecodeWarning.as_dict``)."""
+        self._mp = tmp.get_context("spawn")
+        per_worker = max(1, cpu_cores() // len(self.devices))
+        self._read_threads = max(1, ctx.options.read_threads // len(self.devices))
+        self._slots = [_Slot(i, d, per_worker) for i, d in enumerate(self.devices)]
+        self._respawns_left = self.max_retries * len(self.devices)
+        self._tasks = [{t.key: t for t in unit} for unit in plan.units]
+
+    # -- supervision -------------------------------------------------------------------------
+
+    def run(self, on_chunk: Callable[[ChunkTask, int], None]) -> PoolResult:
+        """Compute every unit; ``on_chunk(task, slot)`` for each chunk a worker has written."""
+        units = self.plan.units
+        self._remaining = [set(self._tasks[uid]) for uid in range(len(units))]
+        self._on_chunk = on_chunk
+        pending: deque[int] = deque(range(len(units)))
+        attempts = Attempts(self.max_retries)
+        failed: dict[int, tuple[ChunkTask, ...]] = {}
+        try:
+            for s in self._slots:
+                self._spawn(s)
+            while True:
+                live = [s for s in self._slots if s.process is not None]
+                if not pending and not any(s.inflight for s in live):
+                    break
+                if not live:
+                    for uid in pending:
+                        failed[uid] = self._unfinished(uid)
+                    self.errors.append("no worker left to run the remaining tiles")
+                    break
+                self._dispatch(pending)
+                waitables = [s.conn for s in live] + [s.process.sentinel for s in live]
+                ready = set(mp_connection.wait(waitables, timeout=1.0))
+                for s in live:
+                    if s.conn in ready:
+                        self._drain(s)
+                    if s.process.sentinel in ready:
+                        self._drain(s)
+                        self._on_exit(s, pending, attempts, failed)
+            self._stop_all()
+        except KeyboardInterrupt:
+            log.warning("interrupted: letting the workers write their finished chunks")
+            try:
+                self._stop_all()
+            except KeyboardInterrupt:
+                log.warning("interrupted again: killing the workers")
+            raise
+        finally:
+            self._kill_all()
+        return PoolResult(failed)
+
+    def _spawn(self, s: _Slot) -> None:
+        parent, child = self._mp.Pipe(duplex=True)
+        s.generation += 1
+        s.ready = False
+        s.error = None
+        s.finished = False
+        s.inflight = {}
+        s.current = None
+        s.t_ready = s.t_last = None
+        payload = pickle.dumps(
+            (
+                s.slot,
+                s.generation,
+                os.getpid(),
+                self.ctx,
+                self.plan.grid,
+                s.device,
+                s.threads,
+                self._read_threads,
+                logging.getLogger("tilesegment").getEffectiveLevel(),
+            )
+        )
+        process = self._mp.Process(
+            target=run_worker,
+            args=(payload, child),  # the pipe end travels the way multiprocessing passes it
+            name=f"tilesegment-worker-{s.slot}",
+            daemon=True,
+        )
+        # A signal inside start() would cut the payload short; hold it back until the child
+        # has read it (a fraction of a second: see tilesegment.infer.executors.spawn). The
+        # worker imports torch with WORKER_ENV; the parent's environment is restored.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+        try:
+            with spawn_env():
+                process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        s.process = process
+        child.close()
+        s.conn = parent
+        log.info("started worker %d on %s (pid %d)", s.slot, s.device, s.process.pid)
+
+    def _dispatch(self, pending: deque[int]) -> None:
+        """Top every ready worker up to ``depth`` units, round robin."""
+        progress = True
+        while pending and progress:
+            progress = False
+            for s in self._slots:
+                if not pending or s.process is None or not s.ready:
+                    continue
+                if len(s.inflight) >= self.depth:
+                    continue
+                uid = pending.popleft()
+                try:
+                    s.conn.send(("unit", self._unfinished(uid)))
+                except (BrokenPipeError, OSError):
+                    pending.appendleft(uid)  # the worker is dying; its sentinel will tell
+                    continue
+                s.inflight[uid] = None
+                progress = True
+
+    def _unfinished(self, uid: int) -> tuple[ChunkTask, ...]:
+        return tuple(t for t in self.plan.units[uid] if t.key in self._remaining[uid])
+
+    def _drain(self, s: _Slot) -> None:
+        """Handle every message waiting on the worker's pipe."""
+        while True:
+            try:
+                if not s.conn.poll():
+                    return
+                msg = s.conn.recv()
+            except (EOFError, OSError):
+                return
+            kind = msg[0]
+            now = time.perf_counter()
+            if kind == "ready":
+                s.ready = True
+                s.t_ready = s.t_last = now
+                s.precision = msg[1]["precision"]
+            elif kind == "start":
+                s.current = msg[1]
+            elif kind == "chunk":
+                uid, key = msg[1], tuple(msg[2])
+                if key in self._remaining[uid]:
+                    self._remaining[uid].discard(key)
+                    task = self._tasks[uid][key]
+                    self._on_chunk(task, s.slot)
+                    s.tiles += len(task.tiles)
+                    s.core_px += core_px(self.plan.grid, task)
+                if not self._remaining[uid]:
+                    s.inflight.pop(uid, None)
+                s.t_last = now
+            elif kind == "error":
+                s.error = msg[1:]
+            elif kind == "bye":
+                s.finished = True
+                s.peak_rss_mb = max(s.peak_rss_mb, msg[1]["peak_rss_mb"])
+                self.decode_warnings.extend(msg[1]["decode_warnings"])
+
+    def _on_exit(
+        self,
+        s: _Slot,
+        pending: deque[int],
+        attempts: Attempts,
+        failed: dict[int, tuple[ChunkTask, ...]],
+    ) -> None:
+        """A worker process ended: re-queue its units, respawn it, or give up on them."""
+        s.process.join()
+        code = s.process.exitcode
+        self._close(s)
+        if s.finished and code == 0 and not s.inflight:
+            return
+        if s.error is not None:
+            blob, text, tb = s.error
+            reason = f"raised {text}"
+            log.debug("worker %d traceback:\n%s", s.slot, tb)
+            exc = _unpack(blob)
+            if exc is not None and (not retryable(exc) or _cannot_write(exc)):
+                raise exc
+        elif code is not None and code < 0:
+            reason = f"was killed by signal {-code}"
+        else:
+            reason = f"exited with code {code}"
+        message = f"worker {s.slot} ({s.device}, pid {s.process.pid}) {reason}"
+        self.errors.append(message)
+        log.warning("%s; re-queuing its %d units of work", message, len(s.inflight))
+        # Only the unit being computed counts an attempt; the ones queued behind it are
+        # innocent and go back first.
+        for uid in reversed(s.inflight):
+            if uid != s.current:
+                pending.appendleft(uid)
+        if s.current in s.inflight:
+            uid = s.current
+            if attempts.failed(uid):
+                failed[uid] = self._unfinished(uid)
+                n = _n_tiles(failed[uid])
+                log.error("giving up on %d tiles after %d attempts", n, attempts[uid])
+            else:
+                pending.append(uid)
+        s.inflight = {}
+        s.current = None
+        if self._respawns_left > 0 and pending:
+            self._respawns_left -= 1
+            s.restarts += 1
+            self._spawn(s)
+        else:
+            s.process = None
+
+    def _close(self, s: _Slot) -> None:
+        if s.t_ready is not None and s.t_last is not None:
+            s.busy_s += s.t_last - s.t_ready
+            s.t_ready = s.t_last = None
+        if s.conn is not None:
+            s.conn.close()
+            s.conn = None
+
+    def _stop_all(self) -> None:
+        """Ask every worker to stop after its current batch; record what they finish.
+
+        A worker still starting (importing torch, loading the model) has written nothing and
+        would read the request only once started, which takes seconds per worker on a busy
+        machine: it is killed at once, so that a signal during start-up is honoured promptly.
+        """
+        for s in self._slots:
+            if s.process is not None and s.conn is not None:
+                self._drain(s)  # a worker may have become ready meanwhile
+                if not s.ready:
+                    self._kill(s, "still starting")
+        live = [s for s in self._slots if s.process is not None and s.conn is not None]
+        for s in live:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                s.conn.send(("stop",))
+        deadline = time.monotonic() + self.stop_timeout_s
+        while live and time.monotonic() < deadline:
+            waitables = [s.conn for s in live] + [s.process.sentinel for s in live]
+            ready = set(mp_connection.wait(waitables, timeout=0.5))
+            for s in list(live):
+                if s.conn in ready:
+                    self._drain(s)
+                if s.process.sentinel in ready:
+                    self._drain(s)
+                    s.process.join()
+                    if s.error is not None:
+                        self.errors.append(f"worker {s.slot} ({s.device}) raised {s.error[1]}")
+                    self._close(s)
+                    s.process = None
+                    live.remove(s)
+
+    def _kill_all(self) -> None:
+        for s in self._slots:
+            if s.process is not None:
+                self._kill(s)
+
+    def _kill(self, s: _Slot, why: str = "") -> None:
+        if s.process.is_alive():
+            reason = f" ({why})" if why else ""
+            log.warning("killing worker %d (pid %d)%s", s.slot, s.process.pid, reason)
+            s.process.kill()
+        s.process.join()
+        self._close(s)
+        s.process = None
+
+    # -- results -----------------------------------------------------------------------------
+
+    def device_stats(self) -> list[dict[str, Any]]:
+        """Per worker slot: device, threads, tiles, Mpx, busy seconds, Mpx/s, restarts."""
+        out = []
+        for s in self._slots:
+            busy = s.busy_s
+            if s.t_ready is not None and s.t_last is not None:
+                busy += s.t_last - s.t_ready
+            out.append(
+                device_entry(
+                    s.slot,
+                    s.device,
+                    s.threads,
+                    s.precision,
+                    tiles=s.tiles,
+                    core_px=s.core_px,
+                    busy_seconds=busy,
+                    restarts=s.restarts,
+                    peak_rss_mb=round(s.peak_rss_mb, 1),
+                )
+            )
+        return out
+
+    def peak_rss_mb(self) -> float:
+        """The largest peak RSS a worker reported (each measures its own; the kernel's
+        ``RUSAGE_CHILDREN`` figure would include the parent's peak, see :func:`peak_rss_mb`)."""
+        return max((s.peak_rss_mb for s in self._slots), default=0.0)
+
+
+def _cannot_write(exc: BaseException) -> bool:
+    """A full or read-only filesystem: every worker would fail the same way, so the run stops
+    at once (with the error itself, which the command line turns into one line)."""
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE | {errno.EROFS}
+
+
+def _unpack(blob: bytes | None) -> BaseException | None:
+    if blob is None:
+        return None
+    try:
+        exc = pickle.loads(blob)
+    except Exception:
+        return None
+    return exc if isinstance(exc, BaseException) else None
+
+
+def _n_tiles(tasks: tuple[ChunkTask, ...]) -> int:
+    return sum(len(t.tiles) for t in tasks)

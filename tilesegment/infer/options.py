@@ -1,0 +1,131 @@
+"""How to run a model over a slide: :class:`RunOptions` and the checks that refuse bad
+combinations before anything is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tilesegment.errors import ConfigError
+
+#: Default input tile edge: the paper's 572 px (or the nearest valid size for other depths).
+DEFAULT_TILE_SIZE = 572
+
+#: Tiles a run must compute before ``compile=None`` (auto) compiles the model (see RESULTS.md).
+COMPILE_MIN_TILES = 2000
+
+INSTALL_HINT = "pip install 'tilesegment[cluster]'"
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """How to run a model over a slide. Defaults suit a CPU or a single GPU."""
+
+    tile_size: int | None = None
+    """Input tile edge in px (a valid U-Net input size); None picks the model's size nearest 572."""
+    batch_size: int = 1
+    """Tiles per forward pass (halved automatically on CUDA out-of-memory)."""
+    level: int | None = None
+    """Pyramid level to read; None picks the coarsest level at or finer than the model's µm/px."""
+    mpp: float | None = None
+    """The slide's µm/px, for files that lack it or state it wrongly; None trusts the file."""
+    tissue: str = "auto"
+    """``"auto"`` (detect on a thumbnail), ``"none"`` (process every tile) or a mask path."""
+    preview: bool = True
+    """Write ``OUT.preview.png`` (thumbnail with mask contours) next to the output."""
+    overwrite: bool = False
+    """Replace an existing output."""
+    resume: bool = False
+    """Continue an interrupted output (skipping its finished chunks), or start it if absent."""
+    dtype: str = "uint8"
+    """Stored probability dtype: ``"uint8"`` (0–255) or ``"float32"``."""
+    device: str = "cpu"
+    """Device(s): ``"cpu"``, ``"cuda:0"``, ``"cuda:0,cuda:1"`` (one worker process each) or
+    ``"auto"`` (every visible GPU, else the CPU)."""
+    workers: int | None = None
+    """CPU worker processes (None: 1). One CPU worker runs in-process, several split the cores."""
+    precision: str = "auto"
+    """``"auto"`` (bf16 on CPUs with native bf16, else fp32; bf16 on CUDA where supported, else
+    fp16), ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA only)."""
+    compile: bool | None = None
+    """``torch.compile`` the model in every worker. None (auto): when the run computes at least
+    :data:`COMPILE_MIN_TILES` tiles, enough to repay the compilation (see
+    benchmarks/RESULTS.md). A model that fails to compile
+    (no C++ compiler, an unsupported op) runs eagerly, with a warning."""
+    read_threads: int = 2
+    """Threads that read, decode and mirror-pad tiles (split between CPU workers)."""
+    chunk_target_px: int = 1024
+    """Aim for output chunks of about this edge; chunks are a whole number of tile strides."""
+    read_block_px: int = 1536
+    """Aim for read blocks (units of work) of about this edge; a whole number of chunks."""
+    max_retries: int = 2
+    """Times a unit of work is retried on another worker after its worker died or raised."""
+    fsync: bool = True
+    """fsync chunk files and the done log (durable across power cuts, not only crashes)."""
+    in_process: bool | None = None
+    """Force (True) or forbid (False) the in-process executor; None: in-process for one CPU
+    worker, worker processes otherwise."""
+    scheduler: str | None = None
+    """Address of a dask scheduler (``tcp://host:8786``) whose workers compute the units of
+    work (see :mod:`tilesegment.infer.executors.dask`); the output must be on a shared
+    filesystem."""
+    dask_workers: int | None = None
+    """Start a local dask cluster of this many worker processes (one thread each) for the run."""
+    progress: bool = True
+    """Show a progress bar on stderr."""
+    command: tuple[str, ...] | None = None
+    """Command line recorded in the run report (None: ``sys.argv``)."""
+
+
+def check_options(opts: RunOptions) -> None:
+    if opts.batch_size < 1:
+        raise ConfigError(f"`batch_size` ({opts.batch_size}) must be >= 1")
+    if opts.tissue not in ("auto", "none") and not Path(opts.tissue).exists():
+        raise ConfigError(f"--tissue {opts.tissue}: no such mask file; use auto, none or a path")
+    if opts.resume and opts.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
+    if opts.workers is not None and opts.workers < 1:
+        raise ConfigError(f"`workers` ({opts.workers}) must be >= 1")
+    if opts.max_retries < 0:
+        raise ConfigError(f"`max_retries` ({opts.max_retries}) must be >= 0")
+    if opts.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"--precision {opts.precision!r} must be auto, fp32, bf16 or fp16")
+    if opts.scheduler is not None or opts.dask_workers is not None:
+        _check_dask(opts)
+
+
+def _check_dask(opts: RunOptions) -> None:
+    if opts.scheduler is not None and opts.dask_workers is not None:
+        raise ConfigError("--scheduler and --dask-workers contradict each other; pass one of them")
+    if opts.dask_workers is not None and opts.dask_workers < 1:
+        raise ConfigError(f"`dask_workers` ({opts.dask_workers}) must be >= 1")
+    if opts.workers is not None:
+        raise ConfigError(
+            "--workers sets local worker processes; with --scheduler or --dask-workers the dask "
+            "workers compute (drop --workers)"
+        )
+    if opts.in_process:
+        raise ConfigError("`in_process=True` contradicts a dask run (scheduler or dask_workers)")
+    require_distributed()
+
+
+def require_distributed() -> Any:
+    """The ``distributed`` module; :class:`ConfigError` with the install command if absent."""
+    try:
+        import distributed
+    except ImportError as exc:
+        raise ConfigError(
+            f"--scheduler and --dask-workers need dask.distributed, which is not installed "
+            f"({exc}); install it with: {INSTALL_HINT}"
+        ) from exc
+    return distributed
+
+
+def resolve_compile(compile: bool | None, tiles: int) -> bool:
+    """Whether a run that computes ``tiles`` tiles compiles its model (see RunOptions).
+
+    Auto compiles from :data:`COMPILE_MIN_TILES` tiles (where compiling pays, see
+    docs/architecture.md, Measured choices).
+    """
+    return tiles >= COMPILE_MIN_TILES if compile is None else bool(compile)

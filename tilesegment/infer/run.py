@@ -1,0 +1,401 @@
+"""The run: :func:`run_slide` takes the output's lock, creates or reopens it, plans the work,
+hands the plan to an executor, then finalises the store and writes the report.
+
+Data flows through the rooms of :mod:`tilesegment.infer` in this order: :mod:`~.options`
+(what to do), :mod:`~.source` (which pixels), :mod:`~.plan` (tiles, chunks, units),
+:mod:`~.executors` (who computes: here, a worker pool or dask), each running :mod:`~.stream`
+(read → predict → assemble → write) per unit, :mod:`~.record` (each written chunk made durable
+in the done log), :mod:`~.report` (what the run did). A killed run resumes with
+``resume=True`` and produces the same bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tilesegment import __version__
+from tilesegment.errors import ConfigError, ModelError, SlideReadError, TilesegmentError
+from tilesegment.geometry import TileGrid
+from tilesegment.infer.devices import (
+    reset_peak_rss,
+    resolve_devices,
+    resolve_precision,
+    tune_malloc,
+)
+from tilesegment.infer.executors.base import Executor, RunContext
+from tilesegment.infer.identity import IDENTITY_KEYS, SlideIdentity, check_identity, identify
+from tilesegment.infer.options import RunOptions, check_options, resolve_compile
+from tilesegment.infer.plan import (
+    WorkPlan,
+    plan_grid,
+    plan_work,
+    resolve_tile_size,
+    tiles_per_chunk,
+    tiles_to_compute,
+)
+from tilesegment.infer.record import Recorder
+from tilesegment.infer.report import RunRecord, RunSummary, write_report
+from tilesegment.infer.source import Source, open_source, tissue_map, user_tissue_mask
+from tilesegment.io import SlideReader, open_slide
+from tilesegment.model.checkpoint import ModelSpec, checkpoint_paths, file_sha256, load_checkpoint
+from tilesegment.model.unet import UNet
+from tilesegment.store import ClassSpec, OutputStore, is_complete
+from tilesegment.store.layout import TISSUE, sidecar_path
+from tilesegment.store.resume import (
+    DoneLog,
+    RunLock,
+    adopt_legacy_state,
+    check_params,
+    read_record,
+    remove_partial_files,
+    reset_state,
+    write_params,
+)
+
+log = logging.getLogger(__name__)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT/SIGTERM after flushing its finished chunks; resumable.
+
+    Still a :class:`KeyboardInterrupt`; its message says how far the run got.
+    """
+
+
+def preview_path(output: str | Path) -> Path:
+    """``OUT.preview.png`` beside ``OUT.zarr``."""
+    return sidecar_path(output, "preview.png")
+
+
+def run_slide(
+    slide: str | Path,
+    output: str | Path,
+    model: str | Path,
+    options: RunOptions | None = None,
+) -> RunSummary:
+    """Segment ``slide`` with the checkpoint ``model`` into the OME-Zarr ``output``.
+
+    The output is marked complete only after every chunk, pyramid level and metadata document is
+    written; any failure leaves it visibly incomplete (see :mod:`tilesegment.store`) and
+    resumable with ``resume=True``. A JSON report is written into the output either way.
+
+    Raises
+    ------
+    StoreError
+        Another run holds ``output`` (its lock names it), or the output cannot be written.
+    RunInterrupted
+        SIGINT (KeyboardInterrupt) arrived; finished chunks were flushed and recorded.
+    WorkerError
+        Tiles still failed after ``max_retries`` retries on the worker pool.
+    """
+    opts = options or RunOptions()
+    check_options(opts)
+    tune_malloc()  # flat peak RSS whatever the slide size (see the function)
+    reset_peak_rss()  # the report's peak is this run's, not an earlier run's in this process
+    run = RunRecord.start()
+    net, spec = load_checkpoint(model, device="cpu")
+    tile_size = resolve_tile_size(net.geometry, opts.tile_size)
+    devices = resolve_devices(opts.device, opts.workers)
+    precisions = sorted({resolve_precision(opts.precision, d) for d in devices})
+    in_process = devices == ["cpu"] if opts.in_process is None else opts.in_process
+    if in_process and len(devices) > 1:
+        raise ConfigError("several devices or workers need worker processes (in_process=False)")
+    with open_slide(slide) as reader:
+        source = open_source(reader, spec, opts)
+        grid = plan_grid(source.image_shape, net.geometry, tile_size)
+        tissue_mask = user_tissue_mask(reader, opts.tissue)
+        # Inputs are valid: take the output before reading anything slow.
+        with RunLock(output):
+            job = _Job(
+                slide=Path(slide),
+                model=Path(model),
+                output=Path(output),
+                opts=opts,
+                reader=reader,
+                source=source,
+                grid=grid,
+                net=net,
+                spec=spec,
+                devices=devices,
+                precisions=precisions,
+                in_process=in_process,
+                tissue_mask=tissue_mask,
+            )
+            return _run_locked(job, run)
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """The validated inputs of a run."""
+
+    slide: Path
+    model: Path
+    output: Path
+    opts: RunOptions
+    reader: SlideReader
+    source: Source
+    grid: TileGrid
+    net: UNet
+    spec: ModelSpec
+    devices: list[str]
+    precisions: list[str]
+    in_process: bool
+    tissue_mask: Any = None
+    """The user's ``--tissue MASK`` as a boolean array (None for auto or none)."""
+
+
+def _run_params(
+    job: _Job, slide: SlideIdentity, chunk_shape: tuple[int, int], run: RunRecord
+) -> tuple[dict, dict, dict]:
+    """(params, attrs, info) of a run: what decides the output's bytes (checked on resume), the
+    provenance stored in the output's attributes, and what may change between attempts."""
+    opts, source, grid = job.opts, job.source, job.grid
+    model_sha = file_sha256(checkpoint_paths(job.model)[0])
+    params = {
+        **slide.params(),  # name, bytes and content fingerprint: checked on --resume
+        "image_shape": list(source.image_shape),
+        "level": source.source_level,
+        "mpp": None if source.mpp is None else list(source.mpp),
+        "model_sha256": model_sha,
+        "tile_size": list(grid.input_shape),
+        "stride": list(grid.stride),
+        "halo": grid.halo,
+        "chunk_shape": list(chunk_shape),
+        "tissue": _tissue_param(opts.tissue),
+        "dtype": opts.dtype,
+        "precision": ",".join(job.precisions),
+    }
+    attrs = {
+        "tilesegment_version": __version__,
+        "slide": str(job.slide.resolve()),
+        "level": source.source_level,
+        "level0_per_px": source.level0_per_px,
+        "model": job.spec.name,
+        "model_sha256": model_sha,
+        "tile_size": list(grid.input_shape),
+        "stride": list(grid.stride),
+        "halo": grid.halo,
+        "tissue": opts.tissue,
+    }
+    info = {
+        "command": list(opts.command or sys.argv),
+        "batch_size": opts.batch_size,
+        "devices": job.devices,
+        "created": run.started,
+        "slide_mtime": slide.mtime,  # a hint only (see tilesegment.infer.identity)
+    }
+    return params, attrs, info
+
+
+def _run_locked(job: _Job, run: RunRecord) -> RunSummary:
+    """Create or reopen the output, compute what is missing, finalise, report."""
+    opts, source, grid, output = job.opts, job.source, job.grid, job.output
+    run.reader = job.reader
+    tissue, thumbnail, run.tissue = tissue_map(job.reader, source, opts, user_mask=job.tissue_mask)
+    ky, kx = tiles_per_chunk(grid, opts.chunk_target_px)
+    chunk_shape = (ky * grid.stride[0], kx * grid.stride[1])
+    slide = _identify(job.slide)
+    params, attrs, info = _run_params(job, slide, chunk_shape, run)
+    store, finished = _open_output(
+        output, opts, slide, params, info, attrs, source, job.spec, chunk_shape, tissue is not None
+    )
+    if finished:
+        summary = run.summary(output, grid, source, tissue, None)
+        summary.extra["already_complete"] = True
+        return summary
+    run.resumed = opts.resume
+    with DoneLog(output, fsync=opts.fsync) as done_log:
+        plan = plan_work(grid, opts, tissue=tissue, done=done_log.done)
+        # Decided on the run's whole work, done or not, so that a resumed run compiles (or not)
+        # like the interrupted one and writes the same bytes.
+        run.compiled = resolve_compile(opts.compile, plan.tiles_with_tissue)
+        context = RunContext(
+            slide=job.slide,
+            model=job.model,
+            output=output,
+            options=replace(
+                opts, level=source.source_level, mpp=source.slide_mpp, compile=run.compiled
+            ),
+            spec=job.spec,
+            tissue=tissue,
+        )
+        recorder = Recorder(
+            output,
+            grid,
+            done_log,
+            tissue=tissue is not None,
+            total_tiles=tiles_to_compute(plan),
+            progress=opts.progress,
+        )
+        _execute(_executor(job, context), plan, recorder, run, opts, params)
+    t_final = time.perf_counter()
+    store.finalize()
+    finalize_s = time.perf_counter() - t_final
+    preview = None
+    if thumbnail is not None and opts.preview:
+        from tilesegment.infer.preview import write_preview
+
+        preview = write_preview(store, thumbnail, preview_path(output), source=source)
+    summary = run.summary(output, grid, source, tissue, preview, plan=plan)
+    report = run.report(output, opts, params, plan, "complete", finalize_s=finalize_s)
+    summary.extra["report"] = report
+    summary.extra["report_path"] = str(write_report(output, report))
+    return summary
+
+
+def _executor(job: _Job, ctx: RunContext) -> Executor:
+    """The executor the options ask for: dask, in-process, or one worker process per device."""
+    opts = job.opts
+    if opts.scheduler is not None or opts.dask_workers is not None:
+        from tilesegment.infer.executors.dask import DaskExecutor
+
+        return DaskExecutor(ctx, job.devices[0], job.precisions[0])
+    if job.in_process:
+        from tilesegment.infer.executors.local import LocalExecutor
+
+        return LocalExecutor(ctx, job.source, job.net, job.devices[0], job.precisions[0])
+    from tilesegment.infer.executors.pool import PoolExecutor
+
+    return PoolExecutor(ctx, job.devices)
+
+
+def _execute(
+    executor: Executor,
+    plan: WorkPlan,
+    recorder: Recorder,
+    run: RunRecord,
+    opts: RunOptions,
+    params: dict,
+) -> None:
+    """Run ``executor`` over ``plan``; on failure or interrupt write the report and re-raise
+    (a public error naming the incomplete output, or :class:`RunInterrupted`)."""
+    output = recorder.output
+    try:
+        with recorder:
+            try:
+                executor.run(plan, recorder)
+            finally:
+                run.absorb(executor.stats(), recorder)
+    except TilesegmentError as exc:
+        _finish_failed(recorder.done_log, output, plan, run, opts, params, "failed", exc)
+        # The same public error class (so the same exit code), plus where the output is;
+        # --resume is advised only where it can help (not for a corrupt slide or model).
+        public = next(c for c in type(exc).__mro__ if c.__module__ == "tilesegment.errors")
+        advice = (
+            "running it again will fail the same way"
+            if isinstance(exc, (SlideReadError, ConfigError, ModelError))
+            else "resume with --resume"
+        )
+        raise public(f"{exc}; {output} was left incomplete ({advice})") from exc
+    except Exception as exc:
+        _finish_failed(recorder.done_log, output, plan, run, opts, params, "failed", exc)
+        raise
+    except KeyboardInterrupt as exc:
+        _finish_failed(recorder.done_log, output, plan, run, opts, params, "interrupted", exc)
+        left = plan.tiles_total - plan.tiles_no_tissue - plan.tiles_done_before
+        raise RunInterrupted(
+            f"interrupted after {run.tiles_processed} of {left} tiles; finished chunks "
+            "are recorded: resume with --resume"
+        ) from None
+
+
+def _tissue_param(tissue: str) -> str:
+    if tissue in ("auto", "none"):
+        return tissue
+    path = Path(tissue)
+    if path.is_file():
+        return "mask sha256 " + file_sha256(path)
+    return "mask " + path.name  # a Zarr folder: its name
+
+
+def _identify(slide: Path) -> SlideIdentity:
+    try:
+        return identify(slide)
+    except OSError as exc:
+        raise SlideReadError(f"{slide}: cannot read it to fingerprint its content ({exc})") from exc
+
+
+def _open_output(
+    output: Path,
+    opts: RunOptions,
+    slide: SlideIdentity,
+    params: dict[str, Any],
+    info: dict[str, Any],
+    attrs: dict[str, Any],
+    source: Source,
+    spec: ModelSpec,
+    chunk_shape: tuple[int, int],
+    with_tissue: bool,
+) -> tuple[OutputStore, bool]:
+    """Create the output, or reopen it to resume; (store, already complete)."""
+    if opts.resume and output.exists():
+        adopt_legacy_state(output)  # outputs of older versions kept it inside the group
+        record = read_record(output)
+        if record is not None:
+            stored, stored_info = record
+            store = OutputStore.open(output, mode="r+")
+            check_identity(
+                stored,
+                slide,
+                output=output,
+                stored_path=store.attrs.get("slide"),
+                stored_mtime=stored_info.get("slide_mtime"),
+            )
+            check_params(stored, params, output=output, ignore=IDENTITY_KEYS)
+            if store.is_complete():
+                log.info("%s is already complete; nothing to resume", output)
+                return store, True
+            removed = remove_partial_files(output)
+            if removed:
+                log.info("removed %d partial chunk files left by the interrupted run", removed)
+            log.info("resuming %s", output)
+            return store, False
+        if is_complete(output):
+            log.warning("%s is complete but has no run record to check; leaving it", output)
+            return OutputStore.open(output, mode="r+"), True
+        log.warning("%s has no run record (killed while being created); starting again", output)
+    store = OutputStore.create(
+        output,
+        image_shape=source.image_shape,
+        classes=ClassSpec(spec.class_names, spec.class_colours),
+        chunk_shape=chunk_shape,
+        mpp=source.mpp,
+        dtype=opts.dtype,
+        overwrite=opts.overwrite or opts.resume,
+        attrs=attrs,
+    )
+    reset_state(output)  # a new output: no done log or report of an earlier one
+    if with_tissue:
+        store.create_label(TISSUE, dtype="uint8", colours={1: (60, 180, 75, 128)})
+    # Last: the record that makes the output resumable.
+    write_params(output, params, info)
+    return store, False
+
+
+def _finish_failed(
+    done_log: DoneLog,
+    output: Path,
+    plan: WorkPlan,
+    run: RunRecord,
+    opts: RunOptions,
+    params: dict[str, Any],
+    status: str,
+    exc: BaseException,
+) -> None:
+    """Flush the done log and write the report of a run that did not complete."""
+    try:
+        done_log.flush()
+    except TilesegmentError as flush_exc:
+        run.errors.append(str(flush_exc))
+    if str(exc):
+        run.errors.append(f"{type(exc).__name__}: {exc}")
+    report = run.report(output, opts, params, plan, status)
+    try:
+        write_report(output, report)
+    except OSError as write_exc:
+        log.warning("could not write the run report into %s: %s", output, write_exc)

@@ -1,0 +1,133 @@
+"""Zarr plumbing of the output store: arrays with the house codec, groups opened fresh from
+disk, attribute merges, values as stored, and making room for a new store safely."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numcodecs
+import numpy as np
+import zarr
+
+from tilesegment.errors import StoreError
+from tilesegment.geometry import Box
+from tilesegment.store.layout import ATTR_KEY, read_zattrs
+
+logger = logging.getLogger(__name__)
+
+
+def quantise(probabilities: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Probabilities in [0, 1] as stored: uint8 ``rint(p * 255)`` or float32."""
+    if dtype == np.uint8:
+        return np.rint(np.clip(probabilities, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return probabilities.astype(dtype, copy=False)
+
+
+def check_aligned(box: Box, image_shape: tuple[int, int], chunks: tuple[int, int]) -> None:
+    """Raise StoreError unless ``box`` covers a whole number of chunks of the image."""
+    for name, start, size, n, c in (
+        ("y", box.y, box.h, image_shape[0], chunks[0]),
+        ("x", box.x, box.w, image_shape[1], chunks[1]),
+    ):
+        stop = start + size
+        if not (0 <= start < n and size > 0 and stop <= n):
+            raise StoreError(f"box {box} lies outside the image of shape {image_shape}")
+        if start % c or (stop % c and stop != n):
+            raise StoreError(
+                f"box {box} is not chunk-aligned along {name}: it must start at a multiple of "
+                f"the chunk size ({c}) and end at one or at the image edge ({n})"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# filesystem helpers
+
+
+def clear_path(path: Path, overwrite: bool) -> None:
+    """Make room for a new store at ``path``, deleting only what is safe to delete."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not overwrite:
+        raise StoreError(
+            f"{path} already exists; pass --overwrite to replace it, or choose another output path"
+        )
+    if path.is_symlink() or not path.is_dir():
+        raise StoreError(
+            f"{path} exists and is not a directory; refusing to replace it, remove it yourself"
+        )
+    if not any(path.iterdir()):
+        return
+    attrs = read_zattrs(path)
+    if attrs is None or not isinstance(attrs.get(ATTR_KEY), dict):
+        raise StoreError(
+            f"{path} exists and is not a tilesegment output store (no Zarr v2 group with a "
+            f"'{ATTR_KEY}' attribute); refusing to delete it with --overwrite. "
+            "Remove it yourself or choose another output path"
+        )
+    logger.info("removing existing output store %s", path)
+    try:
+        shutil.rmtree(path)
+    except OSError as exc:
+        raise StoreError(f"cannot remove the existing output store {path}: {exc}") from exc
+
+
+def open_group(path: Path, mode: Literal["r", "r+"]) -> zarr.Group:
+    """The root or a sub-group of a store, read fresh from disk."""
+    try:
+        return zarr.open_group(str(path), mode=mode, zarr_format=2)
+    except FileNotFoundError as exc:  # includes zarr's GroupNotFoundError
+        raise StoreError(f"{path} is not a Zarr v2 group") from exc
+
+
+def update_attrs(path: Path, update: Mapping[str, Any]) -> None:
+    """Merge ``update`` into the attributes of the group at ``path`` as they are on disk now.
+
+    The group is re-opened so that a stale in-memory copy never overwrites keys written by
+    another process.
+    """
+    open_group(path, "r+").attrs.update(dict(update))
+
+
+def class_map(probabilities: np.ndarray) -> np.ndarray:
+    """The argmax over axis 0 of (C, h, w) probabilities as uint8; the first class wins ties.
+
+    Equal to ``np.argmax(p, axis=0)`` but made of contiguous element-wise passes instead of a
+    strided reduction (much faster, see docs/architecture.md, Measured choices).
+    """
+    c = probabilities.shape[0]
+    if c == 2:
+        return np.greater(probabilities[1], probabilities[0]).view(np.uint8)
+    out = np.zeros(probabilities.shape[1:], dtype=np.uint8)
+    best = probabilities[0].copy()
+    for k in range(1, c):
+        better = np.greater(probabilities[k], best)
+        np.copyto(out, np.uint8(k), where=better)
+        if k < c - 1:
+            np.maximum(best, probabilities[k], out=best)
+    return out
+
+
+#: Blosc zstd level of every array: nearly the ratio of higher levels at a fraction of the CPU
+#: time the writer would take from the forward pass (docs/architecture.md, Measured choices).
+ZSTD_LEVEL = 1
+
+
+def create_array(
+    group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str
+) -> zarr.Array:
+    itemsize = np.dtype(dtype).itemsize
+    shuffle = numcodecs.Blosc.BITSHUFFLE if itemsize == 1 else numcodecs.Blosc.SHUFFLE
+    return group.create_array(
+        name,
+        shape=shape,
+        chunks=tuple(min(c, n) for c, n in zip(chunks, shape, strict=True)),
+        dtype=dtype,
+        fill_value=0,
+        compressors=numcodecs.Blosc(cname="zstd", clevel=ZSTD_LEVEL, shuffle=shuffle),
+        chunk_key_encoding={"name": "v2", "separator": "/"},
+        overwrite=True,
+    )

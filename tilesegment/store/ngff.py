@@ -1,0 +1,206 @@
+"""NGFF 0.4 (OME-Zarr) metadata and pyramids of an output: ``multiscales``, ``omero``, the
+2 x 2 downsampling that builds each level from the one above.
+
+Pure functions of shapes, scales and class specs; they never open a store.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tilesegment.errors import ConfigError
+
+RGBA = tuple[int, int, int, int]
+
+#: A pyramid stops at the first level whose height and width are both at most this.
+PYRAMID_MAX_PX = 1024
+
+
+def pyramid_shapes(
+    shape: tuple[int, int], *, max_px: int = PYRAMID_MAX_PX
+) -> list[tuple[int, int]]:
+    """(height, width) of every pyramid level, level 0 first.
+
+    Each level halves the previous one, rounding odd sizes up, until both sides are at most
+    ``max_px``.
+
+    >>> pyramid_shapes((1300, 2100))
+    [(1300, 2100), (650, 1050), (325, 525)]
+    >>> pyramid_shapes((1024, 7))
+    [(1024, 7)]
+    """
+    if max_px < 1:
+        raise ConfigError(f"`max_px` ({max_px}) must be >= 1")
+    h, w = (int(v) for v in shape)
+    shapes = [(h, w)]
+    while max(h, w) > max_px:
+        h, w = -(-h // 2), -(-w // 2)
+        shapes.append((h, w))
+    return shapes
+
+
+def downsample_mean(block: np.ndarray) -> np.ndarray:
+    """Mean of each 2 x 2 window over the last two axes, in the dtype of ``block``.
+
+    ``(..., h, w) -> (..., ceil(h / 2), ceil(w / 2))``; windows cut by an odd edge average
+    the pixels present. Sums are taken in float32, which is exact for uint8 input (a sum of
+    four uint8 needs 10 bits), and integer results are rounded half to even.
+    Peak memory is one float32 copy of the output.
+    """
+    h, w = block.shape[-2:]
+    total = np.zeros((*block.shape[:-2], -(-h // 2), -(-w // 2)), dtype=np.float32)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            part = block[..., dy::2, dx::2]
+            total[..., : part.shape[-2], : part.shape[-1]] += part
+    total *= 0.25  # powers of two keep the division exact
+    if h % 2:
+        total[..., -1, :] *= 2
+    if w % 2:
+        total[..., :, -1] *= 2
+    if np.issubdtype(block.dtype, np.integer):
+        return np.rint(total, out=total).astype(block.dtype)
+    return total.astype(block.dtype, copy=False)
+
+
+def downsample_nearest(block: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(block[..., ::2, ::2])
+
+
+DOWNSAMPLERS = {"mean": downsample_mean, "nearest": downsample_nearest}
+
+
+def hex_rgb(rgba: Sequence[int]) -> str:
+    return "".join(f"{int(v):02X}" for v in rgba[:3])
+
+
+def multiscales(
+    name: str,
+    shapes: list[tuple[int, int]],
+    method: str,
+    mpp: tuple[float, float] | None,
+    *,
+    channel: bool,
+) -> list[dict[str, Any]]:
+    """The NGFF ``multiscales`` of one pyramid: (c,) y, x axes, a scale per level."""
+    space: dict[str, Any] = {"type": "space"}
+    if mpp is not None:
+        space["unit"] = "micrometer"
+    axes = [{"name": "y", **space}, {"name": "x", **space}]
+    base = mpp or (1.0, 1.0)
+    datasets = []
+    for k in range(len(shapes)):
+        scale = [base[0] * 2**k, base[1] * 2**k]
+        if channel:
+            scale = [1.0, *scale]
+        datasets.append(
+            {"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+        )
+    if channel:
+        axes = [{"name": "c", "type": "channel"}, *axes]
+    return [
+        {
+            "version": "0.4",
+            "name": name,
+            "axes": axes,
+            "datasets": datasets,
+            "type": method,
+            "metadata": {
+                "description": f"2x2 {method} downsampling by tilesegment.store",
+            },
+        }
+    ]
+
+
+def omero(
+    name: str, names: Sequence[str], colours: Sequence[Sequence[int]], dtype: str
+) -> dict[str, Any]:
+    """The ``omero`` rendering metadata: one named, coloured channel per class."""
+    top = 255 if dtype == "uint8" else 1.0
+    channels = [
+        {
+            "label": label,
+            "color": hex_rgb(rgba),
+            "active": True,
+            "coefficient": 1.0,
+            "family": "linear",
+            "inverted": False,
+            "window": {"min": 0, "max": top, "start": 0, "end": top},
+        }
+        for label, rgba in zip(names, colours, strict=True)
+    ]
+    return {
+        "name": name,
+        "version": "0.4",
+        "channels": channels,
+        "rdefs": {"model": "color", "defaultT": 0, "defaultZ": 0},
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class ClassSpec:
+    """Names and display colours of the classes a model predicts, in channel order."""
+
+    names: tuple[str, ...]
+    """One non-empty, unique name per class; class ``i`` is channel ``i`` and label value ``i``."""
+    colours: tuple[RGBA, ...]
+    """One (r, g, b, a) colour per class, each component an int in 0..255 inclusive."""
+
+    def __post_init__(self) -> None:
+        names = tuple(str(n) for n in self.names)
+        colours = tuple(tuple(int(v) for v in c) for c in self.colours)
+        if not 1 <= len(names) <= 256:
+            raise ConfigError(f"`names` must list 1 to 256 classes, got {len(names)}")
+        if any(not n for n in names) or len(set(names)) != len(names):
+            raise ConfigError(f"class `names` must be non-empty and unique, got {names}")
+        if len(colours) != len(names):
+            raise ConfigError(
+                f"`colours` ({len(colours)}) must give one colour per class ({len(names)})"
+            )
+        for c in colours:
+            if len(c) != 4 or not all(0 <= v <= 255 for v in c):
+                raise ConfigError(f"each colour must be (r, g, b, a) in 0..255, got {c}")
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "colours", colours)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-compatible dict that :meth:`from_json` turns back into this spec."""
+        return {"names": list(self.names), "colours": [list(c) for c in self.colours]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ClassSpec:
+        """The spec stored by :meth:`to_json`."""
+        return cls(tuple(data["names"]), tuple(tuple(c) for c in data["colours"]))
+
+
+def image_label(
+    colours: Mapping[int, Sequence[int]] | None, properties: Mapping[int, Mapping[str, Any]] | None
+) -> dict[str, Any]:
+    """The NGFF ``image-label`` of a label: colours and properties per label value."""
+    image_label: dict[str, Any] = {"version": "0.4", "source": {"image": "../../"}}
+    if colours is not None:
+        colors = []
+        for value, rgba in sorted(colours.items()):
+            rgba = [int(v) for v in rgba]
+            if len(rgba) != 4 or not all(0 <= v <= 255 for v in rgba):
+                raise ConfigError(f"colour of label {value} must be (r, g, b, a), got {rgba}")
+            colors.append({"label-value": int(value), "rgba": rgba})
+        image_label["colors"] = colors
+    if properties is not None:
+        props = [{"label-value": int(v), **dict(p)} for v, p in sorted(properties.items())]
+        if colours is not None and {int(v) for v in colours} != {int(v) for v in properties}:
+            raise ConfigError("`colours` and `properties` must cover the same label values")
+        image_label["properties"] = props
+    try:
+        json.dumps(image_label)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"label `properties` must be JSON-serialisable: {exc}") from exc
+    return image_label
