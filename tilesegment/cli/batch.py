@@ -303,7 +303,7 @@ def run_batch(
                 except Exception as exc:  # reported, counted, and the batch goes on
                     log.debug("%s failed", item.slide, exc_info=True)
                     failed.append(item.slide)
-                    click.echo(f"failed: {_describe(exc, item.slide)}", err=True)
+                    click.echo(f"failed: {describe_failure(exc, item.slide)}", err=True)
         except KeyboardInterrupt as exc:
             click.echo(f"stopped: {items[i - 1].output}: {exc or 'interrupted'}", err=True)
             succeeded = i - 1 - len(failed)
@@ -338,8 +338,9 @@ def _run_item(item: BatchItem, model: Path, opts: RunOptions, expected: dict[str
         export_instances(item.output, item.geojson)
 
 
-def _describe(exc: Exception, slide: Path) -> str:
-    """One line for a failed slide, starting with its path; unexpected errors name their type."""
+def describe_failure(exc: Exception, slide: Path) -> str:
+    """One line for a failed slide or image, starting with its path; unexpected errors name
+    their type."""
     message = one_line(exc)
     if not isinstance(exc, TilesegmentError):
         message = f"{type(exc).__name__}: {message} (rerun with --log-level debug for details)"
