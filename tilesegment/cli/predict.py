@@ -82,7 +82,8 @@ def _in_folder(path: Path, folder: Path) -> bool:
 
 
 def images_in(folder: Path, *, exclude: Path | None = None) -> list[Path]:
-    """Image files under ``folder`` (recursive, sorted; hidden names and ``exclude`` skipped).
+    """Image files under ``folder`` (recursive, sorted by path; hidden names and ``exclude``
+    skipped).
 
     Raises
     ------
@@ -104,7 +105,7 @@ def images_in(folder: Path, *, exclude: Path | None = None) -> list[Path]:
             f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder or below; "
             "give image files, a folder of them or a pattern"
         )
-    return found
+    return sorted(found)
 
 
 def expand_images(args: tuple[str, ...], outdir: Path) -> list[Path]:
