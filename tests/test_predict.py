@@ -215,3 +215,30 @@ def test_folders_recurse_and_leave_out_the_output_and_hidden_files(tmp_path):
     (tmp_path / "notes" / "read.me").touch()
     with pytest.raises(ConfigError, match=r"notes: no image files \(\.png, .*\) in this folder"):
         expand_images((str(tmp_path / "notes"),), tmp_path / "out")
+
+
+def test_sigterm_stops_between_whole_files(tiny_model, tmp_path):
+    import shutil
+    import signal
+    import time
+
+    from tests.infer.conftest import start_cli
+
+    folder = tmp_path / "in"
+    write_png(folder / "i000.png", (200, 200), seed=8)
+    for i in range(1, 150):
+        shutil.copyfile(folder / "i000.png", folder / f"i{i:03d}.png")
+    out = tmp_path / "out"
+    proc = start_cli("predict", folder, "-o", out, "--model", tiny_model, "--no-progress")
+    deadline = time.monotonic() + 60
+    while not (out.exists() and any(out.glob("i*.png"))) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "stopped at image" in err.splitlines()[-1]
+    written = sorted(out.iterdir())
+    assert 1 <= len(written) < 150 and not [p for p in written if p.name.startswith(".")]
+    for path in written:  # every file there is whole
+        assert np.asarray(Image.open(path)).shape == (200, 200)

@@ -299,36 +299,38 @@ def _predict_all(
     spec = segmenter.spec
     failed: list[Path] = []
     assumed = False
+    i = 0
     with (
         sigterm_interrupts() as terminated,
         progress_bar(len(paths), progress, unit="image") as bar,
         logging_redirect_tqdm(),
     ):
-        for i, (path, files) in enumerate(zip(paths, plans, strict=True)):
-            try:
-                prediction = segmenter.segment(path)
-                if prediction.mpp_assumed and not assumed:
-                    assumed = True
-                    log.warning(
-                        "%s has no um/px; images without one are taken to be at the model's "
-                        "%.4g um/px (pass --mpp to state it)",
-                        path,
-                        spec.mpp,
-                    )
-                write_together(image_writers(prediction, files, outputs, spec.class_colours))
-            except KeyboardInterrupt:
-                bar.close()
-                click.echo(
-                    f"stopped at image {i + 1} of {len(paths)} ({path}): {i - len(failed)} "
-                    f"written, {len(failed)} failed",
-                    err=True,
-                )
-                sys.exit(143 if terminated else 130)
-            except Exception as exc:  # reported, counted, and the others go on
-                log.debug("%s failed", path, exc_info=True)
-                failed.append(path)
-                bar.write(f"failed: {describe_failure(exc, path)}", file=sys.stderr)
-            bar.update(1)
+        try:  # i is read by the interrupt handler below
+            for i, (path, files) in enumerate(zip(paths, plans, strict=True)):  # noqa: B007
+                try:
+                    prediction = segmenter.segment(path)
+                    if prediction.mpp_assumed and not assumed:
+                        assumed = True
+                        log.warning(
+                            "%s has no um/px; images without one are taken to be at the "
+                            "model's %.4g um/px (pass --mpp to state it)",
+                            path,
+                            spec.mpp,
+                        )
+                    write_together(image_writers(prediction, files, outputs, spec.class_colours))
+                except Exception as exc:  # reported, counted, and the others go on
+                    log.debug("%s failed", path, exc_info=True)
+                    failed.append(path)
+                    bar.write(f"failed: {describe_failure(exc, path)}", file=sys.stderr)
+                bar.update(1)
+        except KeyboardInterrupt:
+            bar.close()
+            click.echo(
+                f"stopped at image {i + 1} of {len(paths)} ({paths[i]}): {i - len(failed)} "
+                f"written, {len(failed)} failed",
+                err=True,
+            )
+            sys.exit(143 if terminated else 130)
     return failed
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tilesegment.errors import ConfigError
 from tilesegment.geometry import Box
 from tilesegment.infer.devices import resolve_devices, resolve_precision
 from tilesegment.infer.options import RunOptions
@@ -89,8 +90,6 @@ class ImageSegmenter:
     """
 
     def __init__(self, model: str | Path, options: RunOptions) -> None:
-        from tilesegment.errors import ConfigError
-
         devices = resolve_devices(options.device)
         if len(devices) != 1:
             raise ConfigError(f"--device {options.device}: predict uses one device")
