@@ -237,4 +237,4 @@ def test_an_option_means_the_same_thing_on_every_command():
     assert [w for w, _ in by_name["--loader-workers"]] == ["train"]
     # --precision auto means the inference choice wherever inference runs.
     for where, opt in by_name["--precision"]:
-        assert ("auto" in opt.type.choices) == (where in ("run", "evaluate")), where
+        assert ("auto" in opt.type.choices) == (where in ("run", "predict", "evaluate")), where

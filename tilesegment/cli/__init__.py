@@ -18,6 +18,7 @@ from tilesegment.cli.exits import Group
 from tilesegment.cli.export import export
 from tilesegment.cli.info import info
 from tilesegment.cli.model import model, models_cmd
+from tilesegment.cli.predict import predict
 from tilesegment.cli.run import run
 from tilesegment.cli.train import train
 
@@ -44,7 +45,7 @@ def main(log_level: str) -> None:
     )
 
 
-for command in (info, model, models_cmd, run, export, train, evaluate):
+for command in (info, model, models_cmd, run, predict, export, train, evaluate):
     main.add_command(command)
 
 __all__ = ["main"]

@@ -303,9 +303,10 @@ def run_batch(
                 except Exception as exc:  # reported, counted, and the batch goes on
                     log.debug("%s failed", item.slide, exc_info=True)
                     failed.append(item.slide)
-                    click.echo(f"failed: {_describe(exc, item)}", err=True)
+                    reason = describe_failure(exc, item.slide, item.output)
+                    click.echo(f"failed: {reason}", err=True)
         except KeyboardInterrupt as exc:
-            click.echo(f"stopped: {items[i - 1].output}: {exc or 'interrupted'}", err=True)
+            click.echo(f"stopped: {items[i - 1].output}: {str(exc) or 'interrupted'}", err=True)
             succeeded = i - 1 - len(failed)
             click.echo(
                 f"batch stopped at slide {i} of {n}: {succeeded} succeeded, {len(failed)} "
@@ -344,12 +345,12 @@ _WRITE_ADVICE = {
 }
 
 
-def _describe(exc: Exception, item: BatchItem) -> str:
-    """One line for a failed slide, starting with its path; unexpected errors name their type."""
+def describe_failure(exc: Exception, slide: Path, output: Path | None = None) -> str:
+    """One line for a failed slide or image, starting with its path; unexpected errors name
+    their type, and a failure to write ``output`` says how to fix it."""
     from tilesegment.store.destinations import write_failure
 
-    slide = item.slide
-    failure = write_failure(exc, item.output)
+    failure = write_failure(exc, output) if output is not None else None
     if failure is not None:
         kind, message = failure
         message = f"{message}; {_WRITE_ADVICE[kind]}"

@@ -72,6 +72,17 @@ def precision_option(*, auto: bool, default: str) -> Callable[[F], F]:
     )
 
 
+def dtype_option() -> Callable[[F], F]:
+    """``--dtype``: the type probabilities are written as, uint8 ``rint(p * 255)`` or float32."""
+    return click.option(
+        "--dtype",
+        type=click.Choice(["uint8", "float32"]),
+        default="uint8",
+        show_default=True,
+        help="Stored probability type.",
+    )
+
+
 def threads_option() -> Callable[[F], F]:
     """``--threads``: torch CPU threads of the process."""
     return click.option("--threads", type=click.IntRange(1), help="torch CPU threads per process.")

@@ -11,6 +11,7 @@ from tilesegment.cli.batch import is_batch, run_batch
 from tilesegment.cli.exits import Command, writing
 from tilesegment.cli.options import (
     device_option,
+    dtype_option,
     model_option,
     overwrite_option,
     precision_option,
@@ -58,13 +59,7 @@ from tilesegment.cli.outcome import echo_summary, export_instances, sigterm_inte
     help="Also label instances and export them as QuPath GeoJSON (see `tilesegment export`); "
     "with several slides a folder (may be OUTDIR) for <stem>.geojson.",
 )
-@click.option(
-    "--dtype",
-    type=click.Choice(["uint8", "float32"]),
-    default="uint8",
-    show_default=True,
-    help="Stored probability type.",
-)
+@dtype_option()
 @device_option(several=True)
 @click.option(
     "--workers",
@@ -197,7 +192,7 @@ def run(
         try:
             summary = run_slide(slide, output, model_path, opts)
         except KeyboardInterrupt as exc:
-            click.echo(f"stopped: {output}: {exc or 'interrupted'}", err=True)
+            click.echo(f"stopped: {output}: {str(exc) or 'interrupted'}", err=True)
             sys.exit(143 if terminated else 130)
     complete_before = bool(summary.extra.get("already_complete"))
     if complete_before:

@@ -20,14 +20,14 @@ from tilesegment.store.layout import chunk_files
 from tilesegment.store.resume import DoneLog
 
 
-def progress_bar(total: int, enabled: bool, initial: int = 0) -> Any:
-    """A tqdm bar of tiles on stderr (a silent one when not ``enabled``)."""
+def progress_bar(total: int, enabled: bool, initial: int = 0, *, unit: str = "tile") -> Any:
+    """A tqdm bar of tiles (or ``unit``) on stderr (a silent one when not ``enabled``)."""
     from tqdm.auto import tqdm
 
     return tqdm(
         total=total,
         initial=initial,
-        unit="tile",
+        unit=unit,
         disable=not enabled,
         file=sys.stderr,
         dynamic_ncols=True,

@@ -24,7 +24,6 @@ from tilesegment.geometry import Box, Tile, TileGrid, tile_indices
 from tilesegment.infer.plan import ChunkTask, Unit
 from tilesegment.infer.predict import to_model_channels
 from tilesegment.io import SlideReader
-from tilesegment.store import OutputStore
 from tilesegment.store.layout import TISSUE
 
 log = logging.getLogger(__name__)
@@ -131,7 +130,15 @@ class ChunkAssembler:
         return None
 
 
-def write_chunk(store: OutputStore, task: ChunkTask, probabilities: np.ndarray, tissue) -> None:
+class ChunkSink(Protocol):
+    """Where :func:`stream_units` writes finished chunks: an :class:`OutputStore`, or any object
+    with its ``write_chunk`` (and, when a tissue map is given, ``write_label_chunk``)."""
+
+    def write_chunk(self, box: Box, probabilities: np.ndarray) -> None:
+        """Write the (classes, box.h, box.w) float32 probabilities of ``box``."""
+
+
+def write_chunk(store: ChunkSink, task: ChunkTask, probabilities: np.ndarray, tissue) -> None:
     """Write a finished chunk: probabilities, mask and (with a tissue map) its tissue label."""
     store.write_chunk(task.box, probabilities)
     if tissue is not None:
@@ -231,7 +238,7 @@ def stream_units(
     predictor: Callable[[np.ndarray], np.ndarray],
     classes: int,
     channels: int,
-    store: OutputStore,
+    store: ChunkSink,
     tissue=None,
     batch_size: int = 1,
     read_threads: int = 2,

@@ -71,6 +71,48 @@ def _weights(start: int, n: int, scale: float, size: int) -> tuple[int, sparse.c
     return first, m
 
 
+def _apply(wy: sparse.csr_array, wx: sparse.csr_array, block: np.ndarray) -> np.ndarray:
+    """(h, w, C) float64: the (rows, cols, C) ``block`` weighted by ``wy`` (h, rows) and ``wx``
+    (w, cols)."""
+    rows, cols, c = block.shape
+    h, w = wy.shape[0], wx.shape[0]
+    # Rows first: (h, rows) @ (rows, cols * C); then columns: (w, cols) @ (cols, h * C).
+    tmp = wy @ block.reshape(rows, cols * c).astype(np.float64)
+    tmp = tmp.reshape(h, cols, c).transpose(1, 0, 2).reshape(cols, h * c)
+    return (wx @ tmp).reshape(w, h, c).transpose(1, 0, 2)
+
+
+def resample_array(array: np.ndarray, shape: tuple[int, int], scale: float) -> np.ndarray:
+    """``array`` resampled onto ``shape`` with the kernel of :class:`ResampledReader`.
+
+    Parameters
+    ----------
+    array : (H, W, C) ndarray
+        Any real dtype (computed in float64).
+    shape : (h, w) tuple of int
+        Output shape.
+    scale : float
+        ``array`` px per output px: output pixel ``i`` samples ``array`` at
+        ``(i + 0.5) * scale - 0.5`` (global coordinates, edge clamped).
+
+    Returns
+    -------
+    (h, w, C) float64 ndarray
+
+    >>> row = np.arange(4.0).reshape(1, 4, 1)
+    >>> resample_array(row, (1, 8), 0.5)[..., 0].tolist()
+    [[0.0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3.0]]
+    >>> resample_array(row, (1, 2), 2.0)[..., 0].tolist()  # antialiased
+    [[0.625, 2.375]]
+    """
+    if scale <= 0:
+        raise ConfigError(f"`scale` ({scale}) must be positive")
+    y0, wy = _weights(0, shape[0], scale, array.shape[0])
+    x0, wx = _weights(0, shape[1], scale, array.shape[1])
+    block = array[y0 : y0 + wy.shape[1], x0 : x0 + wx.shape[1]]
+    return _apply(wy, wx, block)
+
+
 class ResampledReader(ReaderBase):
     """A one-level view of ``reader``'s ``level`` resampled to ``target_mpp``.
 
@@ -109,11 +151,7 @@ class ResampledReader(ReaderBase):
         y0, wy = _weights(y, h, self.scale, self._src_shape[0])
         x0, wx = _weights(x, w, self.scale, self._src_shape[1])
         block = self.reader.read_region(self.level, y0, x0, wy.shape[1], wx.shape[1])
-        rows, cols, c = block.shape
-        # Rows first: (h, rows) @ (rows, cols * C); then columns: (w, cols) @ (cols, h * C).
-        tmp = wy @ block.reshape(rows, cols * c).astype(np.float64)
-        tmp = tmp.reshape(h, cols, c).transpose(1, 0, 2).reshape(cols, h * c)
-        out = (wx @ tmp).reshape(w, h, c).transpose(1, 0, 2)
+        out = _apply(wy, wx, block)
         return np.ascontiguousarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
 
     def close(self) -> None:

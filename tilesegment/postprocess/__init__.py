@@ -79,7 +79,7 @@ from tilesegment.postprocess.common import (
     open_finished,
 )
 from tilesegment.postprocess.geojson import export_geojson, instance_polygon, iter_features
-from tilesegment.postprocess.instances import InstanceSummary, label_instances
+from tilesegment.postprocess.instances import InstanceSummary, instance_ids, label_instances
 from tilesegment.postprocess.label import ChunkedLabels, label_chunked
 from tilesegment.postprocess.measure import (
     InstanceTable,
@@ -98,6 +98,7 @@ __all__ = [
     "PostprocessResult",
     "default_table_path",
     "export_geojson",
+    "instance_ids",
     "instance_polygon",
     "iter_features",
     "label_chunked",

@@ -61,6 +61,17 @@ class InstanceOptions:
         default_threads(self.threads)
 
 
+def min_area_px(min_area_um2: float, mpp: tuple[float, float] | None) -> float:
+    """``min_area_um2`` in px of an image at ``mpp`` (y, x) µm/px; taken in px when unknown.
+
+    >>> min_area_px(10.0, (0.5, 0.5)), min_area_px(10.0, None)
+    (40.0, 10.0)
+    """
+    if mpp is None:
+        return float(min_area_um2)
+    return min_area_um2 / (mpp[0] * mpp[1])
+
+
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 

@@ -9,12 +9,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from tilesegment.geometry import Box
 from tilesegment.postprocess.common import (
     InstanceOptions,
     check_class,
     default_threads,
     foreground_reader,
+    min_area_px,
     open_finished,
     ordered_map,
 )
@@ -80,11 +83,9 @@ def label_instances(
     path = Path(store_path)
     store = open_finished(path, label=label, writable=True)
     check_class(store, class_id)
+    min_area = min_area_px(min_area_um2, store.mpp)
     if store.mpp is None:
-        min_area_px = float(min_area_um2)
         logger.info("%s has no mpp: the minimum area %g is taken in px", path, min_area_um2)
-    else:
-        min_area_px = min_area_um2 / (store.mpp[0] * store.mpp[1])
 
     read = foreground_reader(store, class_id, threshold)
     labels = label_chunked(
@@ -92,7 +93,7 @@ def label_instances(
         store.image_shape,
         store.chunk_shape,
         connectivity=connectivity,
-        min_area_px=min_area_px,
+        min_area_px=min_area,
         threads=nthreads,
     )
     logger.info(
@@ -101,7 +102,7 @@ def label_instances(
         labels.count,
         class_id,
         labels.removed,
-        min_area_px,
+        min_area,
     )
 
     if store.label_state(label) != "missing" or label in store.label_names:
@@ -120,9 +121,49 @@ def label_instances(
         label=label,
         count=labels.count,
         removed=labels.removed,
-        min_area_px=min_area_px,
+        min_area_px=min_area,
         connectivity=connectivity,
         class_id=class_id,
         threshold=threshold,
         seconds=time.perf_counter() - start,
     )
+
+
+def instance_ids(
+    mask: np.ndarray, mpp: float | None = None, options: InstanceOptions | None = None
+) -> tuple[np.ndarray, int]:
+    """Instance ids of an in-memory class map, as :func:`label_instances` makes them from a
+    store: foreground ``mask == options.class_id``, ``options.connectivity``, components
+    smaller than ``options.min_area_um2`` removed, ids 1..N in raster order of first pixels.
+
+    Parameters
+    ----------
+    mask : (H, W) integer ndarray
+        Class ids.
+    mpp : float, optional
+        µm/px of ``mask``; None takes the minimum area in px.
+    options : InstanceOptions, optional
+        ``threshold``, ``label`` and ``threads`` do not apply.
+
+    Returns
+    -------
+    ids : (H, W) uint32 ndarray
+    count : int
+        N.
+
+    >>> ids, n = instance_ids(np.array([[1, 1, 0, 1]]), options=InstanceOptions(min_area_um2=0))
+    >>> ids.tolist(), n
+    ([[1, 1, 0, 2]], 2)
+    """
+    opts = options or InstanceOptions()
+    foreground = np.asarray(mask) == opts.class_id
+    shape = foreground.shape
+    labels = label_chunked(
+        lambda box: foreground[box.slices],
+        shape,
+        shape,  # one chunk: the result does not depend on the chunk shape
+        connectivity=opts.connectivity,
+        min_area_px=min_area_px(opts.min_area_um2, None if mpp is None else (mpp, mpp)),
+        threads=1,
+    )
+    return labels.relabel(Box(0, 0, *shape), foreground), labels.count
