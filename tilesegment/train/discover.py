@@ -133,13 +133,16 @@ def image_keys(stem: str) -> tuple[str, ...]:
 
 
 def tree_files(root: Path, *, skip: Path | None = None) -> list[Path]:
-    """Image files under ``root`` (recursive, sorted, hidden names and ``skip`` left out)."""
+    """Image files under ``root`` (recursive, sorted, hidden names and ``skip``, a folder
+    inside ``root``, left out)."""
+    if skip is not None and not skip.resolve().is_relative_to(root.resolve()):
+        skip = None
     found = []
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).parts
         if any(part.startswith(".") for part in rel) or not path.is_file():
             continue
-        if skip is not None and path.is_relative_to(skip):
+        if skip is not None and path.resolve().is_relative_to(skip.resolve()):
             continue
         if path.suffix.lower() in IMAGE_SUFFIXES:
             found.append(path)
@@ -225,7 +228,7 @@ def _one_tree(root: Path, matcher: re.Pattern[str]) -> Discovery:
 def _two_trees(images_root: Path, labels_root: Path, pattern: str | None) -> Discovery:
     matcher = label_matcher(pattern)
     labels: dict[Path, str] = {}
-    for path in tree_files(labels_root, skip=images_root if images_root != labels_root else None):
+    for path in tree_files(labels_root, skip=images_root):
         m = matcher.fullmatch(path.name)
         if m:
             labels[path] = m["stem"]
