@@ -69,9 +69,13 @@ def test_dsb2018_masks_merged_into_instance_ids():
 
 
 def test_dsb2018_discovery_finds_every_sample():
-    found = discover(data_path("dsb2018", "stage1_train"))
+    root = data_path("dsb2018", "stage1_train")
+    found = discover(root, root)
     assert found.layout.startswith("DSB2018") and len(found.pairs) == 330
     assert not found.unlabelled and not found.orphans
+    assert all(p.labels == tuple(sorted(p.labels)) for p in found.pairs)
+    with pytest.raises(ConfigError, match="--label-pattern applies to image folders, not to DSB"):
+        discover(root, label_pattern="{stem}_mask.png")
 
 
 def test_tnbc_and_monuseg_two_trees():

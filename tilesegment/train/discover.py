@@ -162,21 +162,29 @@ def discover(images: Path, labels: Path | None = None, *, label_pattern: str | N
     """
     images = Path(images)
     labels = Path(labels) if labels is not None else None
+    if labels is not None and labels.resolve() == images.resolve():
+        labels = None
     for p, flag in ((images, "--images"), (labels, "--labels")):
         if p is not None and not p.exists():
             raise ConfigError(f"{flag} {p} does not exist")
     if images.is_file():
-        return _stack(images, labels)
-    if labels is not None and labels.is_file():
+        found = _stack(images, labels)
+    elif labels is not None and labels.is_file():
         raise ConfigError(
             f"--images {images} is a folder but --labels {labels} is a file; give two folders "
             "(or one), or two stack files"
         )
-    if labels is None or labels.resolve() == images.resolve():
-        if _is_dsb(images):
-            return _dsb(images)
+    elif labels is None and _is_dsb(images):
+        found = _dsb(images)
+    elif labels is None:
         return _one_tree(images, label_matcher(label_pattern))
-    return _two_trees(images, labels, label_pattern)
+    else:
+        return _two_trees(images, labels, label_pattern)
+    if label_pattern is not None:
+        raise ConfigError(
+            f"--label-pattern applies to image folders, not to {found.layout} ({images}); drop it"
+        )
+    return found
 
 
 def _stack(images: Path, labels: Path | None) -> Discovery:
