@@ -110,7 +110,10 @@ def test_isic_carvana_drive_naming(tmp_path):
     (tmp_path / "drive/training/images").mkdir(parents=True)
     tifffile.imwrite(tmp_path / "drive/training/images/21_training.tif", image)
     png(tmp_path / "drive/training/1st_manual/21_manual1.gif", mask)
+    png(tmp_path / "same/images/cju0_seg.png", image)  # a stem that ends like a label
+    png(tmp_path / "same/masks/cju0_seg.png", mask)
     cases = {
+        "same": ("images", "masks", "cju0_seg"),
         "isic": ("img", "seg", "ISIC_0000000"),
         "carvana": ("train", "train_masks", "0cdf5b5d0ce1_01"),
         "drive": ("training/images", "training/1st_manual", "21_training"),

@@ -227,7 +227,7 @@ def _one_tree(root: Path, matcher: re.Pattern[str]) -> Discovery:
     for path in tree_files(root):
         m = matcher.fullmatch(path.name)
         if m:
-            labels[path] = m["stem"]
+            labels[path] = (m["stem"],)
         else:
             images.append(path)
     return _match(images, labels, root, "one tree")
@@ -235,13 +235,13 @@ def _one_tree(root: Path, matcher: re.Pattern[str]) -> Discovery:
 
 def _two_trees(images_root: Path, labels_root: Path, pattern: str | None) -> Discovery:
     matcher = label_matcher(pattern)
-    labels: dict[Path, str] = {}
+    labels: dict[Path, tuple[str, ...]] = {}
     for path in tree_files(labels_root, skip=images_root):
         m = matcher.fullmatch(path.name)
-        if m:
-            labels[path] = m["stem"]
-        elif pattern is None:
-            labels[path] = path.stem
+        if pattern is None:  # the same stem, or the stem without its suffix
+            labels[path] = (path.stem, m["stem"]) if m else (path.stem,)
+        elif m:
+            labels[path] = (m["stem"],)
         else:
             log.info("%s: not a label by --label-pattern %r; ignored", path, pattern)
     image_files = tree_files(images_root, skip=labels_root)
@@ -259,18 +259,21 @@ def _unique_stems(images: Sequence[Path]) -> None:
         seen[path.stem] = path
 
 
-def _match(images: list[Path], labels: dict[Path, str], root: Path, layout: str) -> Discovery:
+def _match(
+    images: list[Path], labels: dict[Path, tuple[str, ...]], root: Path, layout: str
+) -> Discovery:
     """Pair each image with the one label filed under one of its :func:`image_keys`."""
     if not images and not labels:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES & {".png", ".tif", ".jpg", ".bmp", ".gif"}))
         raise ConfigError(f"{root}: no image files ({suffixes}, ...) in the folder or below")
     _unique_stems(images)
     by_key: dict[str, list[Path]] = defaultdict(list)
-    for path, key in labels.items():
-        by_key[key].append(path)
+    for path, keys in labels.items():
+        for key in keys:
+            by_key[key].append(path)
     pairs, unlabelled, owner = [], [], {}
     for image in images:
-        found = [label for key in image_keys(image.stem) for label in by_key.get(key, ())]
+        found = list(dict.fromkeys(lb for key in image_keys(image.stem) for lb in by_key[key]))
         if len(found) > 1:
             raise ConfigError(
                 f"{image} matches {len(found)} labels ({', '.join(p.name for p in found)}); "
