@@ -124,6 +124,20 @@ def test_isic_carvana_drive_naming(tmp_path):
         assert np.array_equal(pair.label, mask // 255), case
 
 
+def test_ph2_colour_region_masks_are_left_out(tmp_path, caplog):
+    """The full PH2 download also holds IMDxxx_roi/IMDxxx_R1_Label4.bmp region masks."""
+    caplog.set_level(logging.INFO)
+    image, mask = blob(5)
+    case = tmp_path / "PH2 Dataset images/IMD002"
+    png(case / "IMD002_Dermoscopic_Image/IMD002.bmp", np.stack([image] * 3, -1))
+    png(case / "IMD002_lesion/IMD002_lesion.bmp", mask)
+    png(case / "IMD002_roi/IMD002_R1_Label4.bmp", mask)
+    png(case / "IMD002_roi/IMD002_R2_Label1.bmp", mask)
+    (pair,) = D.load_pairs(tmp_path / "PH2 Dataset images")
+    assert pair.name == "IMD002" and pair.label_source == "IMD002_lesion.bmp"
+    assert "2 PH2 colour-region mask(s) left out" in caplog.text
+
+
 def test_drive_fov_masks_in_the_same_tree_are_ambiguous(tmp_path):
     image, mask = blob(1)
     png(tmp_path / "training/images/21_training.png", image)

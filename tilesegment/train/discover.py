@@ -17,7 +17,8 @@ them). The layouts:
   ``_img`` is also matched without it (DRIVE: ``21_training.tif`` with ``21_manual1.gif``). PH2's
   own layout (``IMD002/IMD002_Dermoscopic_Image/IMD002.bmp`` with
   ``IMD002/IMD002_lesion/IMD002_lesion.bmp``) is one tree; ISIC (``_segmentation``) and Carvana
-  (``_mask.gif``) are two. The name of a pair is the image's stem, unique in the tree.
+  (``_mask.gif``) are two. The name of a pair is the image's stem, unique in the tree. PH2's
+  colour-region masks (``IMD002_roi/IMD002_R1_Label4.bmp``) are left out (logged).
 
 A label that fits two images, an image that fits two labels, two images with one stem and an
 unknown layout are errors naming the files, never a guess. Images without a label and labels
@@ -51,6 +52,8 @@ LABEL_SUFFIXES = (
 #: Image stem suffixes that may be dropped to find the label (DRIVE's ``21_training``).
 IMAGE_NAME_SUFFIXES = ("_training", "_test", "_image", "_img")
 ARRAY_SUFFIXES = (".npy", ".npz")
+#: PH2's colour-region masks (``IMD002_roi/IMD002_R1_Label4.bmp``): annotations, not images.
+PH2_REGION_MASK = re.compile(r".+_R\d+_Label\d+\.bmp", re.IGNORECASE)
 #: Pillow extensions it registers but cannot decode without outside programs or plugins.
 _PIL_STUBS = frozenset(
     {".bufr", ".grib", ".h5", ".hdf", ".eps", ".ps", ".wmf", ".emf", ".mpeg", ".mpg"}
@@ -222,9 +225,22 @@ def _dsb(root: Path) -> Discovery:
     return Discovery("DSB2018 samples (<id>/images, <id>/masks)", root, pairs, unlabelled)
 
 
+def _not_ph2_regions(paths: list[Path]) -> list[Path]:
+    """``paths`` without PH2's colour-region masks (logged when there were any)."""
+    kept = [p for p in paths if not PH2_REGION_MASK.fullmatch(p.name)]
+    if len(kept) < len(paths):
+        example = next(p for p in paths if PH2_REGION_MASK.fullmatch(p.name))
+        log.info(
+            "%d PH2 colour-region mask(s) left out (not lesion masks), e.g. %s",
+            len(paths) - len(kept),
+            example,
+        )
+    return kept
+
+
 def _one_tree(root: Path, matcher: re.Pattern[str]) -> Discovery:
     images, labels = [], {}
-    for path in tree_files(root):
+    for path in _not_ph2_regions(tree_files(root)):
         m = matcher.fullmatch(path.name)
         if m:
             labels[path] = (m["stem"],)
@@ -244,7 +260,7 @@ def _two_trees(images_root: Path, labels_root: Path, pattern: str | None) -> Dis
             labels[path] = (m["stem"],)
         else:
             log.info("%s: not a label by --label-pattern %r; ignored", path, pattern)
-    image_files = tree_files(images_root, skip=labels_root)
+    image_files = _not_ph2_regions(tree_files(images_root, skip=labels_root))
     return _match(image_files, labels, images_root, "two trees")
 
 
