@@ -162,7 +162,8 @@ def test_label_pattern_formats_and_normalisation(tmp_path, caplog):
     Image.fromarray(image).save(tmp_path / "b.gif")
     Image.fromarray(image).save(tmp_path / "c.png")
     Image.fromarray(np.stack([mask] * 3, -1)).save(tmp_path / "GT-a.bmp")
-    Image.fromarray(mask).save(tmp_path / "GT-b.jpg", quality=75)
+    tinted = np.stack([mask, mask - mask // 255 * 12, mask - mask // 255 * 6], -1)  # near-white
+    Image.fromarray(tinted).save(tmp_path / "GT-b.jpg", quality=75)
     Image.fromarray(mask // 255).save(tmp_path / "GT-c.png")
     caplog.set_level(logging.INFO)
     pairs = D.load_pairs(tmp_path, label_pattern="GT-{stem}.*")
@@ -172,9 +173,10 @@ def test_label_pattern_formats_and_normalisation(tmp_path, caplog):
     assert np.array_equal(pairs[0].label, mask // 255)
     stored = np.asarray(Image.open(tmp_path / "GT-b.jpg"))
     assert not set(np.unique(stored)) <= {0, 255}  # the JPEG fringe
+    assert not np.array_equal(stored[..., 0], stored[..., 1])  # and its colour noise
     assert np.mean(pairs[1].label != mask // 255) < 0.01
     assert pairs[0].label_note == "RGB, 0/255"
-    assert "JPEG thresholded at 128" in pairs[1].label_note
+    assert pairs[1].label_note == "RGB, JPEG thresholded at 128"
     assert "anti-aliased JPEG mask(s) thresholded at 128, e.g. GT-b.jpg" in caplog.text
 
 

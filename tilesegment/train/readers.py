@@ -129,15 +129,22 @@ def _float_pixels(plane: np.ndarray, source: str) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ labels
-def _single_channel(plane: np.ndarray, source: str) -> tuple[np.ndarray, str]:
+def _single_channel(plane: np.ndarray, source: str, *, jpeg: bool = False) -> tuple[
+    np.ndarray, str
+]:  # fmt: skip
     """A (H, W, S) label plane as (H, W): one sample, or RGB(A) whose colour channels are
-    equal (a gray mask saved as RGB); colour-coded labels are refused."""
+    equal (a gray mask saved as RGB; for a ``jpeg``, within 32 levels: their rounded mean);
+    colour-coded labels are refused."""
     c = plane.shape[-1]
     if c == 1:
         return plane[..., 0], ""
     colour = plane[..., :3] if c == 4 else plane
     if c in (3, 4) and all(np.array_equal(colour[..., 0], colour[..., k]) for k in (1, 2)):
         return colour[..., 0], "RGB"
+    if c == 3 and jpeg and colour.dtype == np.uint8:
+        spread = colour.max(axis=-1).astype(np.int16) - colour.min(axis=-1)
+        if spread.max(initial=0) <= 32:
+            return np.round(colour.mean(axis=-1)).astype(np.uint8), "RGB"
     raise ConfigError(
         f"{source}: label has {c} channels with different values; labels must be "
         "single-channel (binary mask, class index or instance id image)"
@@ -181,7 +188,7 @@ def as_label(plane: np.ndarray, has_samples: bool, source: str, *, jpeg: bool = 
     """
     notes = []
     if has_samples:
-        plane, note = _single_channel(plane, source)
+        plane, note = _single_channel(plane, source, jpeg=jpeg)
         notes.append(note)
     plane = _integer_label(plane, source)
     if plane.dtype == np.bool_:
