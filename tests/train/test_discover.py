@@ -209,11 +209,13 @@ def test_pair_list_with_tabs_relative_to_the_list(tmp_path):
         png(tmp_path / "data/gt" / f"label{i}.png", mask)
     (tmp_path / "data/train.txt").write_text(
         "# image<TAB>label\nimgs/s0.png\tgt/label0.png\nimgs/s2.png\tgt/label2.png\n"
+        "imgs/s1.png\tgt/label1.png\n"
     )
     (tmp_path / "data/val.txt").write_text("imgs/s1.png\tgt/label1.png\n")
     lists = (tmp_path / "data/train.txt", tmp_path / "data/val.txt")
     pairs, names = D.load_data(None, lists=lists)
-    assert [p.name for p in pairs] == ["s0", "s1", "s2"] and names == [["s0", "s2"], ["s1"]]
+    assert [p.name for p in pairs] == ["s0", "s1", "s2"]
+    assert names == [["s0", "s2", "s1"], ["s1"]]  # the same pair twice is one pair
     assert np.array_equal(pairs[1].label, blob(1)[1] // 255)
     (tmp_path / "mixed.txt").write_text("data/imgs/s0.png\tdata/gt/label0.png\ns1\n")
     with pytest.raises(ConfigError, match=r"mixed.txt:2: the list mixes names and image<TAB>"):
@@ -223,6 +225,10 @@ def test_pair_list_with_tabs_relative_to_the_list(tmp_path):
         read_list(tmp_path / "data/bad.txt")
     with pytest.raises(ConfigError, match="give every list as pairs and no --images"):
         D.load_data(tmp_path / "data/imgs", lists=lists)
+    png(tmp_path / "data/other/s1.png", blob(1)[0])
+    (tmp_path / "data/val.txt").write_text("other/s1.png\tgt/label1.png\n")
+    with pytest.raises(ConfigError, match=r"two images share the name 's1': .*imgs/s1.png and"):
+        D.load_data(None, lists=(tmp_path / "data/train.txt", tmp_path / "data/val.txt"))
 
 
 # ------------------------------------------------------------------------------ errors

@@ -42,7 +42,14 @@ from scipy import ndimage as ndi
 
 from tilesegment.errors import ConfigError
 from tilesegment.infer.predict import to_model_channels
-from tilesegment.train.discover import Discovery, PairSource, describe, discover, read_list
+from tilesegment.train.discover import (
+    Discovery,
+    PairSource,
+    describe,
+    discover,
+    read_list,
+    unique_stems,
+)
 from tilesegment.train.labels import (
     LabelKind,
     detect_label_kind,
@@ -164,7 +171,8 @@ def load_data(
                 f"{paired[0].path} lists image<TAB>label pairs: give every list as pairs and no "
                 "--images/--labels"
             )
-        sources = {p.image: p for lst in paired for p in lst.pairs}
+        sources = {p.image.resolve(): p for lst in paired for p in lst.pairs}
+        unique_stems([p.image for p in sources.values()])
         log.info("%d pair(s) from %s", len(sources), ", ".join(str(lst.path) for lst in paired))
         return _read_all(list(sources.values())), names
     if images is None:

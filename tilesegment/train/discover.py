@@ -264,7 +264,8 @@ def _two_trees(images_root: Path, labels_root: Path, pattern: str | None) -> Dis
     return _match(image_files, labels, images_root, "two trees")
 
 
-def _unique_stems(images: Sequence[Path]) -> None:
+def unique_stems(images: Sequence[Path]) -> None:
+    """Refuse two images with one stem: a pair is known by its image's stem."""
     seen: dict[str, Path] = {}
     for path in images:
         if path.stem in seen:
@@ -282,7 +283,7 @@ def _match(
     if not images and not labels:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES & {".png", ".tif", ".jpg", ".bmp", ".gif"}))
         raise ConfigError(f"{root}: no image files ({suffixes}, ...) in the folder or below")
-    _unique_stems(images)
+    unique_stems(images)
     by_key: dict[str, list[Path]] = defaultdict(list)
     for path, keys in labels.items():
         for key in keys:
@@ -356,7 +357,6 @@ def read_list(path: Path) -> ListFile:
     if not entries or tabbed == {False}:
         return ListFile(path, tuple(e for _, e in entries))
     pairs = tuple(_list_pair(path, i, e) for i, e in entries)
-    _unique_stems([p.image for p in pairs])
     return ListFile(path, tuple(p.name for p in pairs), pairs)
 
 
