@@ -60,7 +60,7 @@ def test_empty_folders(tmp_path):
     (tmp_path / "i").mkdir()
     (tmp_path / "l").mkdir()
     result = invoke(*train_args(tmp_path / "i", tmp_path / "l", tmp_path / "run"))
-    assert_input_error(result, "no image files (.png, .tif, .tiff, .jpg, .jpeg)")
+    assert_input_error(result, "no image files (.bmp, .gif, .jpg, .png, .tif, ...) in the folder")
 
 
 def test_label_without_foreground_is_skipped_or_refused(tmp_path, folder, caplog):

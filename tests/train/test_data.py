@@ -26,7 +26,9 @@ def test_isbi_stack_slices_and_names():
     assert len(pairs) == 25
     assert pairs[3].name == "train-volume:3"
     assert pairs[0].image.shape == (512, 512, 1) and pairs[0].image.dtype == np.uint8
-    assert set(np.unique(pairs[0].label)) == {0, 255}
+    # stored as 0/255, normalised to 0/1 (and said so)
+    assert set(np.unique(pairs[0].label)) == {0, 1}
+    assert pairs[0].label_note == "0/255"
     assert D.resolve_label_kind(pairs, None) == "binary"
 
 
@@ -40,12 +42,13 @@ def test_monuseg_folder_matched_by_stem():
     assert D.resolve_label_kind(pairs, None) == "instances"
 
 
-def test_folder_skips_unmatched_images_and_detects_kind(tmp_path, caplog):
+def test_folder_refuses_unmatched_images_unless_listed_and_detects_kind(tmp_path, caplog):
     images, labels = write_folder(tmp_path, 3, kind="binary")
     (labels / "img2.tif").unlink()
-    pairs = D.load_pairs(images, labels)
+    with pytest.raises(ConfigError, match=r"1 of 3 images in .* have no label \(img2.png\)"):
+        D.load_pairs(images, labels)
+    pairs = D.load_pairs(images, labels, only={"img0", "img1"})
     assert [p.name for p in pairs] == ["img0", "img1"]
-    assert "without a label skipped: img2" in caplog.text
     assert D.resolve_label_kind(pairs, None) == "binary"
     assert "detected 'binary'" in caplog.text
 
@@ -77,9 +80,9 @@ def test_targets_weights_binary_isbi():
     pair = isbi_pairs()[0]
     target, weights = D.target_and_weights(pair.label, "binary", num_classes=2)
     assert target.dtype == np.uint8 and set(np.unique(target)) == {0, 1}
-    # Class 1 = cell interior = label 255; separation only ever removes cell pixels.
+    # Class 1 = cell interior = label 1 (stored as 255); separation only ever removes cell pixels.
     assert np.all(target[pair.label == 0] == 0)
-    assert np.mean(target[pair.label == 255]) > 0.97
+    assert np.mean(target[pair.label == 1]) > 0.97
     assert weights.dtype == np.float32 and weights.min() > 0
     # Membrane pixels between two cells carry the border term on top of the class weight.
     membrane = weights[target == 0]

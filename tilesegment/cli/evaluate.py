@@ -9,11 +9,13 @@ import click
 
 from tilesegment.cli.exits import Command
 from tilesegment.cli.options import (
-    EXISTING,
     EXISTING_FILE,
     LABEL_KINDS,
     device_option,
+    images_option,
     json_option,
+    label_pattern_option,
+    labels_option,
     model_option,
     precision_option,
     set_threads,
@@ -24,10 +26,16 @@ from tilesegment.cli.options import (
 
 @click.command(cls=Command)
 @model_option()
-@click.option("--images", type=EXISTING, required=True, help="Image stack (TIFF) or folder.")
-@click.option("--labels", type=EXISTING, required=True, help="Label stack or folder.")
+@images_option()
+@labels_option()
+@label_pattern_option()
 @click.option("--label-kind", type=LABEL_KINDS, help="Default: as trained, else detected.")
-@click.option("--list", "name_list", type=EXISTING_FILE, help="Only the names in this file.")
+@click.option(
+    "--list",
+    "name_list",
+    type=EXISTING_FILE,
+    help="Only the names in this file (one a line), or the image<TAB>label pairs it lists.",
+)
 @click.option(
     "--min-object-size", type=click.IntRange(0), help="Instances: drop smaller objects (px)."
 )
@@ -37,8 +45,9 @@ from tilesegment.cli.options import (
 @json_option()
 def evaluate(
     model_path: Path,
-    images: Path,
-    labels: Path,
+    images: Path | None,
+    labels: Path | None,
+    label_pattern: str | None,
     label_kind: str | None,
     name_list: Path | None,
     min_object_size: int | None,
@@ -49,19 +58,18 @@ def evaluate(
 ) -> None:
     """Score a model on IMAGES/LABELS: whole-image predictions, a table per image and mean."""
     from tilesegment.infer.devices import resolve_precision
-    from tilesegment.train.data import read_name_list
     from tilesegment.train.evaluate import evaluate_model
 
     set_threads(threads)
     device = single_device(device)
     precision = resolve_precision(precision, device)
-    names = read_name_list(name_list) if name_list else None
     report, spec = evaluate_model(
         model_path,
         images,
         labels,
+        label_pattern=label_pattern,
+        name_list=name_list,
         label_kind=label_kind,  # type: ignore[arg-type]
-        names=names,
         device=device,
         precision=precision,
         min_object_size=min_object_size,

@@ -43,6 +43,38 @@ def model_option(*, default: str | None = None) -> Callable[[F], F]:
     )
 
 
+def images_option() -> Callable[[F], F]:
+    """``--images``: a stack (TIFF, .npy, .npz), a DSB2018 folder or a tree of images."""
+    return click.option(
+        "--images",
+        type=EXISTING,
+        help="Image stack (TIFF, .npy, .npz) or folder, searched recursively (PNG, TIFF, JPEG, "
+        "BMP, GIF, ...; DSB2018 <id>/images + <id>/masks). Not needed with a list of "
+        "image<TAB>label pairs.",
+    )
+
+
+def labels_option() -> Callable[[F], F]:
+    """``--labels``: the label stack or tree; default the images' tree."""
+    return click.option(
+        "--labels",
+        type=EXISTING,
+        help="Label stack or folder [default: the --images folder]. Labels are matched by the "
+        "image stem, plus _mask, _masks, _label, _labels, _lesion, _segmentation, _seg, _gt, "
+        "_anno or _manual1 (or --label-pattern).",
+    )
+
+
+def label_pattern_option() -> Callable[[F], F]:
+    """``--label-pattern``: the label file name of an image, as a template with ``{stem}``."""
+    return click.option(
+        "--label-pattern",
+        metavar="TEMPLATE",
+        help="Label file name of image STEM, e.g. '{stem}_GT.png' or 'mask_{stem}.*' (instead "
+        "of the recognised suffixes).",
+    )
+
+
 def device_option(*, several: bool) -> Callable[[F], F]:
     """``--device``: cpu, cuda, cuda:N or auto (every GPU, else the CPU); with ``several``
     also a comma-separated list (one worker process per device) and the spelling

@@ -14,10 +14,12 @@ import click
 
 from tilesegment.cli.exits import Command
 from tilesegment.cli.options import (
-    EXISTING,
     EXISTING_FILE,
     LABEL_KINDS,
     device_option,
+    images_option,
+    label_pattern_option,
+    labels_option,
     precision_option,
     progress_option,
     set_threads,
@@ -45,10 +47,9 @@ def _is_main_process() -> bool:
 
 
 @click.command(cls=Command)
-@click.option("--images", type=EXISTING, required=True, help="Image stack (TIFF) or folder.")
-@click.option(
-    "--labels", type=EXISTING, required=True, help="Label stack or folder (matched by stem)."
-)
+@images_option()
+@labels_option()
+@label_pattern_option()
 @click.option(
     "-o", "--output", "run_dir", type=click.Path(path_type=Path), required=True,
     help="RUN_DIR for checkpoints (last, best), state, log.jsonl/csv and curves.png.",
@@ -58,8 +59,16 @@ def _is_main_process() -> bool:
 @click.option(
     "--boundary-class", is_flag=True, help="Instances: 3 classes (background, interior, boundary)."
 )
-@click.option("--train-list", type=EXISTING_FILE, help="File of training names, one a line.")
-@click.option("--val-list", type=EXISTING_FILE, help="File of validation names, one a line.")
+@click.option(
+    "--train-list",
+    type=EXISTING_FILE,
+    help="File of training names, one a line, or of image<TAB>label pairs.",
+)
+@click.option(
+    "--val-list",
+    type=EXISTING_FILE,
+    help="File of validation names, one a line, or of image<TAB>label pairs.",
+)
 @click.option(
     "--val-fraction",
     type=click.FloatRange(0, 1, max_open=True),

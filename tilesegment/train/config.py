@@ -24,6 +24,7 @@ DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-2}
 FROZEN_ON_RESUME = (
     "images",
     "labels",
+    "label_pattern",
     "label_kind",
     "class_names",
     "boundary_class",
@@ -54,12 +55,14 @@ class TrainingDiverged(TilesegmentError, FloatingPointError):
 class TrainConfig:
     """Everything a training run depends on (the CLI options of ``tilesegment train``)."""
 
-    images: Path
-    """Image stack file or folder."""
-    labels: Path
-    """Label stack file or folder."""
     run_dir: Path
     """Output folder: checkpoints, state, logs, curves, weight-map cache."""
+    images: Path | None = None
+    """Image stack file or folder (tree); None when the lists hold image<TAB>label pairs."""
+    labels: Path | None = None
+    """Label stack file or folder; None = the same tree as ``images``."""
+    label_pattern: str | None = None
+    """File-name template of the labels (``{stem}_GT.png``); None = the recognised suffixes."""
     label_kind: LabelKind | None = None
     """binary, classes or instances; None = detect (logged)."""
     class_names: tuple[str, ...] | None = None
@@ -67,9 +70,10 @@ class TrainConfig:
     boundary_class: bool = False
     """Instances: 3 classes (background, interior, boundary)."""
     train_list: Path | None = None
-    """Text file of training names (stems, or ``stem:i`` for stack slices)."""
+    """Text file of training names (stems, or ``stem:i`` for stack slices) or of
+    image<TAB>label pairs."""
     val_list: Path | None = None
-    """Text file of validation names."""
+    """Text file of validation names or pairs."""
     val_fraction: float = 0.1
     """Seeded fraction of images held out for validation when no --val-list is given."""
     depth: int = 4

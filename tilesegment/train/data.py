@@ -1,14 +1,11 @@
 """Training data: image/label pairs, their targets and weight maps (the crops drawn from them are
 in :mod:`tilesegment.train.sampling`).
 
-Two layouts are read (:func:`load_pairs`), both through the same code for ``train`` and
-``evaluate``:
-
-* **stacks**: ``--images train-volume.tif --labels train-labels.tif``, two multi-page TIFFs
-  with one slice per page (ISBI 2012). Slice ``i`` of ``train-volume.tif`` is named
-  ``train-volume:i``.
-* **folders**: ``--images DIR --labels DIR``, files matched by stem (``a.png`` with ``a.tif``).
-  Images are PNG, TIFF or JPEG, gray or RGB; labels are single-channel integer images.
+``train`` and ``evaluate`` read their pairs through :func:`load_data`: the files are found by
+:mod:`tilesegment.train.discover` (stacks, ``.npy``/``.npz``, DSB2018 samples, image trees with
+labels matched by stem and suffix, ``image<TAB>label`` lists) and read by
+:mod:`tilesegment.train.readers` (gray or RGB images; single-channel labels, binary masks
+normalised to 0/1). What was matched and how labels were normalised is logged.
 
 A label image is ``binary`` (0/1 or 0/255 masks), ``classes`` (index masks) or ``instances``
 (object ids), see :mod:`tilesegment.train.labels`. Binary and instance labels become two classes
@@ -34,176 +31,61 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tifffile
-from PIL import Image, UnidentifiedImageError
 from scipy import ndimage as ndi
 
 from tilesegment.errors import ConfigError
 from tilesegment.infer.predict import to_model_channels
+from tilesegment.train.discover import (
+    Discovery,
+    PairSource,
+    describe,
+    discover,
+    read_list,
+    unique_stems,
+)
 from tilesegment.train.labels import (
     LabelKind,
     detect_label_kind,
     instances_from_binary,
     separate_touching,
 )
+from tilesegment.train.readers import LabelledImage, read_source
 from tilesegment.train.weights import border_weight_map, cached_weight_map
 
 log = logging.getLogger(__name__)
 
-#: File name suffixes read as images or labels in folder mode (case-insensitive).
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
-_TIFF_SUFFIXES = (".tif", ".tiff")
 LABEL_KINDS: tuple[LabelKind, ...] = ("binary", "classes", "instances")
 
 
-# ------------------------------------------------------------------------------ reading
-@dataclass(frozen=True, slots=True, eq=False)
-class LabelledImage:
-    """One image with its label image, as read from disk (no interpretation yet)."""
-
-    name: str
-    """File stem, or ``stem:i`` for slice ``i`` of a multi-page file."""
-    image: np.ndarray
-    """(H, W, C) uint8 pixels, C = 1 (gray) or 3 (RGB)."""
-    label: np.ndarray
-    """(H, W) integer (or bool) label image, values as stored."""
-    source: str
-    """Where the image came from, for messages (``a.png``, ``stack.tif slice 3``)."""
-    label_source: str = ""
-    """Where the label came from, for messages."""
-
-
-def _tiff_planes(path: Path, *, what: str) -> tuple[np.ndarray, bool]:
-    """All pages of a TIFF as (N, H, W[, S]) and whether the last axis is samples."""
-    try:
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            data = series.asarray()
-            axes = series.axes
-    except (OSError, ValueError, IndexError, tifffile.TiffFileError) as exc:
-        raise ConfigError(f"{path}: cannot read the {what} TIFF ({exc})") from exc
-    has_samples = axes.endswith("S")
-    core = 3 if has_samples else 2
-    if data.ndim < core:
-        raise ConfigError(f"{path}: {what} TIFF has shape {data.shape} (axes {axes!r})")
-    return data.reshape((-1, *data.shape[data.ndim - core :])), has_samples
-
-
-def _pil_plane(path: Path, *, what: str) -> tuple[np.ndarray, bool]:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if what == "image" and mode not in ("L", "RGB", "I;16", "I", "1"):
-                im = im.convert("RGB") if mode not in ("LA", "La") else im.convert("L")
-            data = np.asarray(im)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise ConfigError(f"{path}: cannot read the {what} ({exc})") from exc
-    if data.dtype == np.int32:  # 16-bit gray through Pillow's "I" mode
-        data = data.astype(np.int64)
-    return data[None], data.ndim == 3
-
-
-def _read_planes(path: Path, *, what: str) -> tuple[np.ndarray, bool]:
-    """(N, H, W[, S]) planes of an image or label file and whether it has a samples axis."""
-    if path.suffix.lower() in _TIFF_SUFFIXES:
-        return _tiff_planes(path, what=what)
-    return _pil_plane(path, what=what)
-
-
-def _as_pixels(plane: np.ndarray, has_samples: bool, source: str) -> np.ndarray:
-    """(H, W, C) uint8 with C in {1, 3} from one image plane."""
-    if not has_samples:
-        plane = plane[..., None]
-    c = plane.shape[-1]
-    if c in (2, 4):  # drop alpha
-        plane = plane[..., : c - 1]
-    elif c not in (1, 3):
-        raise ConfigError(f"{source}: image has {c} channels; expected gray or RGB")
-    if plane.dtype == np.bool_:
-        return plane.astype(np.uint8) * np.uint8(255)
-    if plane.dtype == np.uint16:
-        log.warning("%s: 16-bit image scaled to 8 bits (value * 255 / 65535)", source)
-        return ((plane.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    if plane.dtype != np.uint8:
-        raise ConfigError(f"{source}: image dtype {plane.dtype} is not supported (use uint8)")
-    return np.ascontiguousarray(plane)
-
-
-def _as_label(plane: np.ndarray, has_samples: bool, source: str) -> np.ndarray:
-    """(H, W) integer label from one label plane."""
-    if has_samples:
-        if plane.shape[-1] != 1:
-            raise ConfigError(
-                f"{source}: label has {plane.shape[-1]} channels; labels must be single-channel "
-                "(binary mask, class index or instance id image)"
-            )
-        plane = plane[..., 0]
-    if plane.dtype == np.bool_:
-        return plane.astype(np.uint8)
-    if np.issubdtype(plane.dtype, np.floating):
-        if not np.all(np.isfinite(plane)) or np.any(plane != np.round(plane)):
-            raise ConfigError(f"{source}: label has non-integer values")
-        plane = plane.astype(np.int64)
-    if not np.issubdtype(plane.dtype, np.integer):
-        raise ConfigError(f"{source}: label dtype {plane.dtype} is not an integer type")
-    if np.issubdtype(plane.dtype, np.signedinteger) and plane.size and plane.min() < 0:
-        raise ConfigError(f"{source}: label has negative values (minimum {plane.min()})")
-    return np.ascontiguousarray(plane)
-
-
-def _read_pair(image_path: Path, label_path: Path, stem: str) -> list[LabelledImage]:
-    images, img_samples = _read_planes(image_path, what="image")
-    labels, lab_samples = _read_planes(label_path, what="label")
-    if len(images) != len(labels):
-        raise ConfigError(
-            f"{image_path} has {len(images)} slices but {label_path} has {len(labels)}"
-        )
-    pairs = []
-    for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
-        name = stem if len(images) == 1 else f"{stem}:{i}"
-        where = f" slice {i}" if len(images) > 1 else ""
-        source, label_source = image_path.name + where, label_path.name + where
-        pixels = _as_pixels(img, img_samples, source)
-        label = _as_label(lab, lab_samples, label_source)
-        if pixels.shape[:2] != label.shape:
-            raise ConfigError(
-                f"{source}: image is {pixels.shape[0]} x {pixels.shape[1]} px but its label "
-                f"{label_path.name} is {label.shape[0]} x {label.shape[1]} px (h x w)"
-            )
-        pairs.append(LabelledImage(name, pixels, label, source, label_source))
-    return pairs
-
-
-def _files_by_stem(folder: Path, *, what: str) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        if path.stem in found:
-            raise ConfigError(
-                f"{folder}: two {what} files share the stem {path.stem!r} "
-                f"({found[path.stem].name}, {path.name})"
-            )
-        found[path.stem] = path
-    if not found:
-        raise ConfigError(f"{folder}: no {what} files ({', '.join(IMAGE_SUFFIXES)})")
-    return found
-
-
-def load_pairs(images: Path, labels: Path) -> list[LabelledImage]:
-    """Read every image/label pair of a stack pair or of two folders, sorted by name.
+# ------------------------------------------------------------------------------ loading
+def load_pairs(
+    images: Path,
+    labels: Path | None = None,
+    *,
+    label_pattern: str | None = None,
+    only: Collection[str] | None = None,
+) -> list[LabelledImage]:
+    """Read every image/label pair of ``--images``/``--labels`` (any layout of
+    :mod:`tilesegment.train.discover`), sorted by name.
 
     Parameters
     ----------
-    images, labels : Path
-        Two files (multi-page TIFF stacks or single images) or two folders matched by stem.
+    images : Path
+        A stack file (TIFF, ``.npy``, ``.npz``), a DSB2018 folder or an image tree.
+    labels : Path, optional
+        The label stack or tree; default: the same tree as ``images`` (or the same ``.npz``).
+    label_pattern : str, optional
+        ``--label-pattern``, e.g. ``'{stem}_GT.png'``; default: the recognised suffixes.
+    only : collection of str, optional
+        Read only these pairs (names from a ``--list``); images without a label and labels
+        without an image outside them are ignored.
 
     Returns
     -------
@@ -212,44 +94,97 @@ def load_pairs(images: Path, labels: Path) -> list[LabelledImage]:
     Raises
     ------
     ConfigError
-        Missing paths, a file/folder mix, empty folders, no matching stems, unreadable files,
-        image/label size or slice-count mismatch.
+        Missing paths, ambiguous matches, images without a label or labels without an image
+        (one line naming the files), unreadable files, image/label size or slice mismatches.
     """
-    images, labels = Path(images), Path(labels)
-    for p, what in ((images, "--images"), (labels, "--labels")):
-        if not p.exists():
-            raise ConfigError(f"{what} {p} does not exist")
-    if images.is_dir() != labels.is_dir():
+    found = discover(images, labels, label_pattern=label_pattern)
+    _refuse_partial(found, only)
+    sources = [p for p in found.pairs if only is None or _wanted(p, only)]
+    log.info(
+        "matched %s%s", describe(found), f"; reading the {len(sources)} listed" * (only is not None)
+    )
+    return _read_all(sources)
+
+
+def _wanted(source: PairSource, only: Collection[str]) -> bool:
+    return source.layout == "stack" or source.name in only
+
+
+def _refuse_partial(found: Discovery, only: Collection[str] | None) -> None:
+    unlabelled = [p for p in found.unlabelled if only is None or p.stem in only]
+    orphans = found.orphans if only is None else []
+    if unlabelled:
+        shown = ", ".join(str(p.relative_to(found.root)) for p in unlabelled[:3])
         raise ConfigError(
-            f"--images {images} and --labels {labels} must both be files (stacks) or both folders"
+            f"{len(unlabelled)} of {len(unlabelled) + len(found.pairs)} images in {found.root} "
+            f"have no label ({shown}{', ...' * (len(unlabelled) > 3)}); add their labels "
+            "(stem + _mask, _label, _lesion, ... or --label-pattern), or name the pairs to use "
+            "with --list"
         )
-    if not images.is_dir():
-        return _read_pair(images, labels, images.stem)
-    image_files = _files_by_stem(images, what="image")
-    label_files = _files_by_stem(labels, what="label")
-    common = sorted(set(image_files) & set(label_files))
-    if not common:
+    if orphans:
+        shown = ", ".join(p.name for p in orphans[:3])
         raise ConfigError(
-            f"no image in {images} has a label with the same stem in {labels} (e.g. "
-            f"{next(iter(image_files))!r} vs {next(iter(label_files))!r})"
+            f"{len(orphans)} label(s) match no image in {found.root} ({shown}"
+            f"{', ...' * (len(orphans) > 3)}); add or rename their images, or point --labels "
+            "at the labels only"
         )
-    missing = sorted(set(image_files) - set(label_files))
-    if missing:
-        log.warning("%d image(s) without a label skipped: %s", len(missing), ", ".join(missing[:5]))
-    pairs = []
-    for stem in common:
-        pairs.extend(_read_pair(image_files[stem], label_files[stem], stem))
-    return pairs
+    if not found.pairs:
+        raise ConfigError(f"{found.root}: no image/label pairs found")
+
+
+def _read_all(sources: Sequence[PairSource]) -> list[LabelledImage]:
+    pairs = [pair for source in sources for pair in read_source(source)]
+    notes = Counter(p.label_note for p in pairs if p.label_note)
+    if notes:
+        log.info(
+            "labels normalised: %s",
+            "; ".join(f"{n} x {note}" for note, n in notes.most_common()),
+        )
+    jpeg = [p.label_source for p in pairs if "JPEG" in p.label_note]
+    if jpeg:
+        log.warning("%d anti-aliased JPEG mask(s) thresholded at 128, e.g. %s", len(jpeg), jpeg[0])
+    return sorted(pairs, key=lambda p: p.name) if len(sources) > 1 else pairs
+
+
+def load_data(
+    images: Path | None,
+    labels: Path | None = None,
+    *,
+    label_pattern: str | None = None,
+    lists: Sequence[Path | None] = (),
+    only_listed: bool = False,
+) -> tuple[list[LabelledImage], list[list[str] | None]]:
+    """The pairs of a ``train`` or ``evaluate`` command and the names of each of its lists.
+
+    ``lists`` are ``--list``-style files (:func:`~tilesegment.train.discover.read_list`; None
+    for an option not given): of names, which select pairs of ``images``, or of
+    ``image<TAB>label`` pairs, which are the data (then ``images`` must be None). With
+    ``only_listed`` only the listed pairs are read.
+    """
+    read = [read_list(p) if p is not None else None for p in lists]
+    given = [lst for lst in read if lst is not None]
+    paired = [lst for lst in given if lst.pairs]
+    names = [list(lst.names) if lst is not None else None for lst in read]
+    if paired:
+        if images is not None or labels is not None or len(paired) != len(given):
+            raise ConfigError(
+                f"{paired[0].path} lists image<TAB>label pairs: give every list as pairs and no "
+                "--images/--labels"
+            )
+        sources = {p.image.resolve(): p for lst in paired for p in lst.pairs}
+        unique_stems([p.image for p in sources.values()])
+        log.info("%d pair(s) from %s", len(sources), ", ".join(str(lst.path) for lst in paired))
+        return _read_all(list(sources.values())), names
+    if images is None:
+        raise ConfigError("give --images (and --labels), or a --list of image<TAB>label pairs")
+    only = {n.split(":", 1)[0] for lst in given for n in lst.names} if only_listed else None
+    return load_pairs(images, labels, label_pattern=label_pattern, only=only), names
 
 
 def read_name_list(path: Path) -> list[str]:
-    """Names from a split list: one per line, blank lines and ``#`` comments ignored."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the list ({exc})") from exc
-    names = [ln.split("#", 1)[0].strip() for ln in lines]
-    return [n for n in names if n]
+    """Names from a split list: one per line, blank lines and ``#`` comments ignored (for a
+    list of ``image<TAB>label`` pairs, the image stems)."""
+    return list(read_list(path).names)
 
 
 def split_pairs(

@@ -1,7 +1,7 @@
 """Score a model on labelled images: whole-image predictions, labels from them, metrics.
 
 Used by the training loop (validation every epoch) and by ``tilesegment evaluate``. Both read
-data with :func:`tilesegment.train.data.load_pairs`, so ISBI stacks and folders both work.
+data with :func:`tilesegment.train.data.load_data`, so every layout of ``train`` works here too.
 
 From probabilities ``(K, H, W)`` to a label image comparable with the truth
 (:func:`labels_from_probabilities`): the class map is the arg-max;
@@ -194,9 +194,11 @@ def evaluate_items(
 
 def evaluate_model(
     model: str | Path,
-    images: Path,
-    labels: Path,
+    images: Path | None,
+    labels: Path | None = None,
     *,
+    label_pattern: str | None = None,
+    name_list: Path | None = None,
     label_kind: LabelKind | None = None,
     names: Sequence[str] | None = None,
     device: str = "cpu",
@@ -209,8 +211,13 @@ def evaluate_model(
     ----------
     model : path
         Checkpoint ``NAME`` (``NAME.json`` + ``NAME.safetensors``).
-    images, labels : Path
-        As for :func:`tilesegment.train.data.load_pairs`.
+    images, labels : Path or None
+        As for :func:`tilesegment.train.data.load_pairs` (``labels`` None: the same tree).
+    label_pattern : str, optional
+        ``--label-pattern`` (``'{stem}_GT.png'``).
+    name_list : Path, optional
+        ``--list``: a file of names (only those pairs) or of ``image<TAB>label`` pairs (the
+        data, without ``images``).
     label_kind : {"binary", "classes", "instances"}, optional
         Default: the kind the model was trained on (from its provenance), else detected.
     names : sequence of str, optional
@@ -230,7 +237,14 @@ def evaluate_model(
     net, spec = load_checkpoint(model, device=device)
     trained = spec.training or {}
     config = trained.get("config") or {}
-    pairs = D.load_pairs(images, labels)
+    pairs, (listed,) = D.load_data(
+        images,
+        labels,
+        label_pattern=label_pattern,
+        lists=(name_list,),
+        only_listed=name_list is not None,
+    )
+    names = listed if names is None else names
     if names is not None:
         wanted = set(names)
         unknown = sorted(wanted - {p.name for p in pairs})
@@ -259,7 +273,9 @@ def evaluate_model(
         role="evaluation",
     )
     if not items:
-        raise ConfigError(f"no image with foreground to evaluate in {labels}")
+        raise ConfigError(
+            f"no image with foreground to evaluate in {labels or images or name_list}"
+        )
     if min_object_size is None:
         min_object_size = int(config.get("min_object_size", 10))
     predictor = Predictor(net, spec, device=device, precision=precision)  # type: ignore[arg-type]

@@ -217,19 +217,29 @@ def _default_class_names(kind: LabelKind, n: int, boundary: bool) -> tuple[str, 
     return ("background", *(f"class{i}" for i in range(1, n)))
 
 
-def prepare_run_data(cfg: TrainConfig, geometry: UNetGeometry, *, main: bool) -> RunData:
-    """Load, split and prepare the images of ``cfg``; logs a summary when ``main``."""
-    pairs = D.load_pairs(cfg.images, cfg.labels)
-    train_names = D.read_name_list(cfg.train_list) if cfg.train_list else None
-    val_names = D.read_name_list(cfg.val_list) if cfg.val_list else None
-    train_pairs, val_pairs = D.split_pairs(
+def _load_split(cfg: TrainConfig) -> tuple[list[D.LabelledImage], list[D.LabelledImage]]:
+    """The (training, validation) pairs of ``cfg``'s data and lists."""
+    pairs, (train_names, val_names) = D.load_data(
+        cfg.images,
+        cfg.labels,
+        label_pattern=cfg.label_pattern,
+        lists=(cfg.train_list, cfg.val_list),
+        only_listed=cfg.train_list is not None,
+    )
+    return D.split_pairs(
         pairs,
         train_names=train_names,
         val_names=val_names,
         val_fraction=cfg.val_fraction,
         seed=cfg.seed,
     )
-    kind = D.resolve_label_kind(train_pairs + val_pairs, cfg.label_kind)
+
+
+def prepare_run_data(cfg: TrainConfig, geometry: UNetGeometry, *, main: bool) -> RunData:
+    """Load, split and prepare the images of ``cfg``; logs a summary when ``main``."""
+    train_pairs, val_pairs = _load_split(cfg)
+    pairs = train_pairs + val_pairs
+    kind = D.resolve_label_kind(pairs, cfg.label_kind)
     if cfg.boundary_class and kind != "instances":
         raise ConfigError(f"--boundary-class needs instance labels, not {kind!r}")
     n_classes = D.number_of_classes(pairs, kind, boundary_class=cfg.boundary_class)
