@@ -71,6 +71,51 @@ def _weights(start: int, n: int, scale: float, size: int) -> tuple[int, sparse.c
     return first, m
 
 
+def _separable(wy: sparse.csr_array, wx: sparse.csr_array, block: np.ndarray) -> np.ndarray:
+    """(h, w, C) float64: ``block`` (rows, cols, C) weighted by rows, then by columns."""
+    rows, cols, c = block.shape
+    h, w = wy.shape[0], wx.shape[0]
+    # Rows first: (h, rows) @ (rows, cols * C); then columns: (w, cols) @ (cols, h * C).
+    tmp = wy @ block.reshape(rows, cols * c).astype(np.float64)
+    tmp = tmp.reshape(h, cols, c).transpose(1, 0, 2).reshape(cols, h * c)
+    return (wx @ tmp).reshape(w, h, c).transpose(1, 0, 2)
+
+
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    """Resampled pixel values rounded and clipped to C-contiguous uint8."""
+    return np.ascontiguousarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+
+
+def resample_array(values: np.ndarray, scale: float, shape: tuple[int, int]) -> np.ndarray:
+    """A whole (H, W, C) array resampled with the kernel of :class:`ResampledReader`.
+
+    Parameters
+    ----------
+    values : (H, W, C) ndarray
+        Pixels or any per-pixel values (e.g. class probabilities, channels last).
+    scale : float
+        Source px per output px (> 1 downsamples, with antialiasing).
+    shape : (int, int)
+        Output (h, w); output pixel ``i`` samples the source at ``(i + 0.5) * scale - 0.5``.
+
+    Returns
+    -------
+    (h, w, C) float64 ndarray
+        Equal to what a :class:`ResampledReader` reads for the whole image, before rounding
+        (:func:`to_uint8` rounds pixels as the reader does).
+
+    Examples
+    --------
+    >>> resample_array(np.array([[[0.0], [2.0]]]), 0.5, (1, 4))[0, :, 0]
+    array([0. , 0.5, 1.5, 2. ])
+    """
+    if values.ndim != 3:
+        raise ConfigError(f"`values` must be (H, W, C), got shape {values.shape}")
+    y0, wy = _weights(0, shape[0], scale, values.shape[0])
+    x0, wx = _weights(0, shape[1], scale, values.shape[1])
+    return _separable(wy, wx, values[y0 : y0 + wy.shape[1], x0 : x0 + wx.shape[1]])
+
+
 class ResampledReader(ReaderBase):
     """A one-level view of ``reader``'s ``level`` resampled to ``target_mpp``.
 
@@ -109,12 +154,7 @@ class ResampledReader(ReaderBase):
         y0, wy = _weights(y, h, self.scale, self._src_shape[0])
         x0, wx = _weights(x, w, self.scale, self._src_shape[1])
         block = self.reader.read_region(self.level, y0, x0, wy.shape[1], wx.shape[1])
-        rows, cols, c = block.shape
-        # Rows first: (h, rows) @ (rows, cols * C); then columns: (w, cols) @ (cols, h * C).
-        tmp = wy @ block.reshape(rows, cols * c).astype(np.float64)
-        tmp = tmp.reshape(h, cols, c).transpose(1, 0, 2).reshape(cols, h * c)
-        out = (wx @ tmp).reshape(w, h, c).transpose(1, 0, 2)
-        return np.ascontiguousarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+        return to_uint8(_separable(wy, wx, block))
 
     def close(self) -> None:
         self.reader.close()
