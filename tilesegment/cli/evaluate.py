@@ -1,4 +1,6 @@
-"""``tilesegment evaluate``: score a model on images and labels (a table per image and the mean)."""
+"""``tilesegment evaluate``: score a model on images and labels (a table per image, the mean and
+the pooled scores; ``--json`` for all numbers; ``--figure`` for a grid of the worst and best
+images)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from tilesegment.cli.exits import Command
+from tilesegment.cli.exits import Command, exit_codes
 from tilesegment.cli.options import (
     EXISTING,
     EXISTING_FILE,
@@ -15,6 +17,7 @@ from tilesegment.cli.options import (
     device_option,
     json_option,
     model_option,
+    mpp_option,
     precision_option,
     set_threads,
     single_device,
@@ -31,6 +34,23 @@ from tilesegment.cli.options import (
 @click.option(
     "--min-object-size", type=click.IntRange(0), help="Instances: drop smaller objects (px)."
 )
+@mpp_option(
+    "µm/px of the images. When it differs from the model's, each image is resampled to the "
+    "model's µm/px as `run` does, predicted, and scored on its own grid. Default: the model's."
+)
+@click.option(
+    "--figure",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a PNG grid (image, ground truth, prediction, errors) of the worst and best "
+    "images by the headline metric (AJI, Dice or mean Dice).",
+)
+@click.option(
+    "--figure-n",
+    type=click.IntRange(1),
+    default=4,
+    show_default=True,
+    help="Rows of worst and of best images in --figure.",
+)
 @device_option(several=False)
 @precision_option(auto=True, default="fp32")
 @threads_option()
@@ -42,16 +62,23 @@ def evaluate(
     label_kind: str | None,
     name_list: Path | None,
     min_object_size: int | None,
+    mpp: float | None,
+    figure: Path | None,
+    figure_n: int,
     device: str,
     precision: str,
     threads: int | None,
     as_json: bool,
 ) -> None:
-    """Score a model on IMAGES/LABELS: whole-image predictions, a table per image and mean."""
+    """Score a model on IMAGES/LABELS: whole-image predictions, a table per image, the mean
+    and the pooled scores (instances: AJI, MoNuSeg's aggregated AJI, PQ/DQ/SQ, Dice, object
+    F1 at IoU 0.5; masks: Dice and IoU per class)."""
     from tilesegment.infer.devices import resolve_precision
     from tilesegment.train.data import read_name_list
     from tilesegment.train.evaluate import evaluate_model
 
+    if figure is not None:
+        check_figure_path(figure)
     set_threads(threads)
     device = single_device(device)
     precision = resolve_precision(precision, device)
@@ -65,11 +92,41 @@ def evaluate(
         device=device,
         precision=precision,
         min_object_size=min_object_size,
+        image_mpp=mpp,
+        keep_examples=figure is not None,
     )
+    rows = None
+    if figure is not None:
+        from tilesegment.train.figure import write_figure
+
+        rows = write_figure(report, figure, n=figure_n, colours=spec.class_colours)
     if as_json:
         doc = {"model": str(model_path), "name": spec.name, **report.to_json()}
+        if figure is not None:
+            doc["figure"] = {"path": str(figure), "rows": rows}
         click.echo(json.dumps(doc, indent=2))
         return
     click.echo(f"model {spec.name} ({model_path}), {report.kind} labels, {len(report.per_image)}"
-               " image(s)")  # fmt: skip
+               f" image(s){_mpp_note(mpp, spec.mpp)}")  # fmt: skip
     click.echo(report.table())
+    if figure is not None:
+        click.echo(
+            f"figure: {figure} ({len(rows or [])} rows, worst and best by {report.headline})"
+        )
+
+
+def check_figure_path(path: Path) -> None:
+    """Refuse a --figure that cannot be written, before any image is predicted."""
+    from tilesegment.errors import ConfigError
+
+    with exit_codes():
+        if path.suffix.lower() != ".png":
+            raise ConfigError(f"--figure {path}: the figure is a PNG; name it with .png")
+        if not path.parent.is_dir():
+            raise ConfigError(f"--figure {path}: folder {path.parent} does not exist; create it")
+
+
+def _mpp_note(image_mpp: float | None, model_mpp: float | None) -> str:
+    if image_mpp is None or model_mpp is None:
+        return ""
+    return f", images at {image_mpp:g} µm/px, predicted at the model's {model_mpp:g} µm/px"
