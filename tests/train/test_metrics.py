@@ -18,16 +18,20 @@ from tilesegment.errors import ConfigError
 from tilesegment.train.labels import separate_touching
 from tilesegment.train.metrics import (
     aggregated_jaccard_index,
+    aji_counts,
+    class_scores,
+    confusion_matrix,
     dice_per_class,
-    evaluate_pair,
     iou_per_class,
     object_f1,
+    panoptic_quality,
     pixel_accuracy,
     pixel_error,
     rand_scores,
     segmentation_from_binary,
     variation_of_information,
 )
+from tilesegment.train.scores import evaluate_pair, mean_scores, pooled_scores
 
 
 def relabel(label: np.ndarray, seed: int) -> np.ndarray:
@@ -74,8 +78,10 @@ def reference_entropies(pred: np.ndarray, truth: np.ndarray) -> tuple[float, flo
 
 
 def reference_aji(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Kumar et al. (2017) by explicit per-object masks (fine for tiny maps)."""
-    true_ids = [i for i in np.unique(truth) if i != 0]
+    """The MoNuSeg organisers' aggregated_jaccard_index.m, by explicit per-object masks (fine
+    for tiny maps), with its bug fixed: a true object that overlaps no unused prediction adds
+    only its own area (the script took prediction 1 then)."""
+    true_ids = [i for i in np.unique(truth) if i != 0]  # ascending id, as the script
     # Ties go to the prediction whose first pixel comes first in raster order.
     pred_ids = [j for j in dict.fromkeys(pred.ravel().tolist()) if j != 0]
     c = u = 0
@@ -84,6 +90,8 @@ def reference_aji(pred: np.ndarray, truth: np.ndarray) -> float:
         g = truth == i
         best, best_iou = None, 0.0
         for j in pred_ids:
+            if j in used:  # "remove used predicted nuclei from predicted map"
+                continue
             s = pred == j
             iou = np.count_nonzero(g & s) / np.count_nonzero(g | s)
             if iou > best_iou:
@@ -97,6 +105,20 @@ def reference_aji(pred: np.ndarray, truth: np.ndarray) -> float:
             used.add(best)
     u += sum(np.count_nonzero(pred == j) for j in pred_ids if j not in used)
     return c / u if u else math.nan
+
+
+def reference_pq(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int, float]:
+    """(TP, FP, FN, summed IoU of matches) by explicit masks, matching at IoU > 0.5."""
+    true_ids = [i for i in np.unique(truth) if i != 0]
+    pred_ids = [j for j in np.unique(pred) if j != 0]
+    ious = [
+        np.count_nonzero((truth == i) & (pred == j)) / np.count_nonzero((truth == i) | (pred == j))
+        for i in true_ids
+        for j in pred_ids
+    ]
+    matched = [v for v in ious if v > 0.5]
+    tp = len(matched)
+    return tp, len(pred_ids) - tp, len(true_ids) - tp, float(sum(matched))
 
 
 # ------------------------------------------------------------------------- pixel and class
@@ -211,13 +233,83 @@ def test_aji_and_f1_by_hand() -> None:
     assert object_f1(pred, truth, iou_threshold=0.7)["tp"] == 0.0
 
 
-def test_aji_prediction_reused_for_two_true_objects() -> None:
+def test_aji_uses_each_prediction_once() -> None:
     truth = np.array([1, 1, 2, 2])
     merged = np.array([7, 7, 7, 7])
-    # Each true object takes the merged prediction: C = 2 + 2, U = 4 + 4.
-    assert aggregated_jaccard_index(merged, truth) == 0.5
+    # G1 takes the merged prediction (C = 2, U = 4); it is used, so G2 adds its area: 2 / 6.
+    # (Kumar et al.'s paper text lets G2 take it again: 4 / 8.)
+    assert aji_counts(merged, truth) == (2, 6)
+    assert aggregated_jaccard_index(merged, truth) == pytest.approx(1 / 3)
     f1 = object_f1(merged, truth)
     assert (f1["tp"], f1["fp"], f1["fn"]) == (1.0, 0.0, 1.0)  # IoU exactly 0.5 once
+
+
+def test_aji_second_true_object_takes_its_next_best_prediction() -> None:
+    truth = np.array([1, 1, 1, 2, 2, 2, 0, 0])
+    pred = np.array([5, 5, 5, 5, 5, 6, 6, 0])
+    # G1-S5: 3 / 5. G2's best, S5 (2 / 6), is used: G2-S6 adds 1 / 4. C = 4, U = 9.
+    assert aji_counts(pred, truth) == (4, 9)
+    # Reusing S5 for G2 would give (3 + 2) / (5 + 6 + |S6| 2) = 5 / 13.
+    assert aggregated_jaccard_index(pred, truth) == pytest.approx(4 / 9)
+    # True objects go in id order (as the organisers' script): numbered the other way, G2
+    # takes S5 first (2 / 6), G1 finds nothing unused (+ 3) and S6 stays unused (+ 2).
+    assert aji_counts(pred, np.array([2, 2, 2, 1, 1, 1, 0, 0])) == (2, 11)
+
+
+def test_aggregated_aji_over_images_is_sum_c_over_sum_u() -> None:
+    truth_a, pred_a = np.array([1, 1, 1, 2, 2, 2, 0, 0]), np.array([5, 5, 5, 5, 5, 6, 6, 0])
+    truth_b, pred_b = np.array([1, 1, 0, 0]), np.array([0, 1, 1, 1])  # C 1, U 4
+    rows = [evaluate_pair(p, t, "instances") for p, t in ((pred_a, truth_a), (pred_b, truth_b))]
+    assert [r["aji"] for r in rows] == pytest.approx([4 / 9, 1 / 4])
+    pooled = pooled_scores(rows, "instances")
+    assert pooled["aji"] == pytest.approx((4 + 1) / (9 + 4))  # not the mean, 0.347
+    assert mean_scores(rows)["aji"] == pytest.approx((4 / 9 + 1 / 4) / 2)
+
+
+def test_panoptic_quality_by_hand() -> None:
+    truth = np.array([1, 1, 1, 1, 0, 2, 2, 0, 0])
+    pred = np.array([0, 5, 5, 5, 0, 0, 0, 6, 6])
+    q = panoptic_quality(pred, truth)
+    # G1-S5 IoU 3/4 matches, G2 is missed (FN), S6 is a false positive.
+    assert (q["tp"], q["fp"], q["fn"]) == (1.0, 1.0, 1.0)
+    assert q["dq"] == pytest.approx(1 / (1 + 0.5 + 0.5))
+    assert q["sq"] == pytest.approx(3 / 4)
+    assert q["pq"] == pytest.approx(0.5 * 0.75)
+    # Two matches, IoU 3/4 and 2/3: DQ = 1, SQ = PQ = their mean.
+    two = panoptic_quality(np.array([1, 1, 1, 0, 2, 2, 2]), np.array([1, 1, 1, 1, 2, 2, 0]))
+    assert two["dq"] == 1.0
+    assert two["sq"] == pytest.approx((3 / 4 + 2 / 3) / 2) == two["pq"]
+
+
+def test_pq_matches_above_half_but_f1_at_half() -> None:
+    truth, pred = np.array([1, 1, 0, 0]), np.array([3, 0, 0, 0])  # IoU exactly 1/2
+    q = panoptic_quality(pred, truth)
+    assert (q["tp"], q["fp"], q["fn"]) == (0.0, 1.0, 1.0)
+    assert q["pq"] == 0.0 and q["dq"] == 0.0 and math.isnan(q["sq"])
+    assert object_f1(pred, truth)["f1"] == 1.0
+    empty = panoptic_quality(np.zeros(3, int), np.zeros(3, int))
+    assert math.isnan(empty["pq"]) and math.isnan(empty["dq"])
+
+
+def test_dice_iou_from_confusion_and_pooled() -> None:
+    truth = np.array([0, 0, 1, 1, 1, 2])
+    pred = np.array([0, 1, 1, 1, 2, 2])
+    confusion = confusion_matrix(pred, truth, 3)
+    assert confusion.tolist() == [[1, 1, 0], [0, 2, 1], [0, 0, 1]]
+    scores = class_scores(confusion)
+    np.testing.assert_allclose(scores["dice"], [2 / 3, 4 / 6, 2 / 3])
+    np.testing.assert_allclose(scores["iou"], [1 / 2, 2 / 4, 1 / 2])
+    # Pooled over two images = scores of the summed confusion, not the mean of the images'.
+    rows = [evaluate_pair(pred, truth, "classes"), evaluate_pair(truth, truth, "classes")]
+    pooled = pooled_scores(rows, "classes")
+    # Summed confusion [[3, 1, 0], [0, 5, 1], [0, 0, 2]].
+    np.testing.assert_allclose(pooled["dice_per_class"], [6 / 7, 10 / 12, 4 / 5])
+    np.testing.assert_allclose(pooled["iou_per_class"], [3 / 4, 5 / 7, 2 / 3])
+    np.testing.assert_allclose(mean_scores(rows)["dice_per_class"], [5 / 6, 5 / 6, 5 / 6])
+    binary = evaluate_pair(np.array([[1, 1], [0, 0]]), np.array([[1, 0], [0, 0]]), "binary")
+    assert binary["foreground_dice"] == pytest.approx(2 / 3)
+    assert binary["dice_per_class"] == pytest.approx([4 / 5, 2 / 3])
+    assert binary["iou_per_class"] == pytest.approx([2 / 3, 1 / 2])
 
 
 def test_aji_edge_cases() -> None:
@@ -250,7 +342,14 @@ def test_aji_matches_reference(data: st.DataObject) -> None:
         assert math.isnan(got)
     else:
         assert got == pytest.approx(expected)
-        assert aggregated_jaccard_index(relabel(pred, 0), relabel(truth, 1)) == pytest.approx(got)
+        # The predicted ids do not matter (ties go by raster order, not by id).
+        assert aggregated_jaccard_index(relabel(pred, 0), truth) == pytest.approx(got)
+    tp, fp, fn, iou_sum = reference_pq(pred, truth)
+    q = panoptic_quality(relabel(pred, 2), truth)
+    assert (q["tp"], q["fp"], q["fn"]) == (tp, fp, fn)
+    assert q["iou_sum"] == pytest.approx(iou_sum)
+    if tp:
+        assert q["pq"] == pytest.approx(q["dq"] * q["sq"])
 
 
 # ------------------------------------------------------------------------------- real data
@@ -280,10 +379,14 @@ def test_evaluate_pair_monuseg_instances_and_relabelling() -> None:
     assert 0.5 < scores["aji"] < 1.0
     assert 0.8 < scores["object_f1"] <= 1.0
     assert 0 < scores["rand_error"] < 0.2
-    again = evaluate_pair(relabel(pred, 7), relabel(truth, 8), "instances")
-    for key, value in scores.items():
-        if key != "kind":
-            assert again[key] == pytest.approx(value), key
+    # Renumbering the prediction changes nothing; renumbering the truth could change only the
+    # AJI (the order its objects are taken in), and does not here.
+    for again in (
+        evaluate_pair(relabel(pred, 7), truth, "instances"),
+        evaluate_pair(pred, relabel(truth, 8), "instances"),
+    ):
+        for key, value in scores.items():
+            assert again[key] == (value if key == "confusion" else pytest.approx(value)), key
     perfect = evaluate_pair(truth, truth, "instances")
     assert perfect["aji"] == 1.0 and perfect["object_f1"] == 1.0 and perfect["rand_error"] == 0
 

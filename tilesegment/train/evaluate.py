@@ -302,7 +302,8 @@ def evaluate_items(
     predictor : :class:`tilesegment.infer.predict.Predictor`
     kind : {"binary", "classes", "instances"}
     min_object_size : int
-        Instances only: predicted objects below this many px are dropped.
+        Instances only: predicted objects below this many px (at the model's µm/px; scaled by
+        the area ratio onto the image's grid) are dropped.
     with_loss : bool
         Also compute the weighted cross-entropy (needs matching class counts).
     image_mpp : float, optional
@@ -315,6 +316,8 @@ def evaluate_items(
     report = Report(kind=kind, class_names=tuple(spec.class_names))
     report.mpp = {"image": image_mpp, "model": spec.mpp}
     num_classes = spec.unet.classes if kind == "classes" else None
+    if image_mpp is not None and spec.mpp is not None:
+        min_object_size = round(min_object_size * (spec.mpp / image_mpp) ** 2)
     loss_sum = weight_sum = 0.0
     for it in items:
         probs, seen = predict_at_mpp(it.image, predictor, image_mpp)
