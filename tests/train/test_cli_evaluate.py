@@ -20,7 +20,16 @@ from tilesegment.cli import main
 from tilesegment.io.image import ImageReader
 from tilesegment.io.resample import ResampledReader, resample_array, scale_and_shape, to_uint8
 from tilesegment.train.evaluate import Report
-from tilesegment.train.figure import FP_RGB, PANEL_PX, figure_size_px, pick_rows
+from tilesegment.train.figure import (
+    FN_RGB,
+    FP_RGB,
+    PANEL_PX,
+    TP_RGB,
+    WRONG_CLASS_RGB,
+    error_overlay,
+    figure_size_px,
+    pick_rows,
+)
 
 #: Three TNBC tiles of three patients (512 x 512, 40x).
 TNBC_NAMES = ("01_1", "02_1", "03_1")
@@ -168,6 +177,21 @@ def test_figure_rows_without_a_model():
         ("worst 1", "im1"), ("worst 2", "im3"), ("best 1", "im2"), ("best 2", "im4"),
     ]  # fmt: skip
     assert [r["name"] for _, r in pick_rows(report, 3)] == ["im1", "im3", "im0", "im4", "im2"]
+
+
+def test_error_overlay_colours_objects_as_the_f1_counts_them():
+    truth = np.array([[1, 1, 0, 2, 2, 0, 3, 3, 0, 0, 4]])
+    pred = np.array([[5, 5, 5, 5, 5, 0, 6, 6, 0, 7, 0]])  # merge of 1 and 2, 3 found
+    out = error_overlay(np.zeros((1, 11, 3), np.uint8), truth, pred, kind="instances")
+    colours = [tuple(int(v) for v in px) for px in out[0]]
+    green = tuple(round(0.5 * v) for v in TP_RGB)  # half-blended on black
+    merge, fp, fn = WRONG_CLASS_RGB, FP_RGB, FN_RGB
+    assert colours == [merge, merge, fp, merge, merge, (0, 0, 0), green, green, (0, 0, 0),
+                       fp, fn]  # fmt: skip
+    # Pixel-level for masks: the merged blob's gap is a false positive, nothing is merged.
+    binary = error_overlay(np.zeros((1, 11, 3), np.uint8), truth != 0, pred != 0)
+    assert tuple(binary[0, 2]) == FP_RGB and tuple(binary[0, 10]) == FN_RGB
+    assert tuple(binary[0, 0]) == green
 
 
 def test_classes_get_dice_and_iou_per_class_and_a_figure(tiny_model, tmp_path):

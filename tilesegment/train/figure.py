@@ -2,11 +2,13 @@
 
 One row per image, four panels: the image, the ground truth, the prediction, and an error
 overlay on the image in gray (true positives green, false positives magenta, false negatives
-cyan; with several classes, pixels of the wrong class yellow). The rows are the ``n`` worst
-images by the report's headline metric (AJI for instances, Dice for binary masks, mean Dice
-for classes), worst first, then the ``n`` best, best first; each row is titled with its rank,
-the image name and the metric. Instances are shown in distinct colours (touching objects
-differ), classes in the model's colours.
+cyan; with several classes, pixels of the wrong class yellow; for instances whole objects,
+matched or not at IoU 0.5 as the object F1 counts them, and unmatched objects that overlap
+each other, merges and splits, yellow). The rows
+are the ``n`` worst images by the report's headline metric (AJI for instances, Dice for
+binary masks, mean Dice for classes), worst first, then the ``n`` best, best first; each row
+is titled with its rank, the image name and the metrics. Instances are shown in distinct
+colours (touching objects differ), classes in the model's colours.
 
 Every panel is ``PANEL_PX`` square in the PNG (images are fitted inside, aspect kept), so the
 file's size follows from the number of rows (:func:`figure_size_px`). Drawn with matplotlib's
@@ -40,7 +42,13 @@ TITLE_PX = 28
 #: Gap around panels (px).
 GAP_PX = 8
 _DPI = 100
-_COLUMNS = ("image", "ground truth", "prediction", "errors: FP magenta, FN cyan, TP green")
+_COLUMNS = ("image", "ground truth", "prediction", "errors")
+#: The error column's header per label kind (its colours).
+_ERROR_LEGEND = {
+    "instances": "FP magenta, FN cyan, merge/split yellow",
+    "binary": "errors: FP magenta, FN cyan, TP green",
+    "classes": "FP magenta, FN cyan, wrong class yellow",
+}
 
 TP_RGB = (60, 200, 60)
 FP_RGB = (255, 0, 255)
@@ -95,37 +103,64 @@ def _label_rgb(labels: np.ndarray, kind: str, palette: np.ndarray | None) -> np.
 
 
 def _gray(image: np.ndarray) -> np.ndarray:
+    """(H, W) float32 mean of the channels."""
     pixels = image.astype(np.float32)
     return pixels.mean(axis=-1) if pixels.ndim == 3 else pixels
 
 
-def error_overlay(
-    image: np.ndarray, truth: np.ndarray, pred: np.ndarray, *, classes: bool = False
-) -> np.ndarray:
-    """(H, W, 3) uint8: the image in dimmed gray with TP, FP, FN (and wrong-class) pixels.
+def _paint(image: np.ndarray, layers: Sequence[tuple[np.ndarray, tuple[int, int, int], float]]):
+    """The image in dimmed gray with each (mask, colour, opacity) layer blended on, in order."""
+    base = np.repeat((0.6 * _gray(image))[..., None], 3, axis=-1)
+    for mask, rgb, alpha in layers:
+        base[mask] = (1 - alpha) * base[mask] + alpha * np.array(rgb, dtype=np.float32)
+    return np.clip(np.rint(base), 0, 255).astype(np.uint8)
 
-    A pixel is a false positive when predicted as foreground (non-zero) on true background,
-    a false negative when true foreground is predicted as background, a true positive when
-    both are foreground (any ids for instances); with ``classes``, both foreground but of
-    different classes is wrong-class.
+
+def error_overlay(
+    image: np.ndarray, truth: np.ndarray, pred: np.ndarray, *, kind: str = "binary"
+) -> np.ndarray:
+    """(H, W, 3) uint8: the image in dimmed gray with the errors coloured.
+
+    Binary and classes (pixels): a false positive is predicted foreground (non-zero) on true
+    background, a false negative true foreground predicted as background, a true positive
+    foreground in both; for classes, foreground in both but of different classes is
+    wrong-class. Instances (objects, as the object F1 at IoU 0.5 counts them): predicted
+    objects matched to a true object are true positives; where an unmatched predicted object
+    overlaps an unmatched true object (a merge, a split, a poor outline) the pixels are
+    yellow; the rest of the unmatched predicted objects are false positives and of the
+    unmatched true objects false negatives.
 
     >>> out = error_overlay(np.zeros((1, 3, 3), np.uint8), np.array([[1, 0, 1]]),
     ...                     np.array([[1, 1, 0]]))
     >>> out[0, 1].tolist() == list(FP_RGB), out[0, 2].tolist() == list(FN_RGB)
     (True, True)
     """
-    base = np.repeat((0.6 * _gray(image))[..., None], 3, axis=-1)
+    from tilesegment.train.metrics import matched_objects
+
     t, p = truth != 0, pred != 0
+    if kind == "instances":
+        pred_matched, true_matched = matched_objects(pred, truth)
+        fp, fn = p & ~pred_matched, t & ~true_matched
+        return _paint(
+            image,
+            [
+                (pred_matched, TP_RGB, 0.5),
+                (fp & ~fn, FP_RGB, 1.0),
+                (fn & ~fp, FN_RGB, 1.0),
+                (fp & fn, WRONG_CLASS_RGB, 1.0),
+            ],
+        )
     both = t & p
-    wrong = both & (truth != pred) if classes else np.zeros_like(both)
-    for mask, rgb, alpha in (
-        (both & ~wrong, TP_RGB, 0.45),
-        (p & ~t, FP_RGB, 1.0),
-        (t & ~p, FN_RGB, 1.0),
-        (wrong, WRONG_CLASS_RGB, 1.0),
-    ):
-        base[mask] = (1 - alpha) * base[mask] + alpha * np.array(rgb, dtype=np.float32)
-    return np.clip(np.rint(base), 0, 255).astype(np.uint8)
+    wrong = both & (truth != pred) if kind == "classes" else np.zeros_like(both)
+    return _paint(
+        image,
+        [
+            (both & ~wrong, TP_RGB, 0.5),
+            (p & ~t, FP_RGB, 1.0),
+            (t & ~p, FN_RGB, 1.0),
+            (wrong, WRONG_CLASS_RGB, 1.0),
+        ],
+    )
 
 
 def pick_rows(report: Report, n: int) -> list[tuple[str, dict[str, Any]]]:
@@ -154,7 +189,7 @@ def _panels(example: Example, kind: str, palette: np.ndarray | None) -> list[np.
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
     truth, pred = example.truth, example.pred
-    overlay = error_overlay(image, truth, pred, classes=kind == "classes")
+    overlay = error_overlay(image, truth, pred, kind=kind)
     return [image, _label_rgb(truth, kind, palette), _label_rgb(pred, kind, palette), overlay]
 
 
@@ -196,9 +231,9 @@ def write_figure(
     width, height = figure_size_px(len(rows))
     fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)
     FigureCanvasAgg(fig)
-    for c, name in enumerate(_COLUMNS):
+    for c, name in enumerate((*_COLUMNS[:-1], _ERROR_LEGEND[report.kind])):
         x = (GAP_PX + c * (PANEL_PX + GAP_PX) + PANEL_PX / 2) / width
-        fig.text(x, 1 - TITLE_PX / 2 / height, name, ha="center", va="center", fontsize=13)
+        fig.text(x, 1 - TITLE_PX / 2 / height, name, ha="center", va="center", fontsize=11)
     for r, (prefix, row) in enumerate(rows):
         top = TITLE_PX + r * (TITLE_PX + PANEL_PX + GAP_PX)
         title = _row_title(prefix, row, report.kind, report.headline)

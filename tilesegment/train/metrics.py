@@ -78,6 +78,7 @@ __all__ = [
     "confusion_matrix",
     "dice_per_class",
     "iou_per_class",
+    "matched_objects",
     "object_f1",
     "panoptic_quality",
     "pixel_accuracy",
@@ -538,20 +539,8 @@ def object_f1(
     >>> object_f1(pred, truth)["f1"]
     0.5
     """
-    if not 0 < iou_threshold <= 1:
-        raise ConfigError(f"`iou_threshold` ({iou_threshold}) must be in (0, 1]")
     o = _overlaps(pred, truth)
-    candidates = np.flatnonzero(o["iou"] >= iou_threshold)
-    ranks = (o["pair_pred_rank"][candidates], o["pair_true_rank"][candidates])
-    order = candidates[np.lexsort((*ranks, -o["iou"][candidates]))]
-    used_true: set[int] = set()
-    used_pred: set[int] = set()
-    for t_id, p_id in zip(
-        o["pair_true"][order].tolist(), o["pair_pred"][order].tolist(), strict=True
-    ):
-        if t_id not in used_true and p_id not in used_pred:
-            used_true.add(t_id)
-            used_pred.add(p_id)
+    used_true, _ = _greedy_matches(o, iou_threshold)
     tp = len(used_true)
     fp = int(o["pred_ids"].size) - tp
     fn = int(o["true_ids"].size) - tp
@@ -563,3 +552,43 @@ def object_f1(
         "recall": _ratio(tp, tp + fn),
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
     }
+
+
+def _greedy_matches(o: dict[str, np.ndarray], iou_threshold: float) -> tuple[set[int], set[int]]:
+    """(true ids, predicted ids) matched one-to-one at ``IoU >= iou_threshold`` (the object F1's
+    matching, see the module docstring)."""
+    if not 0 < iou_threshold <= 1:
+        raise ConfigError(f"`iou_threshold` ({iou_threshold}) must be in (0, 1]")
+    candidates = np.flatnonzero(o["iou"] >= iou_threshold)
+    ranks = (o["pair_pred_rank"][candidates], o["pair_true_rank"][candidates])
+    order = candidates[np.lexsort((*ranks, -o["iou"][candidates]))]
+    used_true: set[int] = set()
+    used_pred: set[int] = set()
+    for t_id, p_id in zip(
+        o["pair_true"][order].tolist(), o["pair_pred"][order].tolist(), strict=True
+    ):
+        if t_id not in used_true and p_id not in used_pred:
+            used_true.add(t_id)
+            used_pred.add(p_id)
+    return used_true, used_pred
+
+
+def matched_objects(
+    pred: np.ndarray, truth: np.ndarray, *, iou_threshold: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel masks of the objects :func:`object_f1` matches: (in a matched predicted object,
+    in a matched true object), boolean arrays of the maps' shape.
+
+    >>> matched_objects(np.array([3, 3, 0, 4]), np.array([1, 1, 1, 0]))[0].tolist()
+    [True, True, False, False]
+    """
+    pred, truth = _pair(pred, truth)
+    o = _overlaps(pred, truth)
+    used_true, used_pred = _greedy_matches(o, iou_threshold)
+    out = []
+    for label, used in ((pred, used_pred), (truth, used_true)):
+        ids = _as_ids(label, "label")
+        lut = np.zeros(int(ids.max(initial=0)) + 1, dtype=bool)
+        lut[list(used)] = True
+        out.append(lut[ids].reshape(label.shape))
+    return out[0], out[1]
