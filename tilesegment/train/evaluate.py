@@ -192,9 +192,10 @@ class Report:
         return HEADLINE_METRIC[self.kind]
 
     @property
-    def mean(self) -> dict[str, Any]:
-        """Mean of every metric over the images (NaN values skipped)."""
-        return mean_scores(self.per_image)
+    def mean(self) -> dict[str, float]:
+        """Mean of every scalar metric over the images (NaN values skipped); the per-class
+        means are in :meth:`to_json`."""
+        return {k: v for k, v in mean_scores(self.per_image).items() if not isinstance(v, list)}
 
     @property
     def pooled(self) -> dict[str, Any]:
@@ -219,7 +220,7 @@ class Report:
             "class_names": list(self.class_names),
             "mpp": self.mpp,
             "loss": _finite_or_none(self.loss),
-            "mean": _json_values(self.mean),
+            "mean": _json_values(mean_scores(self.per_image)),
             "aggregate": _json_values(self.pooled),
             "images": [_json_values(row) for row in self.per_image],
         }
