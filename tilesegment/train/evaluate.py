@@ -231,7 +231,7 @@ class Report:
         width = max([len("all (pooled)"), *(len(r["name"]) for r in self.per_image)])
         cell = max(8, *(len(h) for _, h in columns))
         head = f"{'image':<{width}}  " + "  ".join(f"{h:>{cell}}" for _, h in columns)
-        rows = [*self.per_image, {"name": "mean", **self.mean}]
+        rows = [*self.per_image, {"name": "mean", **mean_scores(self.per_image)}]
         rows.append({"name": "all (pooled)", **self.pooled})
         lines = [head, "-" * len(head)]
         for i, row in enumerate(rows):
@@ -245,15 +245,19 @@ class Report:
 
 
 def _table_columns(kind: str, class_names: Sequence[str]) -> list[tuple[str, str]]:
+    """(metric, header) of the table; masks get a Dice and an IoU column per class."""
     columns = list(TABLE_COLUMNS[kind])
-    if kind == "classes":
-        for metric in ("dice", "iou"):
-            label = "Dice" if metric == "dice" else "IoU"
-            columns += [
-                (f"{metric}_per_class[{i}]", f"{label} {name}")
-                for i, name in enumerate(class_names)
-            ]
-    return columns
+    if kind == "instances":
+        return columns
+    per_class = [
+        (f"{metric}_per_class[{i}]", f"{label} {name}")
+        for metric, label in (("dice", "Dice"), ("iou", "IoU"))
+        for i, name in enumerate(class_names)
+    ]
+    if kind == "binary" and len(class_names) == 2:
+        # foreground Dice/IoU are the second class's; the per-class columns come first
+        return per_class + columns[2:]
+    return columns + per_class
 
 
 def _column(row: dict[str, Any], column: str) -> Any:
