@@ -32,7 +32,9 @@ from tilesegment.cli.options import (
 @click.option("--label-kind", type=LABEL_KINDS, help="Default: as trained, else detected.")
 @click.option("--list", "name_list", type=EXISTING_FILE, help="Only the names in this file.")
 @click.option(
-    "--min-object-size", type=click.IntRange(0), help="Instances: drop smaller objects (px)."
+    "--min-object-size",
+    type=click.IntRange(0),
+    help="Instances: drop smaller objects (px at the model's µm/px).",
 )
 @mpp_option(
     "µm/px of the images. When it differs from the model's, each image is resampled to the "
