@@ -23,9 +23,9 @@ from tilesegment.train.evaluate import Report
 from tilesegment.train.figure import (
     FN_RGB,
     FP_RGB,
+    MIXED_RGB,
     PANEL_PX,
     TP_RGB,
-    WRONG_CLASS_RGB,
     error_overlay,
     figure_size_px,
     pick_rows,
@@ -185,7 +185,7 @@ def test_error_overlay_colours_objects_as_the_f1_counts_them():
     out = error_overlay(np.zeros((1, 11, 3), np.uint8), truth, pred, kind="instances")
     colours = [tuple(int(v) for v in px) for px in out[0]]
     green = tuple(round(0.5 * v) for v in TP_RGB)  # half-blended on black
-    merge, fp, fn = WRONG_CLASS_RGB, FP_RGB, FN_RGB
+    merge, fp, fn = MIXED_RGB, FP_RGB, FN_RGB
     assert colours == [merge, merge, fp, merge, merge, (0, 0, 0), green, green, (0, 0, 0),
                        fp, fn]  # fmt: skip
     # Pixel-level for masks: the merged blob's gap is a false positive, nothing is merged.

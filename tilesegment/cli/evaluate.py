@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from tilesegment.cli.exits import Command, exit_codes
+from tilesegment.cli.exits import Command
 from tilesegment.cli.options import (
     EXISTING,
     EXISTING_FILE,
@@ -79,7 +79,9 @@ def evaluate(
     from tilesegment.train.data import read_name_list
     from tilesegment.train.evaluate import evaluate_model
 
-    if figure is not None:
+    if figure is not None:  # refused before any image is predicted
+        from tilesegment.train.figure import check_figure_path
+
         check_figure_path(figure)
     set_threads(threads)
     device = single_device(device)
@@ -115,17 +117,6 @@ def evaluate(
         click.echo(
             f"figure: {figure} ({len(rows or [])} rows, worst and best by {report.headline})"
         )
-
-
-def check_figure_path(path: Path) -> None:
-    """Refuse a --figure that cannot be written, before any image is predicted."""
-    from tilesegment.errors import ConfigError
-
-    with exit_codes():
-        if path.suffix.lower() != ".png":
-            raise ConfigError(f"--figure {path}: the figure is a PNG; name it with .png")
-        if not path.parent.is_dir():
-            raise ConfigError(f"--figure {path}: folder {path.parent} does not exist; create it")
 
 
 def _mpp_note(image_mpp: float | None, model_mpp: float | None) -> str:

@@ -33,7 +33,15 @@ from tilesegment.train.evaluate import Example, Report
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PANEL_PX", "error_overlay", "figure_size_px", "label_colours", "write_figure"]
+__all__ = [
+    "PANEL_PX",
+    "check_figure_path",
+    "error_overlay",
+    "figure_size_px",
+    "label_colours",
+    "pick_rows",
+    "write_figure",
+]
 
 #: Edge of one panel in the PNG (px).
 PANEL_PX = 320
@@ -53,7 +61,8 @@ _ERROR_LEGEND = {
 TP_RGB = (60, 200, 60)
 FP_RGB = (255, 0, 255)
 FN_RGB = (0, 230, 255)
-WRONG_CLASS_RGB = (255, 220, 0)
+#: Yellow: pixels of the wrong class (classes), or of a merge or split (instances).
+MIXED_RGB = (255, 220, 0)
 _METRIC_NAMES = {"aji": "AJI", "foreground_dice": "Dice", "mean_dice": "mean Dice"}
 #: Further metrics in a row's title, per label kind (after the headline).
 _TITLE_EXTRA = {
@@ -147,7 +156,7 @@ def error_overlay(
                 (pred_matched, TP_RGB, 0.5),
                 (fp & ~fn, FP_RGB, 1.0),
                 (fn & ~fp, FN_RGB, 1.0),
-                (fp & fn, WRONG_CLASS_RGB, 1.0),
+                (fp & fn, MIXED_RGB, 1.0),
             ],
         )
     both = t & p
@@ -158,7 +167,7 @@ def error_overlay(
             (both & ~wrong, TP_RGB, 0.5),
             (p & ~t, FP_RGB, 1.0),
             (t & ~p, FN_RGB, 1.0),
-            (wrong, WRONG_CLASS_RGB, 1.0),
+            (wrong, MIXED_RGB, 1.0),
         ],
     )
 
@@ -258,12 +267,17 @@ def _palette(colours: Sequence[Sequence[int]] | None) -> np.ndarray | None:
     return table
 
 
-def _save(fig: Any, path: Path) -> None:
-    path = Path(path)
+def check_figure_path(path: Path) -> None:
+    """Refuse a figure path that cannot be written (ConfigError naming it and the fix)."""
     if path.suffix.lower() != ".png":
         raise ConfigError(f"--figure {path}: the figure is a PNG; name it with .png")
     if not path.parent.is_dir():
-        raise ConfigError(f"--figure {path}: folder {path.parent} does not exist")
+        raise ConfigError(f"--figure {path}: folder {path.parent} does not exist; create it")
+
+
+def _save(fig: Any, path: Path) -> None:
+    path = Path(path)
+    check_figure_path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         fig.savefig(tmp, dpi=_DPI, format="png")
