@@ -1,4 +1,4 @@
-"""`tilesegment evaluate` speaks the field's language: AJI (per image and MoNuSeg's aggregate),
+"""`tilesegment evaluate` speaks the field's language: AJI and AJI+ (per image and aggregated),
 PQ/DQ/SQ, Dice and object F1 on real TNBC tiles with the shipped nuclei-he; `--mpp` predicts
 at the model's µm/px and scores on the image's grid; `--figure` draws the worst and best rows."""
 
@@ -34,7 +34,8 @@ from tilesegment.train.figure import (
 #: Three TNBC tiles of three patients (512 x 512, 40x).
 TNBC_NAMES = ("01_1", "02_1", "03_1")
 INSTANCE_FIELDS = {
-    "aji", "aji_intersection", "aji_union", "pq", "dq", "sq", "foreground_dice",
+    "aji", "aji_intersection", "aji_union", "aji_plus", "aji_plus_intersection",
+    "aji_plus_union", "pq", "dq", "sq", "foreground_dice",
     "foreground_iou", "object_f1", "object_precision", "object_recall", "object_tp",
     "object_fp", "object_fn", "dice_per_class", "iou_per_class", "confusion", "shape",
     "predicted_shape",
@@ -89,17 +90,22 @@ def test_json_has_every_metric_per_image_and_aggregated(tnbc_json):
         assert INSTANCE_FIELDS <= set(row), INSTANCE_FIELDS - set(row)
         assert row["shape"] == row["predicted_shape"] == [512, 512]
         assert row["aji"] == pytest.approx(row["aji_intersection"] / row["aji_union"])
+        assert row["aji_plus"] == pytest.approx(
+            row["aji_plus_intersection"] / row["aji_plus_union"]
+        )
         assert row["pq"] == pytest.approx(row["dq"] * row["sq"])
-        # The shipped model on TNBC (measured: AJI 0.59-0.71, PQ 0.55-0.73).
-        assert 0.45 < row["aji"] < 0.9 and 0.4 < row["pq"] < 0.9
+        # The shipped model on TNBC (measured: AJI 0.60-0.71, AJI+ 0.61-0.71, PQ 0.55-0.73).
+        assert 0.45 < row["aji"] < 0.9 and 0.45 < row["aji_plus"] < 0.9
+        assert 0.4 < row["pq"] < 0.9
         assert 0.6 < row["foreground_dice"] < 0.95 and 0.6 < row["object_f1"] < 1.0
     rows = doc["images"]
     pooled = doc["aggregate"]
-    # MoNuSeg's aggregated AJI: sum of intersections over sum of unions, not the mean.
-    c = sum(r["aji_intersection"] for r in rows)
-    u = sum(r["aji_union"] for r in rows)
-    assert pooled["aji"] == pytest.approx(c / u)
-    assert doc["mean"]["aji"] == pytest.approx(np.mean([r["aji"] for r in rows]))
+    # Aggregated AJI and AJI+: sum of intersections over sum of unions, not the mean.
+    for name in ("aji", "aji_plus"):
+        c = sum(r[f"{name}_intersection"] for r in rows)
+        u = sum(r[f"{name}_union"] for r in rows)
+        assert pooled[name] == pytest.approx(c / u)
+        assert doc["mean"][name] == pytest.approx(np.mean([r[name] for r in rows]))
     assert doc["mean"]["pq"] == pytest.approx(np.mean([r["pq"] for r in rows]))
     tp, fp, fn = (sum(r[f"object_{k}"] for r in rows) for k in ("tp", "fp", "fn"))
     assert pooled["object_f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
@@ -115,11 +121,12 @@ def test_table_names_the_metrics_and_the_pooled_row(tnbc, tnbc_json):
                     "--list", _names(tnbc[0].parent, TNBC_NAMES[:1]))  # fmt: skip
     assert result.exit_code == 0, result.output
     header = result.output.splitlines()[1].split()
-    assert header == ["image", "AJI", "PQ", "DQ", "SQ", "Dice", "F1@0.5"]
+    assert header == ["image", "AJI", "AJI+", "PQ", "DQ", "SQ", "Dice", "F1@0.5"]
     row = next(line for line in result.output.splitlines() if line.startswith(TNBC_NAMES[0]))
-    aji = tnbc_json["images"][0]["aji"]
-    assert row.split()[1] == f"{aji:.4f}"
-    assert "all (pooled)" in result.output
+    first = tnbc_json["images"][0]
+    assert row.split()[1:3] == [f"{first['aji']:.4f}", f"{first['aji_plus']:.4f}"]
+    pooled = next(line for line in result.output.splitlines() if line.startswith("all (pooled)"))
+    assert pooled.split()[2:4] == [f"{first['aji']:.4f}", f"{first['aji_plus']:.4f}"]
 
 
 def test_mpp_predicts_at_the_models_resolution_and_scores_on_the_image_grid(tnbc_json, tnbc_20x):

@@ -73,8 +73,8 @@ def evaluate(
     as_json: bool,
 ) -> None:
     """Score a model on IMAGES/LABELS: whole-image predictions, a table per image, the mean
-    and the pooled scores (instances: AJI, MoNuSeg's aggregated AJI, PQ/DQ/SQ, Dice, object
-    F1 at IoU 0.5; masks: Dice and IoU per class)."""
+    and the pooled scores (instances: AJI and AJI+, each also aggregated over the images,
+    PQ/DQ/SQ, Dice, object F1 at IoU 0.5; masks: Dice and IoU per class)."""
     from tilesegment.infer.devices import resolve_precision
     from tilesegment.train.data import read_name_list
     from tilesegment.train.evaluate import evaluate_model

@@ -18,7 +18,7 @@ From probabilities ``(K, H, W)`` to a label image comparable with the truth
 * ``instances``: the 4-connected components of class 1, objects smaller than
   ``min_object_size`` px removed; with a boundary class (3 classes) the components of the
   interior class are grown back over the boundary pixels by up to 2 px. Metrics: AJI
-  (per image and MoNuSeg's aggregate), PQ = DQ x SQ, object F1 at IoU 0.5, foreground
+  and AJI+ (per image and aggregated), PQ = DQ x SQ, object F1 at IoU 0.5, foreground
   Dice, Rand scores;
 * ``classes``: the class map itself; pixel error, per-class and mean IoU/Dice.
 
@@ -45,7 +45,8 @@ from tilesegment.train.scores import HEADLINE_METRIC, evaluate_pair, mean_scores
 
 log = logging.getLogger(__name__)
 
-#: The metric that picks the best checkpoint, per label kind, and whether lower is better.
+#: The metric that picks the best checkpoint, per label kind, and whether lower is better
+#: (instances: the mean of the classic AJI of Kumar et al. 2017, the published numbers' AJI).
 SELECTION_METRIC: dict[str, tuple[str, bool]] = {
     "binary": ("rand_error", True),
     "instances": ("aji", False),
@@ -64,6 +65,7 @@ SUMMARY_METRICS: dict[str, tuple[str, ...]] = {
 TABLE_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
     "instances": (
         ("aji", "AJI"),
+        ("aji_plus", "AJI+"),
         ("pq", "PQ"),
         ("dq", "DQ"),
         ("sq", "SQ"),
@@ -199,7 +201,7 @@ class Report:
 
     @property
     def pooled(self) -> dict[str, Any]:
-        """Dataset-level scores (MoNuSeg's aggregated AJI, pooled F1, pooled class IoU/Dice)."""
+        """Dataset-level scores (aggregated AJI and AJI+, pooled F1, pooled class IoU/Dice)."""
         return pooled_scores(self.per_image, self.kind)
 
     def ranked(self) -> list[dict[str, Any]]:

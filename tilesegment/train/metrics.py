@@ -37,16 +37,17 @@ caller (these functions score one given segmentation).
 
 Instance metrics (0 = background):
 
-* AJI, aggregated Jaccard index (Kumar et al., IEEE TMI 2017, as the MoNuSeg organisers'
-  ``aggregated_jaccard_index.m`` computes it): the true objects ``G`` are taken in ascending id
-  order; each takes, among the predicted objects *not yet used*, the one ``S`` with the largest
-  IoU (ties: the one whose first pixel in raster order comes first, so the result does not
-  depend on the predicted ids), adds ``|G & S|`` to ``C`` and ``|G | S|`` to ``U``, and marks
-  ``S`` used: each prediction serves at most one true object. A true object that overlaps no
-  unused prediction adds ``|G|`` to ``U`` (the reference script instead took prediction 1, a
-  known bug). Every prediction never used adds its area to ``U``. ``AJI = C / U``; NaN when both
-  maps are empty. MoNuSeg's aggregated form over a set of images is ``sum C / sum U``
-  (:func:`aji_counts` gives ``(C, U)``).
+* AJI, aggregated Jaccard index (Kumar et al., IEEE TMI 2017, Algorithm 1, the AJI of the
+  published MoNuSeg numbers; HoVer-Net's ``get_fast_aji``): every true object ``G`` takes the
+  predicted object ``S`` of largest IoU (ties: the one whose first pixel comes first in raster
+  order, so the ids never matter) and adds ``|G & S|`` to ``C``, ``|G | S|`` to ``U``; a
+  prediction may serve several true objects. A true object overlapping no prediction adds
+  ``|G|`` to ``U``, and so does every prediction never taken. ``AJI = C / U``, NaN when both
+  maps are empty; over a set of images ``sum C / sum U`` (:func:`aji_counts`).
+* AJI+ (Graham et al., HoVer-Net, Medical Image Analysis 2019): the same sums over a maximal
+  unique pairing instead, true and predicted objects paired one-to-one with the largest summed
+  IoU (:func:`tilesegment.train.pairing.max_iou_pairing`); every unpaired object adds its area
+  to ``U``. A merge then costs the second true object its area, not the merged union again.
 * Object F1: true and predicted objects are matched one-to-one when their IoU is at least
   ``iou_threshold`` (default 0.5), greedily by decreasing IoU (ties in raster order of the
   objects' first pixels). For thresholds above 0.5 a match is unique anyway; at exactly 0.5
@@ -68,12 +69,15 @@ from scipy import ndimage as ndi
 
 from tilesegment.errors import ConfigError
 from tilesegment.train.labels import instances_from_binary
+from tilesegment.train.pairing import max_iou_pairing
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "aggregated_jaccard_index",
     "aji_counts",
+    "aji_plus",
+    "aji_plus_counts",
     "class_scores",
     "confusion_matrix",
     "dice_per_class",
@@ -412,59 +416,37 @@ def _overlaps(pred: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def aji_counts(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int]:
-    """The AJI's summed intersections ``C`` and unions ``U`` (see the module docstring).
-
-    ``AJI = C / U`` for one image; MoNuSeg's aggregated AJI over images is ``sum C / sum U``.
-
-    Examples
-    --------
-    Two true objects and one prediction covering both: the first takes it, the second finds
-    no unused prediction.
-
-    >>> aji_counts(np.array([7, 7, 7, 7]), np.array([1, 1, 2, 2]))  # (2, 4 + 2)
-    (2, 6)
-    """
-    o = _overlaps(pred, truth)
-    # Candidates of each true object, best first: by true id, IoU down, raster rank of the
-    # prediction; each true object takes its first candidate not used yet.
-    order = np.lexsort((o["pair_pred_rank"], -o["iou"], o["pair_true"]))
-    matched: set[int] = set()
-    used: set[int] = set()
-    intersection = union = 0
-    rows = zip(
-        o["pair_true"][order].tolist(),
-        o["pair_pred"][order].tolist(),
-        o["inter"][order].tolist(),
-        o["union"][order].tolist(),
-        strict=True,
-    )
-    for t_id, p_id, inter, pair_union in rows:
-        if t_id not in matched and p_id not in used:
-            matched.add(t_id)
-            used.add(p_id)
-            intersection += inter
-            union += pair_union
-    union += int(o["true_area"][~np.isin(o["true_ids"], list(matched))].sum())
-    union += int(o["pred_area"][~np.isin(o["pred_ids"], list(used))].sum())
+def _aji_sums(o: dict[str, np.ndarray], chosen: np.ndarray) -> tuple[int, int]:
+    """``(C, U)`` of an AJI from the chosen (true, predicted) pairs (indices into ``o``): their
+    intersections, their unions, and the area of every object in no chosen pair."""
+    intersection = int(o["inter"][chosen].sum())
+    union = int(o["union"][chosen].sum())
+    union += int(o["true_area"][~np.isin(o["true_ids"], o["pair_true"][chosen])].sum())
+    union += int(o["pred_area"][~np.isin(o["pred_ids"], o["pair_pred"][chosen])].sum())
     return intersection, union
 
 
+def aji_counts(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int]:
+    """AJI's ``(C, U)``: the summed intersections and unions of Kumar et al.'s Algorithm 1.
+
+    One prediction over two true objects serves both:
+
+    >>> aji_counts(np.array([7, 7, 7, 7]), np.array([1, 1, 2, 2]))  # (2 + 2, 4 + 4)
+    (4, 8)
+    """
+    o = _overlaps(pred, truth)
+    # Best pair per true object: sort by (true id, -IoU, raster rank of the prediction) and
+    # keep the first row of each true id.
+    order = np.lexsort((o["pair_pred_rank"], -o["iou"], o["pair_true"]))
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = o["pair_true"][order][1:] != o["pair_true"][order][:-1]
+    return _aji_sums(o, order[first])
+
+
 def aggregated_jaccard_index(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Aggregated Jaccard index of Kumar et al. (2017); conventions in the module docstring.
+    """Aggregated Jaccard index of Kumar et al. (2017) of two instance maps (0 = background):
+    ``C / U`` of :func:`aji_counts`, in [0, 1]; NaN when neither map has an object.
 
-    Parameters
-    ----------
-    pred, truth : int ndarray, same shape
-        Instance maps, 0 = background.
-
-    Returns
-    -------
-    float
-        In [0, 1]; NaN when neither map has an object.
-
-    Examples
-    --------
     One true object found with IoU 3/5, one missed, one false positive:
 
     >>> truth = np.array([1, 1, 1, 1, 0, 2, 2, 0, 0, 0])
@@ -473,6 +455,30 @@ def aggregated_jaccard_index(pred: np.ndarray, truth: np.ndarray) -> float:
     0.3333333333333333
     """
     intersection, union = aji_counts(pred, truth)
+    return _ratio(intersection, union)
+
+
+def aji_plus_counts(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int]:
+    """AJI+'s ``(C, U)`` (Graham et al. 2019): objects paired one-to-one, largest summed IoU.
+
+    One prediction over two true objects is paired with one; the other adds its area:
+
+    >>> aji_plus_counts(np.array([7, 7, 7, 7]), np.array([1, 1, 2, 2]))  # (2, 4 + 2)
+    (2, 6)
+    """
+    o = _overlaps(pred, truth)
+    ranks = (o["pair_true_rank"], o["pair_pred_rank"])
+    return _aji_sums(o, max_iou_pairing(o["pair_true"], o["pair_pred"], o["iou"], ranks=ranks))
+
+
+def aji_plus(pred: np.ndarray, truth: np.ndarray) -> float:
+    """AJI+ of Graham et al. (2019), ``C / U`` of :func:`aji_plus_counts`; NaN when neither
+    map has an object.
+
+    >>> aji_plus(np.array([5, 5, 5, 5, 5, 6, 6, 0]), np.array([1, 1, 1, 2, 2, 2, 0, 0]))
+    0.4444444444444444
+    """
+    intersection, union = aji_plus_counts(pred, truth)
     return _ratio(intersection, union)
 
 

@@ -3,10 +3,11 @@
 :func:`evaluate_pair` scores one (prediction, truth) pair with the metrics of
 :mod:`tilesegment.train.metrics` that suit the truth's kind; :func:`mean_scores` averages
 the per-image numbers; :func:`pooled_scores` computes the dataset-level forms the field
-reports: MoNuSeg's aggregated AJI (``sum C / sum U`` over all images, Kumar et al. 2017),
-object precision/recall/F1 from the summed TP/FP/FN (as StarDist's ``matching_dataset``),
-and class IoU/Dice from the summed confusion matrix. Panoptic quality is reported per image
-and as the mean over images (HoVer-Net's and CellViT's convention), not pooled.
+reports: the aggregated AJI and AJI+ (``sum C / sum U`` over all images; Kumar et al. 2017,
+Graham et al. 2019), object precision/recall/F1 from the summed TP/FP/FN (as StarDist's
+``matching_dataset``), and class IoU/Dice from the summed confusion matrix. Panoptic quality
+is reported per image and as the mean over images (HoVer-Net's and CellViT's convention), not
+pooled.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tilesegment.errors import ConfigError
 from tilesegment.train.labels import LabelKind, detect_label_kind
 from tilesegment.train.metrics import (
     aji_counts,
+    aji_plus_counts,
     class_scores,
     confusion_matrix,
     object_f1,
@@ -41,7 +43,17 @@ HEADLINE_METRIC: dict[str, str] = {
 }
 
 #: Per-image counts, summed by :func:`pooled_scores` rather than averaged.
-COUNT_KEYS = frozenset({"aji_intersection", "aji_union", "object_tp", "object_fp", "object_fn"})
+COUNT_KEYS = frozenset(
+    {
+        "aji_intersection",
+        "aji_union",
+        "aji_plus_intersection",
+        "aji_plus_union",
+        "object_tp",
+        "object_fp",
+        "object_fn",
+    }
+)
 
 
 def _nanmean(values: np.ndarray) -> float:
@@ -91,7 +103,9 @@ def evaluate_pair(
           (:func:`~tilesegment.train.metrics.segmentation_from_binary`).
         * ``"classes"``: ``pixel_error``, ``pixel_accuracy``, ``iou_per_class``,
           ``dice_per_class`` (lists), ``mean_iou`` and ``mean_dice`` (NaN classes skipped).
-        * ``"instances"``: ``aji`` with its ``aji_intersection`` and ``aji_union``; ``pq``,
+        * ``"instances"``: ``aji`` (Kumar et al. 2017) with its ``aji_intersection`` and
+          ``aji_union``; ``aji_plus`` (AJI+, Graham et al. 2019) with ``aji_plus_intersection``
+          and ``aji_plus_union``; ``pq``,
           ``dq``, ``sq``; ``object_*`` from :func:`~tilesegment.train.metrics.object_f1` at
           IoU 0.5; pixel-level ``foreground_iou`` / ``foreground_dice`` (and per class); the
           Rand and information scores of the instance maps themselves.
@@ -134,9 +148,10 @@ def evaluate_pair(
         pred_seg = segmentation_from_binary(pred_fg)
         true_seg = segmentation_from_binary(true_fg)
     else:
-        intersection, union = aji_counts(pred_labels, true_labels)
-        result["aji"] = intersection / union if union else math.nan
-        result.update(aji_intersection=intersection, aji_union=union)
+        for name, counts in (("aji", aji_counts), ("aji_plus", aji_plus_counts)):
+            intersection, union = counts(pred_labels, true_labels)
+            result[name] = intersection / union if union else math.nan
+            result[f"{name}_intersection"], result[f"{name}_union"] = intersection, union
         quality = panoptic_quality(pred_labels, true_labels)
         result.update({k: quality[k] for k in ("pq", "dq", "sq")})
         result.update({f"object_{k}": v for k, v in object_f1(pred_labels, true_labels).items()})
@@ -178,7 +193,7 @@ def pooled_scores(per_image: Sequence[dict[str, Any]], kind: str) -> dict[str, A
     dict
         ``iou_per_class``, ``dice_per_class`` from the summed confusion matrix (and
         ``mean_iou`` / ``mean_dice`` for classes, ``foreground_iou`` / ``foreground_dice``
-        otherwise); for instances also ``aji`` (MoNuSeg's aggregated form,
+        otherwise); for instances also ``aji`` and ``aji_plus`` (aggregated,
         ``sum C / sum U``) and ``object_precision``, ``object_recall``, ``object_f1`` from
         the summed TP, FP, FN. Empty without images.
 
@@ -186,13 +201,15 @@ def pooled_scores(per_image: Sequence[dict[str, Any]], kind: str) -> dict[str, A
     --------
     Two images with AJI 2/4 and 1/8: the aggregated AJI is 3/12, their mean 0.3125.
 
-    >>> rows = [{"aji_intersection": 2, "aji_union": 4, "object_tp": 1.0, "object_fp": 0.0,
-    ...          "object_fn": 1.0, "confusion": [[4, 0], [1, 3]]},
-    ...         {"aji_intersection": 1, "aji_union": 8, "object_tp": 0.0, "object_fp": 1.0,
-    ...          "object_fn": 0.0, "confusion": [[6, 1], [0, 1]]}]
+    >>> rows = [{"aji_intersection": 2, "aji_union": 4, "aji_plus_intersection": 2,
+    ...          "aji_plus_union": 4, "object_tp": 1.0, "object_fp": 0.0, "object_fn": 1.0,
+    ...          "confusion": [[4, 0], [1, 3]]},
+    ...         {"aji_intersection": 1, "aji_union": 8, "aji_plus_intersection": 1,
+    ...          "aji_plus_union": 6, "object_tp": 0.0, "object_fp": 1.0, "object_fn": 0.0,
+    ...          "confusion": [[6, 1], [0, 1]]}]
     >>> pooled = pooled_scores(rows, "instances")
-    >>> pooled["aji"], pooled["object_f1"], pooled["foreground_dice"]
-    (0.25, 0.5, 0.8)
+    >>> pooled["aji"], pooled["aji_plus"], pooled["object_f1"], pooled["foreground_dice"]
+    (0.25, 0.3, 0.5, 0.8)
     """
     if not per_image:
         return {}
@@ -206,10 +223,10 @@ def pooled_scores(per_image: Sequence[dict[str, Any]], kind: str) -> dict[str, A
         return _class_fields(confusion)
     out = _foreground_fields(confusion)
     if kind == "instances":
-        union = sum(row["aji_union"] for row in per_image)
-        out["aji"] = (
-            sum(row["aji_intersection"] for row in per_image) / union if union else math.nan
-        )
+        for name in ("aji", "aji_plus"):
+            union = sum(row[f"{name}_union"] for row in per_image)
+            intersection = sum(row[f"{name}_intersection"] for row in per_image)
+            out[name] = intersection / union if union else math.nan
         tp, fp, fn = (sum(row[f"object_{k}"] for row in per_image) for k in ("tp", "fp", "fn"))
         out["object_precision"] = tp / (tp + fp) if tp + fp else math.nan
         out["object_recall"] = tp / (tp + fn) if tp + fn else math.nan
