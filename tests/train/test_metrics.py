@@ -18,16 +18,22 @@ from tilesegment.errors import ConfigError
 from tilesegment.train.labels import separate_touching
 from tilesegment.train.metrics import (
     aggregated_jaccard_index,
+    aji_counts,
+    aji_plus,
+    aji_plus_counts,
+    class_scores,
+    confusion_matrix,
     dice_per_class,
-    evaluate_pair,
     iou_per_class,
     object_f1,
+    panoptic_quality,
     pixel_accuracy,
     pixel_error,
     rand_scores,
     segmentation_from_binary,
     variation_of_information,
 )
+from tilesegment.train.scores import evaluate_pair, mean_scores, pooled_scores
 
 
 def relabel(label: np.ndarray, seed: int) -> np.ndarray:
@@ -73,30 +79,78 @@ def reference_entropies(pred: np.ndarray, truth: np.ndarray) -> tuple[float, flo
     )
 
 
-def reference_aji(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Kumar et al. (2017) by explicit per-object masks (fine for tiny maps)."""
+def _object_pairs(pred: np.ndarray, truth: np.ndarray):
+    """Explicit masks (fine for tiny maps): true ids ascending, predicted ids in raster order of
+    their first pixel, and the IoU, intersection and union of every (true, predicted) pair."""
     true_ids = [i for i in np.unique(truth) if i != 0]
-    # Ties go to the prediction whose first pixel comes first in raster order.
     pred_ids = [j for j in dict.fromkeys(pred.ravel().tolist()) if j != 0]
-    c = u = 0
-    used = set()
+    table = {}
     for i in true_ids:
-        g = truth == i
-        best, best_iou = None, 0.0
         for j in pred_ids:
-            s = pred == j
-            iou = np.count_nonzero(g & s) / np.count_nonzero(g | s)
-            if iou > best_iou:
-                best, best_iou = j, iou
-        if best is None:
-            u += np.count_nonzero(g)
-        else:
-            s = pred == best
-            c += np.count_nonzero(g & s)
-            u += np.count_nonzero(g | s)
-            used.add(best)
-    u += sum(np.count_nonzero(pred == j) for j in pred_ids if j not in used)
+            g, s = truth == i, pred == j
+            inter, union = np.count_nonzero(g & s), np.count_nonzero(g | s)
+            table[i, j] = (inter / union, inter, union)
+    return true_ids, pred_ids, table
+
+
+def _aji_of(pairs, pred, truth, true_ids, pred_ids, table) -> float:
+    """C / U of the chosen (true, predicted) pairs; every object in no pair adds its area."""
+    c = sum(table[p][1] for p in pairs)
+    u = sum(table[p][2] for p in pairs)
+    u += sum(np.count_nonzero(truth == i) for i in true_ids if i not in {t for t, _ in pairs})
+    u += sum(np.count_nonzero(pred == j) for j in pred_ids if j not in {p for _, p in pairs})
     return c / u if u else math.nan
+
+
+def reference_aji(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Kumar et al. 2017, Algorithm 1, literally: each true object takes the prediction of
+    highest IoU (predictions may be taken again; ties to the first in raster order); a true
+    object that overlaps nothing adds its own area."""
+    true_ids, pred_ids, table = _object_pairs(pred, truth)
+    pairs = []
+    for i in true_ids:
+        best = max(pred_ids, key=lambda j: table[i, j][0], default=None)  # first of the ties
+        if best is not None and table[i, best][0] > 0:
+            pairs.append((i, best))
+    return _aji_of(pairs, pred, truth, true_ids, pred_ids, table)
+
+
+def reference_aji_plus(pred: np.ndarray, truth: np.ndarray) -> set[float]:
+    """AJI+ by brute force: every one-to-one pairing of overlapping objects; the AJI+ values
+    of those with the largest summed IoU (several when different pairings tie)."""
+    true_ids, pred_ids, table = _object_pairs(pred, truth)
+
+    def pairings(k: int, used: frozenset):
+        if k == len(true_ids):
+            yield []
+            return
+        yield from pairings(k + 1, used)
+        for j in pred_ids:
+            if j not in used and table[true_ids[k], j][0] > 0:
+                for rest in pairings(k + 1, used | {j}):
+                    yield [(true_ids[k], j), *rest]
+
+    scored = [(sum(table[p][0] for p in pairs), pairs) for pairs in pairings(0, frozenset())]
+    best = max(total for total, _ in scored)
+    return {
+        _aji_of(pairs, pred, truth, true_ids, pred_ids, table)
+        for total, pairs in scored
+        if total > best - 1e-9
+    }
+
+
+def reference_pq(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int, float]:
+    """(TP, FP, FN, summed IoU of matches) by explicit masks, matching at IoU > 0.5."""
+    true_ids = [i for i in np.unique(truth) if i != 0]
+    pred_ids = [j for j in np.unique(pred) if j != 0]
+    ious = [
+        np.count_nonzero((truth == i) & (pred == j)) / np.count_nonzero((truth == i) | (pred == j))
+        for i in true_ids
+        for j in pred_ids
+    ]
+    matched = [v for v in ious if v > 0.5]
+    tp = len(matched)
+    return tp, len(pred_ids) - tp, len(true_ids) - tp, float(sum(matched))
 
 
 # ------------------------------------------------------------------------- pixel and class
@@ -211,22 +265,116 @@ def test_aji_and_f1_by_hand() -> None:
     assert object_f1(pred, truth, iou_threshold=0.7)["tp"] == 0.0
 
 
-def test_aji_prediction_reused_for_two_true_objects() -> None:
+def test_aji_lets_a_merged_prediction_serve_both_true_objects_and_aji_plus_does_not() -> None:
     truth = np.array([1, 1, 2, 2])
     merged = np.array([7, 7, 7, 7])
-    # Each true object takes the merged prediction: C = 2 + 2, U = 4 + 4.
+    # AJI (Kumar et al. 2017): G1 and G2 both take the merged prediction, each with
+    # intersection 2 and union 4: C = 4, U = 8.
+    assert aji_counts(merged, truth) == (4, 8)
     assert aggregated_jaccard_index(merged, truth) == 0.5
+    # AJI+ (Graham et al. 2019): one-to-one, so one of them is paired (2 / 4) and the other
+    # adds its area: C = 2, U = 6.
+    assert aji_plus_counts(merged, truth) == (2, 6)
+    assert aji_plus(merged, truth) == pytest.approx(1 / 3)
     f1 = object_f1(merged, truth)
     assert (f1["tp"], f1["fp"], f1["fn"]) == (1.0, 0.0, 1.0)  # IoU exactly 0.5 once
 
 
+def test_aji_reuses_the_best_prediction_and_aji_plus_pairs_uniquely() -> None:
+    truth = np.array([1, 1, 1, 2, 2, 2, 0, 0])
+    pred = np.array([5, 5, 5, 5, 5, 6, 6, 0])
+    # IoUs: G1-S5 3/5, G2-S5 2/6, G2-S6 1/4.
+    # AJI: G1-S5 (3, 5), G2 takes S5 again (2, 6), S6 never taken (+ 2): 5 / 13.
+    assert aji_counts(pred, truth) == (5, 13)
+    assert aggregated_jaccard_index(pred, truth) == pytest.approx(5 / 13)
+    # AJI+: {G1-S5, G2-S6} sums 0.85 > 1/3 of {G2-S5}: (3 + 1) / (5 + 4).
+    assert aji_plus_counts(pred, truth) == (4, 9)
+    # Neither depends on the order of the ids (AJI+ is not greedy in true-id order).
+    flipped = np.array([2, 2, 2, 1, 1, 1, 0, 0])
+    assert aji_counts(pred, flipped) == (5, 13)
+    assert aji_plus_counts(pred, flipped) == (4, 9)
+
+
+def test_aji_plus_maximises_the_summed_iou_not_the_best_pair() -> None:
+    truth = np.array([0, 2, 2, 2, 1, 1, 2, 2])
+    pred = np.array([1, 1, 1, 2, 2, 2, 2, 2])
+    # IoUs: G2-S2 3/7 (the best pair), G1-S2 2/5, G2-S1 2/6. Taking the best pair first would
+    # leave G1 unpaired: (3) / (7 + 2 + 3). The maximal unique pairing is G1-S2 + G2-S1
+    # (0.73 > 0.43): (2 + 2) / (5 + 6).
+    assert aji_plus_counts(pred, truth) == (4, 11)
+    # AJI: G1 and G2 both take S2, S1 is never taken: (2 + 3) / (5 + 7 + 3).
+    assert aji_counts(pred, truth) == (5, 15)
+
+
+def test_aggregated_aji_over_images_is_sum_c_over_sum_u() -> None:
+    truth_a, pred_a = np.array([1, 1, 1, 2, 2, 2, 0, 0]), np.array([5, 5, 5, 5, 5, 6, 6, 0])
+    truth_b, pred_b = np.array([1, 1, 0, 0]), np.array([0, 1, 1, 1])  # C 1, U 4
+    rows = [evaluate_pair(p, t, "instances") for p, t in ((pred_a, truth_a), (pred_b, truth_b))]
+    assert [r["aji"] for r in rows] == pytest.approx([5 / 13, 1 / 4])
+    assert [r["aji_plus"] for r in rows] == pytest.approx([4 / 9, 1 / 4])
+    pooled = pooled_scores(rows, "instances")
+    assert pooled["aji"] == pytest.approx((5 + 1) / (13 + 4))  # not the mean
+    assert pooled["aji_plus"] == pytest.approx((4 + 1) / (9 + 4))
+    means = mean_scores(rows)
+    assert means["aji"] == pytest.approx((5 / 13 + 1 / 4) / 2)
+    assert means["aji_plus"] == pytest.approx((4 / 9 + 1 / 4) / 2)
+    assert "aji_union" not in means and "aji_plus_intersection" not in means
+
+
+def test_panoptic_quality_by_hand() -> None:
+    truth = np.array([1, 1, 1, 1, 0, 2, 2, 0, 0])
+    pred = np.array([0, 5, 5, 5, 0, 0, 0, 6, 6])
+    q = panoptic_quality(pred, truth)
+    # G1-S5 IoU 3/4 matches, G2 is missed (FN), S6 is a false positive.
+    assert (q["tp"], q["fp"], q["fn"]) == (1.0, 1.0, 1.0)
+    assert q["dq"] == pytest.approx(1 / (1 + 0.5 + 0.5))
+    assert q["sq"] == pytest.approx(3 / 4)
+    assert q["pq"] == pytest.approx(0.5 * 0.75)
+    # Two matches, IoU 3/4 and 2/3: DQ = 1, SQ = PQ = their mean.
+    two = panoptic_quality(np.array([1, 1, 1, 0, 2, 2, 2]), np.array([1, 1, 1, 1, 2, 2, 0]))
+    assert two["dq"] == 1.0
+    assert two["sq"] == pytest.approx((3 / 4 + 2 / 3) / 2) == two["pq"]
+
+
+def test_pq_matches_above_half_but_f1_at_half() -> None:
+    truth, pred = np.array([1, 1, 0, 0]), np.array([3, 0, 0, 0])  # IoU exactly 1/2
+    q = panoptic_quality(pred, truth)
+    assert (q["tp"], q["fp"], q["fn"]) == (0.0, 1.0, 1.0)
+    assert q["pq"] == 0.0 and q["dq"] == 0.0 and math.isnan(q["sq"])
+    assert object_f1(pred, truth)["f1"] == 1.0
+    empty = panoptic_quality(np.zeros(3, int), np.zeros(3, int))
+    assert math.isnan(empty["pq"]) and math.isnan(empty["dq"])
+
+
+def test_dice_iou_from_confusion_and_pooled() -> None:
+    truth = np.array([0, 0, 1, 1, 1, 2])
+    pred = np.array([0, 1, 1, 1, 2, 2])
+    confusion = confusion_matrix(pred, truth, 3)
+    assert confusion.tolist() == [[1, 1, 0], [0, 2, 1], [0, 0, 1]]
+    scores = class_scores(confusion)
+    np.testing.assert_allclose(scores["dice"], [2 / 3, 4 / 6, 2 / 3])
+    np.testing.assert_allclose(scores["iou"], [1 / 2, 2 / 4, 1 / 2])
+    # Pooled over two images = scores of the summed confusion, not the mean of the images'.
+    rows = [evaluate_pair(pred, truth, "classes"), evaluate_pair(truth, truth, "classes")]
+    pooled = pooled_scores(rows, "classes")
+    # Summed confusion [[3, 1, 0], [0, 5, 1], [0, 0, 2]].
+    np.testing.assert_allclose(pooled["dice_per_class"], [6 / 7, 10 / 12, 4 / 5])
+    np.testing.assert_allclose(pooled["iou_per_class"], [3 / 4, 5 / 7, 2 / 3])
+    np.testing.assert_allclose(mean_scores(rows)["dice_per_class"], [5 / 6, 5 / 6, 5 / 6])
+    binary = evaluate_pair(np.array([[1, 1], [0, 0]]), np.array([[1, 0], [0, 0]]), "binary")
+    assert binary["foreground_dice"] == pytest.approx(2 / 3)
+    assert binary["dice_per_class"] == pytest.approx([4 / 5, 2 / 3])
+    assert binary["iou_per_class"] == pytest.approx([2 / 3, 1 / 2])
+
+
 def test_aji_edge_cases() -> None:
     truth = np.array([[1, 1], [0, 2]])
-    assert aggregated_jaccard_index(truth, truth) == 1.0
-    assert aggregated_jaccard_index(relabel(truth, 4), truth) == 1.0
-    assert aggregated_jaccard_index(np.zeros_like(truth), truth) == 0.0
-    assert aggregated_jaccard_index(truth, np.zeros_like(truth)) == 0.0
-    assert math.isnan(aggregated_jaccard_index(np.zeros((2, 2), int), np.zeros((2, 2), int)))
+    for aji in (aggregated_jaccard_index, aji_plus):
+        assert aji(truth, truth) == 1.0
+        assert aji(relabel(truth, 4), truth) == 1.0
+        assert aji(np.zeros_like(truth), truth) == 0.0
+        assert aji(truth, np.zeros_like(truth)) == 0.0
+        assert math.isnan(aji(np.zeros((2, 2), int), np.zeros((2, 2), int)))
     f1 = object_f1(np.zeros((2, 2), int), np.zeros((2, 2), int))
     assert math.isnan(f1["f1"])
 
@@ -240,17 +388,28 @@ def test_f1_one_to_one_at_exact_half() -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(st.data())
-def test_aji_matches_reference(data: st.DataObject) -> None:
+def test_aji_and_aji_plus_match_brute_force(data: st.DataObject) -> None:
     shape = data.draw(st.tuples(st.integers(1, 8), st.integers(1, 8)))
     truth = data.draw(arrays(np.int32, shape, elements=st.integers(0, 5)))
     pred = data.draw(arrays(np.int32, shape, elements=st.integers(0, 5)))
     expected = reference_aji(pred, truth)
     got = aggregated_jaccard_index(pred, truth)
+    plus = aji_plus(pred, truth)
     if math.isnan(expected):
-        assert math.isnan(got)
+        assert math.isnan(got) and math.isnan(plus)
     else:
         assert got == pytest.approx(expected)
-        assert aggregated_jaccard_index(relabel(pred, 0), relabel(truth, 1)) == pytest.approx(got)
+        # AJI+ is the value of a pairing with the largest summed IoU.
+        assert any(plus == pytest.approx(v) for v in reference_aji_plus(pred, truth)), plus
+        # The predicted ids do not matter (ties go by raster order, not by id).
+        assert aggregated_jaccard_index(relabel(pred, 0), truth) == pytest.approx(got)
+        assert aji_plus(relabel(pred, 1), relabel(truth, 3)) == pytest.approx(plus)
+    tp, fp, fn, iou_sum = reference_pq(pred, truth)
+    q = panoptic_quality(relabel(pred, 2), truth)
+    assert (q["tp"], q["fp"], q["fn"]) == (tp, fp, fn)
+    assert q["iou_sum"] == pytest.approx(iou_sum)
+    if tp:
+        assert q["pq"] == pytest.approx(q["dq"] * q["sq"])
 
 
 # ------------------------------------------------------------------------------- real data
@@ -280,10 +439,14 @@ def test_evaluate_pair_monuseg_instances_and_relabelling() -> None:
     assert 0.5 < scores["aji"] < 1.0
     assert 0.8 < scores["object_f1"] <= 1.0
     assert 0 < scores["rand_error"] < 0.2
-    again = evaluate_pair(relabel(pred, 7), relabel(truth, 8), "instances")
-    for key, value in scores.items():
-        if key != "kind":
-            assert again[key] == pytest.approx(value), key
+    assert 0.5 < scores["aji_plus"] < 1.0
+    # Renumbering either map changes nothing.
+    for again in (
+        evaluate_pair(relabel(pred, 7), truth, "instances"),
+        evaluate_pair(pred, relabel(truth, 8), "instances"),
+    ):
+        for key, value in scores.items():
+            assert again[key] == (value if key == "confusion" else pytest.approx(value)), key
     perfect = evaluate_pair(truth, truth, "instances")
     assert perfect["aji"] == 1.0 and perfect["object_f1"] == 1.0 and perfect["rand_error"] == 0
 

@@ -1,4 +1,6 @@
-"""``tilesegment evaluate``: score a model on images and labels (a table per image and the mean)."""
+"""``tilesegment evaluate``: score a model on images and labels (a table per image, the mean and
+the pooled scores; ``--json`` for all numbers; ``--figure`` for a grid of the worst and best
+images)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from tilesegment.cli.options import (
     label_pattern_option,
     labels_option,
     model_option,
+    mpp_option,
     precision_option,
     set_threads,
     single_device,
@@ -37,7 +40,26 @@ from tilesegment.cli.options import (
     help="Only the names in this file (one a line), or the image<TAB>label pairs it lists.",
 )
 @click.option(
-    "--min-object-size", type=click.IntRange(0), help="Instances: drop smaller objects (px)."
+    "--min-object-size",
+    type=click.IntRange(0),
+    help="Instances: drop smaller objects (px at the model's µm/px).",
+)
+@mpp_option(
+    "µm/px of the images. When it differs from the model's, each image is resampled to the "
+    "model's µm/px as `run` does, predicted, and scored on its own grid. Default: the model's."
+)
+@click.option(
+    "--figure",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a PNG grid (image, ground truth, prediction, errors) of the worst and best "
+    "images by the headline metric (AJI, Dice or mean Dice).",
+)
+@click.option(
+    "--figure-n",
+    type=click.IntRange(1),
+    default=4,
+    show_default=True,
+    help="Rows of worst and of best images in --figure.",
 )
 @device_option(several=False)
 @precision_option(auto=True, default="fp32")
@@ -51,15 +73,24 @@ def evaluate(
     label_kind: str | None,
     name_list: Path | None,
     min_object_size: int | None,
+    mpp: float | None,
+    figure: Path | None,
+    figure_n: int,
     device: str,
     precision: str,
     threads: int | None,
     as_json: bool,
 ) -> None:
-    """Score a model on IMAGES/LABELS: whole-image predictions, a table per image and mean."""
+    """Score a model on IMAGES/LABELS: whole-image predictions, a table per image, the mean
+    and the pooled scores (instances: AJI and AJI+, each also aggregated over the images,
+    PQ/DQ/SQ, Dice, object F1 at IoU 0.5; masks: Dice and IoU per class)."""
     from tilesegment.infer.devices import resolve_precision
     from tilesegment.train.evaluate import evaluate_model
 
+    if figure is not None:  # refused before any image is predicted
+        from tilesegment.train.figure import check_figure_path
+
+        check_figure_path(figure)
     set_threads(threads)
     device = single_device(device)
     precision = resolve_precision(precision, device)
@@ -73,11 +104,30 @@ def evaluate(
         device=device,
         precision=precision,
         min_object_size=min_object_size,
+        image_mpp=mpp,
+        keep_examples=figure is not None,
     )
+    rows = None
+    if figure is not None:
+        from tilesegment.train.figure import write_figure
+
+        rows = write_figure(report, figure, n=figure_n, colours=spec.class_colours)
     if as_json:
         doc = {"model": str(model_path), "name": spec.name, **report.to_json()}
+        if figure is not None:
+            doc["figure"] = {"path": str(figure), "rows": rows}
         click.echo(json.dumps(doc, indent=2))
         return
     click.echo(f"model {spec.name} ({model_path}), {report.kind} labels, {len(report.per_image)}"
-               " image(s)")  # fmt: skip
+               f" image(s){_mpp_note(mpp, spec.mpp)}")  # fmt: skip
     click.echo(report.table())
+    if figure is not None:
+        click.echo(
+            f"figure: {figure} ({len(rows or [])} rows, worst and best by {report.headline})"
+        )
+
+
+def _mpp_note(image_mpp: float | None, model_mpp: float | None) -> str:
+    if image_mpp is None or model_mpp is None:
+        return ""
+    return f", images at {image_mpp:g} µm/px, predicted at the model's {model_mpp:g} µm/px"

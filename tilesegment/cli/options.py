@@ -120,6 +120,11 @@ def threads_option() -> Callable[[F], F]:
     return click.option("--threads", type=click.IntRange(1), help="torch CPU threads per process.")
 
 
+def mpp_option(help: str) -> Callable[[F], F]:
+    """``--mpp``: µm/px of the input, a positive float; ``help`` says what it overrides."""
+    return click.option("--mpp", type=click.FloatRange(0, min_open=True), help=help)
+
+
 def progress_option() -> Callable[[F], F]:
     """``--progress/--no-progress``: a progress bar on stderr, by default when it is a tty."""
     return click.option(

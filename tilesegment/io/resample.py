@@ -82,6 +82,11 @@ def _apply(wy: sparse.csr_array, wx: sparse.csr_array, block: np.ndarray) -> np.
     return (wx @ tmp).reshape(w, h, c).transpose(1, 0, 2)
 
 
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    """Resampled pixel values rounded and clipped to C-contiguous uint8 (as the reader does)."""
+    return np.ascontiguousarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+
+
 def resample_array(array: np.ndarray, shape: tuple[int, int], scale: float) -> np.ndarray:
     """``array`` resampled onto ``shape`` with the kernel of :class:`ResampledReader`.
 
@@ -105,6 +110,8 @@ def resample_array(array: np.ndarray, shape: tuple[int, int], scale: float) -> n
     >>> resample_array(row, (1, 2), 2.0)[..., 0].tolist()  # antialiased
     [[0.625, 2.375]]
     """
+    if array.ndim != 3:
+        raise ConfigError(f"`array` must be (H, W, C), got shape {array.shape}")
     if scale <= 0:
         raise ConfigError(f"`scale` ({scale}) must be positive")
     y0, wy = _weights(0, shape[0], scale, array.shape[0])
@@ -151,8 +158,7 @@ class ResampledReader(ReaderBase):
         y0, wy = _weights(y, h, self.scale, self._src_shape[0])
         x0, wx = _weights(x, w, self.scale, self._src_shape[1])
         block = self.reader.read_region(self.level, y0, x0, wy.shape[1], wx.shape[1])
-        out = _apply(wy, wx, block)
-        return np.ascontiguousarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+        return to_uint8(_apply(wy, wx, block))
 
     def close(self) -> None:
         self.reader.close()

@@ -3,6 +3,12 @@
 Used by the training loop (validation every epoch) and by ``tilesegment evaluate``. Both read
 data with :func:`tilesegment.train.data.load_data`, so every layout of ``train`` works here too.
 
+Resolution (:func:`predict_at_mpp`): when the images' µm/px is given and differs from the
+model's, each image is resampled to the model's µm/px exactly as ``run`` resamples a slide
+(:func:`tilesegment.io.resample.resample_array`, the kernel of ``ResampledReader``), predicted
+there, and the class probabilities are resampled back onto the image's own grid (same kernel,
+antialiased when shrinking): metrics are always computed at the image's and labels' size.
+
 From probabilities ``(K, H, W)`` to a label image comparable with the truth
 (:func:`labels_from_probabilities`): the class map is the arg-max;
 
@@ -11,9 +17,12 @@ From probabilities ``(K, H, W)`` to a label image comparable with the truth
   4-connected components, pixel error, foreground IoU/Dice);
 * ``instances``: the 4-connected components of class 1, objects smaller than
   ``min_object_size`` px removed; with a boundary class (3 classes) the components of the
-  interior class are grown back over the boundary pixels by up to 2 px. Metrics: AJI, object
-  F1, foreground Dice, Rand scores;
+  interior class are grown back over the boundary pixels by up to 2 px. Metrics: AJI
+  and AJI+ (per image and aggregated), PQ = DQ x SQ, object F1 at IoU 0.5, foreground
+  Dice, Rand scores;
 * ``classes``: the class map itself; pixel error, per-class and mean IoU/Dice.
+
+Which metrics, their means and pooled forms: :mod:`tilesegment.train.scores`.
 
 The validation loss is the training loss on whole images: ``sum(w * CE) / sum(w)`` over all
 pixels of all images, with the same weight maps.
@@ -32,11 +41,12 @@ import numpy as np
 from skimage.segmentation import expand_labels
 
 from tilesegment.train.labels import LabelKind, instances_from_binary
-from tilesegment.train.metrics import evaluate_pair
+from tilesegment.train.scores import HEADLINE_METRIC, evaluate_pair, mean_scores, pooled_scores
 
 log = logging.getLogger(__name__)
 
-#: The metric that picks the best checkpoint, per label kind, and whether lower is better.
+#: The metric that picks the best checkpoint, per label kind, and whether lower is better
+#: (instances: the mean of the classic AJI of Kumar et al. 2017, the published numbers' AJI).
 SELECTION_METRIC: dict[str, tuple[str, bool]] = {
     "binary": ("rand_error", True),
     "instances": ("aji", False),
@@ -48,6 +58,31 @@ SUMMARY_METRICS: dict[str, tuple[str, ...]] = {
     "binary": ("rand_error", "pixel_error", "foreground_dice", "info_fscore"),
     "instances": ("aji", "object_f1", "foreground_dice", "rand_error"),
     "classes": ("pixel_error", "mean_iou", "mean_dice"),
+}
+
+#: Columns of ``evaluate``'s table per label kind: (metric, header); classes add per-class
+#: Dice and IoU columns.
+TABLE_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "instances": (
+        ("aji", "AJI"),
+        ("aji_plus", "AJI+"),
+        ("pq", "PQ"),
+        ("dq", "DQ"),
+        ("sq", "SQ"),
+        ("foreground_dice", "Dice"),
+        ("object_f1", "F1@0.5"),
+    ),
+    "binary": (
+        ("foreground_dice", "Dice"),
+        ("foreground_iou", "IoU"),
+        ("pixel_error", "pixel error"),
+        ("rand_error", "Rand error"),
+    ),
+    "classes": (
+        ("mean_dice", "mean Dice"),
+        ("mean_iou", "mean IoU"),
+        ("pixel_accuracy", "accuracy"),
+    ),
 }
 
 
@@ -92,65 +127,168 @@ def weighted_loss_terms(
     return float(np.dot(weights.ravel().astype(np.float64), ce.ravel())), float(weights.sum())
 
 
+def predict_at_mpp(
+    image: np.ndarray, predictor: Any, image_mpp: float | None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """(K, H, W) probabilities on ``image``'s grid, predicted at the model's µm/px.
+
+    Parameters
+    ----------
+    image : (H, W, C) uint8 ndarray
+    predictor : :class:`tilesegment.infer.predict.Predictor`
+    image_mpp : float, optional
+        µm/px of ``image``; None (or within ``MPP_TOLERANCE`` of the model's, or a model
+        without a µm/px) predicts the image as it is.
+
+    Returns
+    -------
+    (probabilities, shape)
+        ``shape`` is the (h, w) the model saw.
+    """
+    from tilesegment.infer.predict import predict_image
+    from tilesegment.io.resample import MPP_TOLERANCE, resample_array, scale_and_shape, to_uint8
+
+    model_mpp = predictor.spec.mpp
+    if image_mpp is None or model_mpp is None or abs(image_mpp / model_mpp - 1) <= MPP_TOLERANCE:
+        return predict_image(image, predictor), image.shape[:2]
+    if image.ndim == 2:
+        image = image[..., None]
+    scale, shape = scale_and_shape(image.shape[:2], image_mpp, model_mpp)
+    probs = predict_image(to_uint8(resample_array(image, shape, scale)), predictor)
+    back = resample_array(probs.transpose(1, 2, 0), image.shape[:2], 1.0 / scale)
+    return np.ascontiguousarray(back.transpose(2, 0, 1), dtype=np.float32), shape
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Example:
+    """One scored image kept for a figure."""
+
+    image: np.ndarray
+    """(H, W, C) uint8 pixels as the model received them (before any resampling)."""
+    truth: np.ndarray
+    """(H, W) true labels (instances: object ids; classes: class ids; binary: 0/1)."""
+    pred: np.ndarray
+    """(H, W) predicted labels of the same kind, on the image's grid."""
+
+
 @dataclass(slots=True)
 class Report:
     """Metrics of one model on a list of images."""
 
     kind: str
     per_image: list[dict[str, Any]] = field(default_factory=list)
-    """One dict per image: ``name`` and every metric of :func:`evaluate_pair`."""
+    """One dict per image: ``name``, ``shape`` (the image's (h, w)), ``predicted_shape`` (the
+    (h, w) the model saw) and every metric of :func:`evaluate_pair`."""
     loss: float = math.nan
     """Weighted cross-entropy over all images (NaN when not computed)."""
+    class_names: tuple[str, ...] = ()
+    """The model's class names (per-class columns of the table)."""
+    mpp: dict[str, float | None] = field(default_factory=dict)
+    """``image`` and ``model`` µm/px (None when unknown)."""
+    examples: dict[str, Example] = field(default_factory=dict, repr=False)
+    """Image, truth and prediction by name, when kept for a figure."""
+
+    @property
+    def headline(self) -> str:
+        """The metric that ranks images (higher is better)."""
+        return HEADLINE_METRIC[self.kind]
 
     @property
     def mean(self) -> dict[str, float]:
-        """Mean of every scalar metric over the images (NaN values skipped)."""
-        out: dict[str, float] = {}
-        if not self.per_image:
-            return out
-        for key, value in self.per_image[0].items():
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                continue
-            values = np.array([row[key] for row in self.per_image], dtype=np.float64)
-            out[key] = float(np.nanmean(values)) if np.any(np.isfinite(values)) else math.nan
-        return out
+        """Mean of every scalar metric over the images (NaN values skipped); the per-class
+        means are in :meth:`to_json`."""
+        return {k: v for k, v in mean_scores(self.per_image).items() if not isinstance(v, list)}
+
+    @property
+    def pooled(self) -> dict[str, Any]:
+        """Dataset-level scores (aggregated AJI and AJI+, pooled F1, pooled class IoU/Dice)."""
+        return pooled_scores(self.per_image, self.kind)
+
+    def ranked(self) -> list[dict[str, Any]]:
+        """Per-image rows from worst to best by :attr:`headline` (NaN first, then by name)."""
+        key = self.headline
+
+        def order(row: dict[str, Any]) -> tuple[bool, float, str]:
+            value = row.get(key)
+            finite = value is not None and math.isfinite(value)
+            return (finite, value if finite else 0.0, row["name"])
+
+        return sorted(self.per_image, key=order)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
+            "headline": self.headline,
+            "class_names": list(self.class_names),
+            "mpp": self.mpp,
             "loss": _finite_or_none(self.loss),
-            "mean": {k: _finite_or_none(v) for k, v in self.mean.items()},
-            "images": [
-                {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in row.items()}
-                for row in self.per_image
-            ],
+            "mean": _json_values(mean_scores(self.per_image)),
+            "aggregate": _json_values(self.pooled),
+            "images": [_json_values(row) for row in self.per_image],
         }
 
     def table(self) -> str:
-        """A fixed-width text table: one row per image and a mean row."""
-        keys = SUMMARY_METRICS[self.kind]
-        width = max([len("mean"), *(len(r["name"]) for r in self.per_image)])
-        head = f"{'image':<{width}}  " + "  ".join(f"{k:>15}" for k in keys)
+        """A fixed-width text table: one row per image, the mean, and the pooled scores."""
+        columns = _table_columns(self.kind, self.class_names)
+        width = max([len("all (pooled)"), *(len(r["name"]) for r in self.per_image)])
+        cell = max(8, *(len(h) for _, h in columns))
+        head = f"{'image':<{width}}  " + "  ".join(f"{h:>{cell}}" for _, h in columns)
+        rows = [*self.per_image, {"name": "mean", **mean_scores(self.per_image)}]
+        rows.append({"name": "all (pooled)", **self.pooled})
         lines = [head, "-" * len(head)]
-        rows = [*self.per_image, {"name": "mean", **self.mean}]
         for i, row in enumerate(rows):
-            if i == len(rows) - 1:
+            if i == len(self.per_image):
                 lines.append("-" * len(head))
-            cells = "  ".join(f"{_fmt(row.get(k)):>15}" for k in keys)
+            cells = "  ".join(f"{_fmt(_column(row, c)):>{cell}}" for c, _ in columns)
             lines.append(f"{row['name']:<{width}}  {cells}")
         if math.isfinite(self.loss):
             lines.append(f"weighted cross-entropy: {self.loss:.4f}")
         return "\n".join(lines)
 
 
+def _table_columns(kind: str, class_names: Sequence[str]) -> list[tuple[str, str]]:
+    """(metric, header) of the table; masks get a Dice and an IoU column per class."""
+    columns = list(TABLE_COLUMNS[kind])
+    if kind == "instances":
+        return columns
+    per_class = [
+        (f"{metric}_per_class[{i}]", f"{label} {name}")
+        for metric, label in (("dice", "Dice"), ("iou", "IoU"))
+        for i, name in enumerate(class_names)
+    ]
+    if kind == "binary" and len(class_names) == 2:
+        # foreground Dice/IoU are the second class's; the per-class columns come first
+        return per_class + columns[2:]
+    return columns + per_class
+
+
+def _column(row: dict[str, Any], column: str) -> Any:
+    """``row[column]``, or element i of a list for ``key[i]``; None when absent."""
+    if column.endswith("]"):
+        key, index = column[:-1].split("[")
+        values = row.get(key) or []
+        return values[int(index)] if int(index) < len(values) else None
+    return row.get(column)
+
+
 def _fmt(value: Any) -> str:
-    return "nan" if value is None or not math.isfinite(value) else f"{value:.4f}"
+    if value is None or not math.isfinite(value):
+        return "-" if value is None else "nan"
+    return f"{value:.4f}"
 
 
 def _finite_or_none(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _json_values(row: dict[str, Any]) -> dict[str, Any]:
+    """NaN and infinities as None, also inside lists (JSON has no NaN)."""
+    return {
+        k: [_finite_or_none(x) for x in v] if isinstance(v, list) else _finite_or_none(v)
+        for k, v in row.items()
+    }
 
 
 def evaluate_items(
@@ -160,6 +298,8 @@ def evaluate_items(
     *,
     min_object_size: int = 0,
     with_loss: bool = True,
+    image_mpp: float | None = None,
+    keep_examples: bool = False,
 ) -> Report:
     """Whole-image prediction and metrics for prepared items.
 
@@ -169,20 +309,32 @@ def evaluate_items(
     predictor : :class:`tilesegment.infer.predict.Predictor`
     kind : {"binary", "classes", "instances"}
     min_object_size : int
-        Instances only: predicted objects below this many px are dropped.
+        Instances only: predicted objects below this many px (at the model's µm/px; scaled by
+        the area ratio onto the image's grid) are dropped.
     with_loss : bool
         Also compute the weighted cross-entropy (needs matching class counts).
+    image_mpp : float, optional
+        µm/px of the images: predicted at the model's µm/px, scored on the image's grid
+        (:func:`predict_at_mpp`).
+    keep_examples : bool
+        Keep every image, truth and prediction in :attr:`Report.examples` (for a figure).
     """
-    from tilesegment.infer.predict import predict_image
-
-    report = Report(kind=kind)
+    spec = predictor.spec
+    report = Report(kind=kind, class_names=tuple(spec.class_names))
+    report.mpp = {"image": image_mpp, "model": spec.mpp}
+    num_classes = spec.unet.classes if kind == "classes" else None
+    if image_mpp is not None and spec.mpp is not None:
+        min_object_size = round(min_object_size * (spec.mpp / image_mpp) ** 2)
     loss_sum = weight_sum = 0.0
     for it in items:
-        probs = predict_image(it.image, predictor)
+        probs, seen = predict_at_mpp(it.image, predictor, image_mpp)
         pred = labels_from_probabilities(probs, kind, min_object_size=min_object_size)
-        metrics = evaluate_pair(pred, it.truth, kind)
+        metrics = evaluate_pair(pred, it.truth, kind, num_classes=num_classes)
         metrics.pop("kind", None)
-        report.per_image.append({"name": it.name, **metrics})
+        shapes = {"shape": list(pred.shape), "predicted_shape": list(seen)}
+        report.per_image.append({"name": it.name, **shapes, **metrics})
+        if keep_examples:
+            report.examples[it.name] = Example(it.image, it.truth, pred)
         if with_loss:
             s, w = weighted_loss_terms(probs, it.target, it.weights)
             loss_sum += s
@@ -190,6 +342,34 @@ def evaluate_items(
     if with_loss and weight_sum > 0:
         report.loss = loss_sum / weight_sum
     return report
+
+
+def _select_pairs(
+    images: Path | None,
+    labels: Path | None,
+    label_pattern: str | None,
+    name_list: Path | None,
+    names: Sequence[str] | None,
+) -> list[Any]:
+    """The image/label pairs to score: found, then narrowed to ``names`` or the ``--list``."""
+    from tilesegment.errors import ConfigError
+    from tilesegment.train import data as D
+
+    pairs, (listed,) = D.load_data(
+        images,
+        labels,
+        label_pattern=label_pattern,
+        lists=(name_list,),
+        only_listed=name_list is not None,
+    )
+    names = listed if names is None else names
+    if names is None:
+        return pairs
+    wanted = set(names)
+    unknown = sorted(wanted - {p.name for p in pairs})
+    if unknown:
+        raise ConfigError(f"--list: {len(unknown)} name(s) not in the data, e.g. {unknown[:3]}")
+    return [p for p in pairs if p.name in wanted]
 
 
 def evaluate_model(
@@ -204,6 +384,8 @@ def evaluate_model(
     device: str = "cpu",
     precision: str = "fp32",
     min_object_size: int | None = None,
+    image_mpp: float | None = None,
+    keep_examples: bool = False,
 ) -> tuple[Report, Any]:
     """Score the checkpoint ``model`` on image/label pairs (stacks or folders).
 
@@ -224,6 +406,10 @@ def evaluate_model(
         Only these pairs (stems, or ``stem:i`` slices).
     min_object_size : int, optional
         Default: the training run's value, else 10.
+    image_mpp : float, optional
+        µm/px of the images (``--mpp``); see :func:`predict_at_mpp`.
+    keep_examples : bool
+        Keep images and predictions for a figure (:attr:`Report.examples`).
 
     Returns
     -------
@@ -235,22 +421,14 @@ def evaluate_model(
     from tilesegment.train import data as D
 
     net, spec = load_checkpoint(model, device=device)
+    if image_mpp is not None and spec.mpp is None:
+        raise ConfigError(
+            f"--mpp {image_mpp}: model {spec.name!r} declares no µm/px, so there is nothing to "
+            "resample to; drop --mpp (or train the model with --mpp)"
+        )
     trained = spec.training or {}
     config = trained.get("config") or {}
-    pairs, (listed,) = D.load_data(
-        images,
-        labels,
-        label_pattern=label_pattern,
-        lists=(name_list,),
-        only_listed=name_list is not None,
-    )
-    names = listed if names is None else names
-    if names is not None:
-        wanted = set(names)
-        unknown = sorted(wanted - {p.name for p in pairs})
-        if unknown:
-            raise ConfigError(f"--list: {len(unknown)} name(s) not in the data, e.g. {unknown[:3]}")
-        pairs = [p for p in pairs if p.name in wanted]
+    pairs = _select_pairs(images, labels, label_pattern, name_list, names)
     kind = label_kind or trained.get("label_kind")
     kind = D.resolve_label_kind(pairs, kind)
     n = spec.unet.classes
@@ -279,5 +457,12 @@ def evaluate_model(
     if min_object_size is None:
         min_object_size = int(config.get("min_object_size", 10))
     predictor = Predictor(net, spec, device=device, precision=precision)  # type: ignore[arg-type]
-    report = evaluate_items(items, predictor, kind, min_object_size=min_object_size)
+    report = evaluate_items(
+        items,
+        predictor,
+        kind,
+        min_object_size=min_object_size,
+        image_mpp=image_mpp,
+        keep_examples=keep_examples,
+    )
     return report, spec

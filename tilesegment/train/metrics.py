@@ -1,9 +1,12 @@
-"""Segmentation metrics: pixel, class overlap, ISBI-2012 Rand / information scores, AJI, F1.
+"""Segmentation metrics: pixel, class overlap, ISBI-2012 Rand / information scores, AJI, object
+F1, panoptic quality. Which of them a label kind gets, and their pooling over a set of images,
+is :mod:`tilesegment.train.scores`.
 
-Every function takes ``(pred, truth)`` label images of the same shape (any dimensionality)
-and is pure numpy/scipy. Object-level metrics are computed from a sparse contingency table
-(the counts of each (truth id, predicted id) pair, via ``np.bincount`` or ``np.unique`` on a
-combined key), never with a loop over objects that touches the whole image.
+Every function takes ``(pred, truth)`` label images of the same shape (any dimensionality;
+:func:`class_scores` takes their confusion matrix) and is pure numpy/scipy. Object-level
+metrics are computed from a sparse contingency table (the counts of each (truth id, predicted
+id) pair, via ``np.bincount`` or ``np.unique`` on a combined key), never with a loop over
+objects that touches the whole image.
 
 Conventions
 -----------
@@ -34,16 +37,25 @@ caller (these functions score one given segmentation).
 
 Instance metrics (0 = background):
 
-* AJI, aggregated Jaccard index (Kumar et al., IEEE TMI 2017): for every true object ``G``
-  the predicted object ``S`` with the largest IoU is taken (ties: the one whose first pixel in
-  raster order comes first, so the result does not depend on the ids), ``|G & S|`` is
-  added to ``C`` and ``|G | S|`` to ``U``; a predicted object may serve several true objects.
-  A true object overlapping no prediction adds ``|G|`` to ``U``. Every predicted object that
-  was never chosen adds its area to ``U``. ``AJI = C / U``; NaN when both maps are empty.
+* AJI, aggregated Jaccard index (Kumar et al., IEEE TMI 2017, Algorithm 1, the AJI of the
+  published MoNuSeg numbers; HoVer-Net's ``get_fast_aji``): every true object ``G`` takes the
+  predicted object ``S`` of largest IoU (ties: the one whose first pixel comes first in raster
+  order, so the ids never matter) and adds ``|G & S|`` to ``C``, ``|G | S|`` to ``U``; a
+  prediction may serve several true objects. A true object overlapping no prediction adds
+  ``|G|`` to ``U``, and so does every prediction never taken. ``AJI = C / U``, NaN when both
+  maps are empty; over a set of images ``sum C / sum U`` (:func:`aji_counts`).
+* AJI+ (Graham et al., HoVer-Net, Medical Image Analysis 2019): the same sums over a maximal
+  unique pairing instead, true and predicted objects paired one-to-one with the largest summed
+  IoU (:func:`tilesegment.train.pairing.max_iou_pairing`); every unpaired object adds its area
+  to ``U``. A merge then costs the second true object its area, not the merged union again.
 * Object F1: true and predicted objects are matched one-to-one when their IoU is at least
   ``iou_threshold`` (default 0.5), greedily by decreasing IoU (ties in raster order of the
   objects' first pixels). For thresholds above 0.5 a match is unique anyway; at exactly 0.5
   the greedy order only breaks exact ties and cannot change the counts.
+* Panoptic quality (Kirillov et al. 2019, as HoVer-Net and CellViT compute it for nuclei):
+  pairs with IoU *above* 0.5 are matches (unique by construction), ``SQ`` = mean IoU of the
+  matches, ``DQ = TP / (TP + FP/2 + FN/2)``, ``PQ = DQ x SQ``. Unlike the object F1, a pair
+  at exactly 0.5 does not match.
 """
 
 from __future__ import annotations
@@ -56,16 +68,23 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from tilesegment.errors import ConfigError
-from tilesegment.train.labels import LabelKind, detect_label_kind, instances_from_binary
+from tilesegment.train.labels import instances_from_binary
+from tilesegment.train.pairing import max_iou_pairing
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "aggregated_jaccard_index",
+    "aji_counts",
+    "aji_plus",
+    "aji_plus_counts",
+    "class_scores",
+    "confusion_matrix",
     "dice_per_class",
-    "evaluate_pair",
     "iou_per_class",
+    "matched_objects",
     "object_f1",
+    "panoptic_quality",
     "pixel_accuracy",
     "pixel_error",
     "rand_scores",
@@ -166,8 +185,15 @@ def pixel_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 - pixel_error(pred, truth)
 
 
-def _confusion(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
-    """(num_classes, num_classes) counts, rows = truth, columns = prediction."""
+def confusion_matrix(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes, num_classes) int64 pixel counts, rows = truth, columns = prediction.
+
+    Summing the matrices of several images gives the pooled (dataset-level) class scores.
+
+    >>> confusion_matrix(np.array([0, 1, 1, 0]), np.array([0, 1, 0, 0]), 2)
+    array([[2, 1],
+           [0, 1]])
+    """
     pred, truth = _pair(pred, truth)
     if num_classes < 1:
         raise ConfigError(f"`num_classes` ({num_classes}) must be >= 1")
@@ -177,7 +203,31 @@ def _confusion(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndar
         if ids.size and ids.max() >= num_classes:
             raise ConfigError(f"`{name}` has class {ids.max()} >= `num_classes` ({num_classes})")
     counts = np.bincount(t * num_classes + p, minlength=num_classes * num_classes)
-    return counts.reshape(num_classes, num_classes)
+    return counts.reshape(num_classes, num_classes).astype(np.int64)
+
+
+def class_scores(confusion: np.ndarray) -> dict[str, np.ndarray]:
+    """IoU ``TP / (TP + FP + FN)`` and Dice ``2 TP / (2 TP + FP + FN)`` of each class.
+
+    Parameters
+    ----------
+    confusion : (K, K) int ndarray
+        Rows = truth, columns = prediction (:func:`confusion_matrix`, or a sum of them).
+
+    Returns
+    -------
+    dict
+        ``iou`` and ``dice``, (K,) float64 arrays: NaN for a class absent from both maps
+        (undefined); 0 for a class that only one of them contains.
+    """
+    confusion = np.asarray(confusion)
+    tp = np.diag(confusion).astype(np.float64)
+    total = (confusion.sum(0) + confusion.sum(1)).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "iou": np.where(total > tp, tp / (total - tp), np.nan),
+            "dice": np.where(total > 0, 2 * tp / total, np.nan),
+        }
 
 
 def iou_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
@@ -200,11 +250,7 @@ def iou_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.n
     >>> iou_per_class(np.array([0, 1, 1, 0]), np.array([0, 1, 0, 0]), 3)
     array([0.66666667, 0.5       ,        nan])
     """
-    confusion = _confusion(pred, truth, num_classes)
-    tp = np.diag(confusion).astype(np.float64)
-    union = confusion.sum(0) + confusion.sum(1) - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, tp / union, np.nan)
+    return class_scores(confusion_matrix(pred, truth, num_classes))["iou"]
 
 
 def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
@@ -213,11 +259,7 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.
     >>> dice_per_class(np.array([0, 1, 1, 0]), np.array([0, 1, 0, 0]), 2)
     array([0.8       , 0.66666667])
     """
-    confusion = _confusion(pred, truth, num_classes)
-    tp = np.diag(confusion).astype(np.float64)
-    total = confusion.sum(0) + confusion.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, 2 * tp / total, np.nan)
+    return class_scores(confusion_matrix(pred, truth, num_classes))["dice"]
 
 
 # ------------------------------------------------------------------- Rand and information
@@ -374,8 +416,74 @@ def _overlaps(pred: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def _aji_sums(o: dict[str, np.ndarray], chosen: np.ndarray) -> tuple[int, int]:
+    """``(C, U)`` of an AJI from the chosen (true, predicted) pairs (indices into ``o``): their
+    intersections, their unions, and the area of every object in no chosen pair."""
+    intersection = int(o["inter"][chosen].sum())
+    union = int(o["union"][chosen].sum())
+    union += int(o["true_area"][~np.isin(o["true_ids"], o["pair_true"][chosen])].sum())
+    union += int(o["pred_area"][~np.isin(o["pred_ids"], o["pair_pred"][chosen])].sum())
+    return intersection, union
+
+
+def aji_counts(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int]:
+    """AJI's ``(C, U)``: the summed intersections and unions of Kumar et al.'s Algorithm 1.
+
+    One prediction over two true objects serves both:
+
+    >>> aji_counts(np.array([7, 7, 7, 7]), np.array([1, 1, 2, 2]))  # (2 + 2, 4 + 4)
+    (4, 8)
+    """
+    o = _overlaps(pred, truth)
+    # Best pair per true object: sort by (true id, -IoU, raster rank of the prediction) and
+    # keep the first row of each true id.
+    order = np.lexsort((o["pair_pred_rank"], -o["iou"], o["pair_true"]))
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = o["pair_true"][order][1:] != o["pair_true"][order][:-1]
+    return _aji_sums(o, order[first])
+
+
 def aggregated_jaccard_index(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Aggregated Jaccard index of Kumar et al. (2017); conventions in the module docstring.
+    """Aggregated Jaccard index of Kumar et al. (2017) of two instance maps (0 = background):
+    ``C / U`` of :func:`aji_counts`, in [0, 1]; NaN when neither map has an object.
+
+    One true object found with IoU 3/5, one missed, one false positive:
+
+    >>> truth = np.array([1, 1, 1, 1, 0, 2, 2, 0, 0, 0])
+    >>> pred = np.array([0, 1, 1, 1, 1, 0, 0, 0, 3, 3])
+    >>> aggregated_jaccard_index(pred, truth)  # 3 / (5 + 2 + 2)
+    0.3333333333333333
+    """
+    intersection, union = aji_counts(pred, truth)
+    return _ratio(intersection, union)
+
+
+def aji_plus_counts(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int]:
+    """AJI+'s ``(C, U)`` (Graham et al. 2019): objects paired one-to-one, largest summed IoU.
+
+    One prediction over two true objects is paired with one; the other adds its area:
+
+    >>> aji_plus_counts(np.array([7, 7, 7, 7]), np.array([1, 1, 2, 2]))  # (2, 4 + 2)
+    (2, 6)
+    """
+    o = _overlaps(pred, truth)
+    ranks = (o["pair_true_rank"], o["pair_pred_rank"])
+    return _aji_sums(o, max_iou_pairing(o["pair_true"], o["pair_pred"], o["iou"], ranks=ranks))
+
+
+def aji_plus(pred: np.ndarray, truth: np.ndarray) -> float:
+    """AJI+ of Graham et al. (2019), ``C / U`` of :func:`aji_plus_counts`; NaN when neither
+    map has an object.
+
+    >>> aji_plus(np.array([5, 5, 5, 5, 5, 6, 6, 0]), np.array([1, 1, 1, 2, 2, 2, 0, 0]))
+    0.4444444444444444
+    """
+    intersection, union = aji_plus_counts(pred, truth)
+    return _ratio(intersection, union)
+
+
+def panoptic_quality(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Panoptic quality ``PQ = DQ x SQ`` of one class of instances, matching at IoU > 0.5.
 
     Parameters
     ----------
@@ -384,34 +492,38 @@ def aggregated_jaccard_index(pred: np.ndarray, truth: np.ndarray) -> float:
 
     Returns
     -------
-    float
-        In [0, 1]; NaN when neither map has an object.
+    dict
+        ``pq``, ``dq = TP / (TP + FP/2 + FN/2)``, ``sq`` (mean IoU of the matches; NaN without a
+        match), ``tp``, ``fp``, ``fn`` (counts, as floats) and ``iou_sum`` (the matches' IoUs
+        summed). ``pq`` is ``iou_sum / (TP + FP/2 + FN/2)``: 0 when objects exist but none
+        matches, NaN when neither map has an object.
 
     Examples
     --------
-    One true object found with IoU 3/5, one missed, one false positive:
+    One match with IoU 3/4, one missed true object, one false positive:
 
-    >>> truth = np.array([1, 1, 1, 1, 0, 2, 2, 0, 0, 0])
-    >>> pred = np.array([0, 1, 1, 1, 1, 0, 0, 0, 3, 3])
-    >>> aggregated_jaccard_index(pred, truth)  # 3 / (5 + 2 + 2)
-    0.3333333333333333
+    >>> truth = np.array([1, 1, 1, 1, 0, 2, 2, 0, 0])
+    >>> pred = np.array([0, 5, 5, 5, 0, 0, 0, 6, 6])
+    >>> q = panoptic_quality(pred, truth)
+    >>> q["dq"], q["sq"], q["pq"]  # 1 / (1 + 1/2 + 1/2), 3/4, 0.5 * 0.75
+    (0.5, 0.75, 0.375)
     """
     o = _overlaps(pred, truth)
-    if o["true_ids"].size == 0 and o["pred_ids"].size == 0:
-        return math.nan
-    # Best pair per true object: sort by (true id, -IoU, raster rank of the prediction) and
-    # keep the first row of each true id.
-    order = np.lexsort((o["pair_pred_rank"], -o["iou"], o["pair_true"]))
-    first = np.ones(order.size, dtype=bool)
-    first[1:] = o["pair_true"][order][1:] != o["pair_true"][order][:-1]
-    best = order[first]
-    intersection = int(o["inter"][best].sum())
-    union = int(o["union"][best].sum())
-    unmatched_true = ~np.isin(o["true_ids"], o["pair_true"][best])
-    union += int(o["true_area"][unmatched_true].sum())
-    unused_pred = ~np.isin(o["pred_ids"], o["pair_pred"][best])
-    union += int(o["pred_area"][unused_pred].sum())
-    return intersection / union
+    match = o["iou"] > 0.5
+    tp = int(np.count_nonzero(match))
+    fp = int(o["pred_ids"].size) - tp
+    fn = int(o["true_ids"].size) - tp
+    iou_sum = float(o["iou"][match].sum())
+    detections = tp + 0.5 * fp + 0.5 * fn
+    return {
+        "pq": _ratio(iou_sum, detections),
+        "dq": _ratio(tp, detections),
+        "sq": _ratio(iou_sum, tp),
+        "tp": float(tp),
+        "fp": float(fp),
+        "fn": float(fn),
+        "iou_sum": iou_sum,
+    }
 
 
 def object_f1(
@@ -433,20 +545,8 @@ def object_f1(
     >>> object_f1(pred, truth)["f1"]
     0.5
     """
-    if not 0 < iou_threshold <= 1:
-        raise ConfigError(f"`iou_threshold` ({iou_threshold}) must be in (0, 1]")
     o = _overlaps(pred, truth)
-    candidates = np.flatnonzero(o["iou"] >= iou_threshold)
-    ranks = (o["pair_pred_rank"][candidates], o["pair_true_rank"][candidates])
-    order = candidates[np.lexsort((*ranks, -o["iou"][candidates]))]
-    used_true: set[int] = set()
-    used_pred: set[int] = set()
-    for t_id, p_id in zip(
-        o["pair_true"][order].tolist(), o["pair_pred"][order].tolist(), strict=True
-    ):
-        if t_id not in used_true and p_id not in used_pred:
-            used_true.add(t_id)
-            used_pred.add(p_id)
+    used_true, _ = _greedy_matches(o, iou_threshold)
     tp = len(used_true)
     fp = int(o["pred_ids"].size) - tp
     fn = int(o["true_ids"].size) - tp
@@ -460,66 +560,41 @@ def object_f1(
     }
 
 
-# ------------------------------------------------------------------------------ one call
-def evaluate_pair(
-    pred_labels: np.ndarray, true_labels: np.ndarray, kind: LabelKind | None = None
-) -> dict[str, Any]:
-    """All metrics that make sense for one (prediction, truth) pair of a given kind.
+def _greedy_matches(o: dict[str, np.ndarray], iou_threshold: float) -> tuple[set[int], set[int]]:
+    """(true ids, predicted ids) matched one-to-one at ``IoU >= iou_threshold`` (the object F1's
+    matching, see the module docstring)."""
+    if not 0 < iou_threshold <= 1:
+        raise ConfigError(f"`iou_threshold` ({iou_threshold}) must be in (0, 1]")
+    candidates = np.flatnonzero(o["iou"] >= iou_threshold)
+    ranks = (o["pair_pred_rank"][candidates], o["pair_true_rank"][candidates])
+    order = candidates[np.lexsort((*ranks, -o["iou"][candidates]))]
+    used_true: set[int] = set()
+    used_pred: set[int] = set()
+    for t_id, p_id in zip(
+        o["pair_true"][order].tolist(), o["pair_pred"][order].tolist(), strict=True
+    ):
+        if t_id not in used_true and p_id not in used_pred:
+            used_true.add(t_id)
+            used_pred.add(p_id)
+    return used_true, used_pred
 
-    Parameters
-    ----------
-    pred_labels, true_labels : ndarray, same shape
-    kind : {"binary", "classes", "instances"}, optional
-        Default: :func:`tilesegment.train.labels.detect_label_kind` of ``true_labels``.
 
-        * ``"binary"`` (foreground = ``!= 0``; ISBI: 255 = cell): ``pixel_error``,
-          ``foreground_iou``, ``foreground_dice``, and the Rand and information scores of the
-          4-connected components of the foreground (:func:`segmentation_from_binary`).
-        * ``"classes"``: ``pixel_error``, ``pixel_accuracy``, ``iou_per_class``,
-          ``dice_per_class`` (lists; ``num_classes`` = largest class in either map + 1),
-          ``mean_iou`` and ``mean_dice`` (NaN classes skipped).
-        * ``"instances"``: ``aji``, ``object_*`` from :func:`object_f1`, pixel-level
-          ``foreground_iou`` / ``foreground_dice``, and the Rand and information scores of
-          the instance maps themselves.
+def matched_objects(
+    pred: np.ndarray, truth: np.ndarray, *, iou_threshold: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel masks of the objects :func:`object_f1` matches: (in a matched predicted object,
+    in a matched true object), boolean arrays of the maps' shape.
 
-    Returns
-    -------
-    dict
-        Python floats (and lists of floats), plus ``"kind"``.
+    >>> matched_objects(np.array([3, 3, 0, 4]), np.array([1, 1, 1, 0]))[0].tolist()
+    [True, True, False, False]
     """
-    pred_labels, true_labels = _pair(pred_labels, true_labels)
-    if kind is None:
-        kind = detect_label_kind(true_labels)
-    result: dict[str, Any] = {"kind": kind}
-    if kind == "classes":
-        num_classes = int(max(pred_labels.max(initial=0), true_labels.max(initial=0))) + 1
-        iou = iou_per_class(pred_labels, true_labels, num_classes)
-        dice = dice_per_class(pred_labels, true_labels, num_classes)
-        result.update(
-            pixel_error=pixel_error(pred_labels, true_labels),
-            pixel_accuracy=pixel_accuracy(pred_labels, true_labels),
-            iou_per_class=iou.tolist(),
-            dice_per_class=dice.tolist(),
-            mean_iou=float(np.nanmean(iou)) if np.any(np.isfinite(iou)) else math.nan,
-            mean_dice=float(np.nanmean(dice)) if np.any(np.isfinite(dice)) else math.nan,
-        )
-        return result
-    if kind not in ("binary", "instances"):
-        raise ConfigError(f'`kind` ({kind!r}) must be "binary", "classes" or "instances"')
-    pred_fg = (pred_labels != 0).astype(np.uint8)
-    true_fg = (true_labels != 0).astype(np.uint8)
-    result.update(
-        foreground_iou=float(iou_per_class(pred_fg, true_fg, 2)[1]),
-        foreground_dice=float(dice_per_class(pred_fg, true_fg, 2)[1]),
-    )
-    if kind == "binary":
-        result["pixel_error"] = pixel_error(pred_fg, true_fg)
-        pred_seg = segmentation_from_binary(pred_fg)
-        true_seg = segmentation_from_binary(true_fg)
-    else:
-        result["aji"] = aggregated_jaccard_index(pred_labels, true_labels)
-        result.update({f"object_{k}": v for k, v in object_f1(pred_labels, true_labels).items()})
-        pred_seg, true_seg = pred_labels, true_labels
-    result.update(rand_scores(pred_seg, true_seg))
-    result.update(variation_of_information(pred_seg, true_seg))
-    return result
+    pred, truth = _pair(pred, truth)
+    o = _overlaps(pred, truth)
+    used_true, used_pred = _greedy_matches(o, iou_threshold)
+    out = []
+    for label, used in ((pred, used_pred), (truth, used_true)):
+        ids = _as_ids(label, "label")
+        lut = np.zeros(int(ids.max(initial=0)) + 1, dtype=bool)
+        lut[list(used)] = True
+        out.append(lut[ids].reshape(label.shape))
+    return out[0], out[1]
