@@ -332,7 +332,7 @@ def bench_forward(sizes: Sizes, precision: str) -> list[dict]:
         model = CompiledOrEager(p.model) if compiled else p.model
         for tile in sizes.tiles:
             out_px = net.output_size(tile)
-            for batch in (1, sizes.run_batch) if compiled else sizes.batches:
+            for batch in sorted({1, sizes.run_batch}) if compiled else sizes.batches:
                 row = {
                     "tile": tile,
                     "batch": batch,
