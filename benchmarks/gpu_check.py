@@ -322,6 +322,17 @@ def bench_forward(sizes: Sizes, precision: str) -> list[dict]:
         if cl or not c
     ]
     rows, start, last = [], time.perf_counter(), False
+    if not sizes.compile:
+        rows.append(
+            {
+                "tile": sizes.run_tile,
+                "batch": sizes.run_batch,
+                "channels_last": True,
+                "compiled": True,
+                "precision": precision,
+                "skipped": "not in the dry run: compiling takes 20-40 s on a 2-core CPU",
+            }
+        )
     for compiled, channels_last in configs:
         if compiled != last:
             start, last = time.perf_counter(), compiled
