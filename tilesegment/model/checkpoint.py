@@ -9,8 +9,14 @@ and normalisation, the µm/px the model expects and the training provenance::
       "classes": {"names": ["background", "nucleus"], "colours": [[0,0,0,0], [255,0,0,255]]},
       "input": {"channel_order": "RGB", "mean": [..], "std": [..]},
       "mpp": 0.25, "halo": 92, "valid_input_sizes": "188 + 16k",
+      "instances": {"interior": 1, "boundary": 2, "max_growth_px": 8, "min_seed_px": 4},
       "weights_sha256": "...", "training": {...}
     }
+
+``instances`` is optional (see :class:`InstanceSpec`): a model that predicts a nucleus
+interior and a nucleus boundary class names them there, and its instances are its interior
+components grown into the nucleus region (:mod:`tilesegment.postprocess.seeded`). Without it,
+instances are the connected components of class 1.
 """
 
 from __future__ import annotations
@@ -48,6 +54,72 @@ DEFAULT_COLOURS = (
 )
 
 
+#: Default growth limit (px) of :class:`InstanceSpec`: the boundary class of the training
+#: targets is 1 px inside each nucleus plus the 2 px cut between touching ones, and a
+#: prediction blurs it to a few px; 8 px covers about four times the trained width.
+DEFAULT_MAX_GROWTH_PX = 8
+#: Default minimum seed size (px) of :class:`InstanceSpec`: drops specks of interior class.
+DEFAULT_MIN_SEED_PX = 4
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSpec:
+    """Which classes of a model make instances by seeded growth, and how far seeds grow.
+
+    Seeds are the 4-connected components of the ``interior`` class with at least
+    ``min_seed_px`` pixels; each grows through ``interior`` and ``boundary`` pixels by at most
+    ``max_growth_px`` steps (4-neighbour, geodesic). See :mod:`tilesegment.postprocess.seeded`.
+    """
+
+    interior: int = 1
+    """Class id of the nucleus interior (> 0)."""
+    boundary: int = 2
+    """Class id of the nucleus boundary (> 0, not ``interior``)."""
+    max_growth_px: int = DEFAULT_MAX_GROWTH_PX
+    """Growth limit in px of the processed level, inclusive (>= 0); a chunk then needs a halo
+    of ``max_growth_px + 1 + min_seed_px`` px."""
+    min_seed_px: int = DEFAULT_MIN_SEED_PX
+    """Interior components with fewer pixels are not seeds (>= 0)."""
+
+    def __post_init__(self) -> None:
+        for name in ("interior", "boundary", "max_growth_px", "min_seed_px"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ModelError(f"instances: `{name}` ({value!r}) must be an integer >= 0")
+        if 0 in (self.interior, self.boundary) or self.interior == self.boundary:
+            raise ModelError(
+                f"instances: `interior` ({self.interior}) and `boundary` ({self.boundary}) "
+                "must be two different classes other than background (0)"
+            )
+
+    @property
+    def halo_px(self) -> int:
+        """Pixels around a chunk that fix its instances (see :attr:`max_growth_px`)."""
+        return self.max_growth_px + 1 + self.min_seed_px
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "interior": self.interior,
+            "boundary": self.boundary,
+            "max_growth_px": self.max_growth_px,
+            "min_seed_px": self.min_seed_px,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any, *, source: str) -> InstanceSpec:
+        """Parse the ``instances`` object of a model config or a store's attributes."""
+        fields = ("interior", "boundary", "max_growth_px", "min_seed_px")
+        if not isinstance(doc, dict) or set(doc) - set(fields):
+            raise ModelError(
+                f"{source}: `instances` ({doc!r}) must be an object with the keys "
+                f"{', '.join(fields)}"
+            )
+        try:
+            return cls(**doc)
+        except ModelError as exc:
+            raise ModelError(f"{source}: {exc}") from exc
+
+
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
     """Everything about a model except its weights."""
@@ -70,9 +142,19 @@ class ModelSpec:
     """µm per pixel the model was trained at, or None if resolution-agnostic."""
     training: dict[str, Any] = field(default_factory=dict, compare=False)
     """Provenance: data, command, metrics, licence terms. Informational only."""
+    instances: InstanceSpec | None = None
+    """Interior and boundary classes for seeded instances; None: components of class 1."""
 
     def __post_init__(self) -> None:
         n = self.unet.classes
+        if (
+            self.instances is not None
+            and max(self.instances.interior, self.instances.boundary) >= n
+        ):
+            raise ModelError(
+                f"model {self.name!r}: instances {self.instances.to_json()} name a class "
+                f"beyond its {n} classes"
+            )
         if len(self.class_names) != n or len(self.class_colours) != n:
             raise ModelError(
                 f"model {self.name!r}: {n} classes but {len(self.class_names)} names and "
@@ -134,6 +216,8 @@ class ModelSpec:
             "valid_input_sizes": valid_sizes,
             "training": self.training,
         }
+        if self.instances is not None:
+            doc["instances"] = self.instances.to_json()
         if weights_sha256 is not None:
             doc["weights_sha256"] = weights_sha256
         return doc
@@ -163,6 +247,11 @@ class ModelSpec:
                 std=tuple(float(v) for v in inp["std"]),
                 mpp=None if doc.get("mpp") is None else float(doc["mpp"]),
                 training=dict(doc.get("training", {})),
+                instances=(
+                    None
+                    if doc.get("instances") is None
+                    else InstanceSpec.from_json(doc["instances"], source=str(source))
+                ),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ModelError):
