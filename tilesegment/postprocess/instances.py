@@ -1,15 +1,23 @@
 """Step 1: instance ids from the stitched class map (or a probability threshold), written as
-``labels/nuclei`` chunk by chunk."""
+``labels/nuclei`` chunk by chunk: connected components of one class
+(:mod:`~tilesegment.postprocess.label`), or interior seeds grown into the nucleus region when
+the store's model declares interior and boundary classes
+(:mod:`~tilesegment.postprocess.seeded`)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from tilesegment.errors import ConfigError, ModelError, StoreError
 from tilesegment.geometry import Box
+from tilesegment.model.checkpoint import InstanceSpec
 from tilesegment.postprocess.common import (
     InstanceOptions,
     check_class,
@@ -18,7 +26,8 @@ from tilesegment.postprocess.common import (
     open_finished,
     ordered_map,
 )
-from tilesegment.postprocess.label import label_chunked
+from tilesegment.postprocess.label import ChunkedLabels, label_chunked
+from tilesegment.postprocess.seeded import label_seeded
 from tilesegment.store import OutputStore
 
 logger = logging.getLogger(__name__)
@@ -46,6 +55,84 @@ class InstanceSummary:
     """Probability threshold used instead of the argmax mask, or None."""
     seconds: float
     """Wall time."""
+    method: str = "components"
+    """``components`` or ``seeded``."""
+    seeded: InstanceSpec | None = None
+    """Classes and growth limits of seeded instances, None for components."""
+
+
+def seeded_spec(store: OutputStore, options: InstanceOptions) -> InstanceSpec | None:
+    """The interior/boundary classes to grow instances from, or None for connected components.
+
+    Read from the store's ``instances`` attribute (written by a run with a model that declares
+    them), according to ``options.method``.
+    """
+    declared = store.attrs.get("instances")
+    if options.method == "components":
+        return None
+    if declared is None:
+        if options.method == "seeded":
+            raise ConfigError(
+                f"{store.path} was made by a model without interior/boundary classes (no "
+                "`instances` in its model config); use --method components"
+            )
+        return None
+    try:
+        spec = InstanceSpec.from_json(declared, source=f"{store.path} attribute")
+    except ModelError as exc:
+        raise StoreError(f"{exc}; re-run the slide to rewrite it") from exc
+    if max(spec.interior, spec.boundary) >= len(store.classes):
+        raise StoreError(
+            f"{store.path}: `instances` {declared} name a class beyond its "
+            f"{len(store.classes)} classes; re-run the slide to rewrite it"
+        )
+    if options.threshold is not None or options.connectivity != 4:
+        raise ConfigError(
+            f"{store.path} holds seeded instances (interior class {spec.interior}, boundary "
+            f"class {spec.boundary}); --threshold and --connectivity 8 need --method components"
+        )
+    return spec
+
+
+def _labeller(
+    store: OutputStore, opts: InstanceOptions, min_area_px: float, nthreads: int
+) -> tuple[ChunkedLabels, Callable[[Box], np.ndarray], str, InstanceSpec | None]:
+    """Scan the store: (the joined labels, a chunk's final ids, what was labelled, the seeded
+    spec or None)."""
+    class_id, threshold, connectivity = opts.class_id, opts.threshold, opts.connectivity
+    spec = seeded_spec(store, opts)
+    relabel: Callable[[Box], np.ndarray]
+    if spec is None:
+        read = foreground_reader(store, class_id, threshold)
+        labels = label_chunked(
+            read,
+            store.image_shape,
+            store.chunk_shape,
+            connectivity=connectivity,
+            min_area_px=min_area_px,
+            threads=nthreads,
+        )
+        what = f"class {class_id}"
+
+        def relabel(box: Box) -> np.ndarray:
+            return labels.relabel(box, read(box))
+
+    else:
+        mask = store.mask
+        seeded = label_seeded(
+            lambda box: mask[box.slices],
+            store.image_shape,
+            store.chunk_shape,
+            spec,
+            min_area_px=min_area_px,
+            threads=nthreads,
+        )
+        labels, relabel = seeded.labels, seeded.relabel
+        what = (
+            f"interior class {spec.interior} grown <= {spec.max_growth_px} px into boundary "
+            f"class {spec.boundary}"
+        )
+    return labels, relabel, what, spec
 
 
 def label_instances(
@@ -86,20 +173,12 @@ def label_instances(
     else:
         min_area_px = min_area_um2 / (store.mpp[0] * store.mpp[1])
 
-    read = foreground_reader(store, class_id, threshold)
-    labels = label_chunked(
-        read,
-        store.image_shape,
-        store.chunk_shape,
-        connectivity=connectivity,
-        min_area_px=min_area_px,
-        threads=nthreads,
-    )
+    labels, relabel, what, spec = _labeller(store, opts, min_area_px, nthreads)
     logger.info(
-        "%s: %d instances of class %d (%d smaller than %.1f px removed)",
+        "%s: %d instances of %s (%d smaller than %.1f px removed)",
         path,
         labels.count,
-        class_id,
+        what,
         labels.removed,
         min_area_px,
     )
@@ -110,7 +189,7 @@ def label_instances(
     store.create_label(label, dtype="uint32")
 
     def write(box: Box) -> None:
-        store.write_label_chunk(label, box, labels.relabel(box, read(box)))
+        store.write_label_chunk(label, box, relabel(box))
 
     for _ in ordered_map(write, store.chunk_boxes(), nthreads):
         pass
@@ -125,4 +204,6 @@ def label_instances(
         class_id=class_id,
         threshold=threshold,
         seconds=time.perf_counter() - start,
+        method="components" if spec is None else "seeded",
+        seeded=spec,
     )
