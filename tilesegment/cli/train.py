@@ -111,7 +111,46 @@ def _is_main_process() -> bool:
     show_default=True,
     help="Elastic deformation std (px, 3x3 grid); 0: off.",
 )
-@click.option("--augment/--no-augment", default=True, show_default=True, help="Flips and jitter.")
+@click.option(
+    "--augment/--no-augment",
+    default=True,
+    show_default=True,
+    help="Flips, scale, stain, intensity and blur jitter (the ranges below).",
+)
+@click.option(
+    "--scale-jitter",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.1,
+    show_default=True,
+    help="Zoom by up to 1 + S either way around the model's um/px; 0: off.",
+)
+@click.option(
+    "--hed-scale",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.1,
+    show_default=True,
+    help="Scale each HED stain amount by U(1 - S, 1 + S).",
+)
+@click.option(
+    "--hed-shift",
+    type=click.FloatRange(0),
+    default=0.05,
+    show_default=True,
+    help="Shift each HED stain amount by U(-S, S) optical density.",
+)
+@click.option("--brightness", type=click.FloatRange(0, 1, max_open=True), default=0.1,
+              show_default=True, help="Brightness jitter half-width.")  # fmt: skip
+@click.option("--contrast", type=click.FloatRange(0, 1, max_open=True), default=0.1,
+              show_default=True, help="Contrast jitter half-width.")  # fmt: skip
+@click.option("--gamma", type=click.FloatRange(0, 1, max_open=True), default=0.1,
+              show_default=True, help="Gamma jitter: exp(U(-G, G)).")  # fmt: skip
+@click.option(
+    "--blur-sigma",
+    type=click.FloatRange(0),
+    default=1.0,
+    show_default=True,
+    help="Largest Gaussian blur sigma (px), on half the crops; 0: off.",
+)
 @click.option(
     "--min-object-size",
     type=click.IntRange(0),
