@@ -175,6 +175,26 @@ def test_deformed_crops_keep_labels_on_their_pixels():
     assert np.mean(agree) > 0.98
 
 
+def test_scale_jittered_crops_keep_labels_on_their_pixels():
+    """Scale jitter resamples the target by nearest neighbour on the image's own grid: the
+    target stays on the bright pixels it labels, while object sizes change."""
+    pairs = []
+    for i in range(3):
+        _, inst = blob_pair(i, (96, 96), n=8)
+        image = np.where(inst > 0, 200, 40).astype(np.uint8)[..., None]
+        pairs.append(D.LabelledImage(f"b{i}", image, inst, f"b{i}"))
+    items = D.prepare_items(pairs, "instances", num_classes=2, channels=1, boundary_class=False)
+    aug = S.AugmentOptions(flips=True, elastic_sigma=0, intensity=False, scale=0.3)
+    sampler, net = sampler_for(items, tile=60, depth=2, augment=aug)
+    h, o = net.halo, sampler.output
+    for index in range(20):
+        image, target, weights = sampler.sample(0, index)
+        assert image.shape == (60, 60, 1) and target.shape == weights.shape == (o, o)
+        assert set(np.unique(target)) <= {0, 1} and np.isfinite(weights).all()
+        bright = image[h : h + o, h : h + o, 0] > 120
+        assert np.mean((target > 0) & ~bright) < 0.01
+
+
 def test_samples_depend_only_on_seed_epoch_index():
     items = D.prepare_items(isbi_pairs()[:3], "binary", num_classes=2, channels=1)
     aug = S.AugmentOptions()
