@@ -148,3 +148,21 @@ def test_chunked_equals_whole_image_on_crowded_nuclei_with_threads(chunk):
     whole = seeded_instances(classes, spec, min_area_px=5)
     assert whole.max() > 20
     assert np.array_equal(chunked(classes, chunk, spec, min_area_px=5, threads=3), whole)
+
+
+def test_evaluate_scores_the_instances_run_makes():
+    """Validation and `evaluate` of a model that declares interior/boundary classes score the
+    seeded instances, not the 2 px expansion used for models without the declaration."""
+    from tilesegment.train.evaluate import labels_from_probabilities
+
+    classes = np.zeros((12, 30), np.uint8)
+    classes[2:10, 2:28] = BND
+    classes[4:8, 4:8] = INT
+    classes[4:8, 22:26] = INT
+    probs = np.stack([classes == k for k in range(3)]).astype(np.float32)
+    spec = InstanceSpec(max_growth_px=12, min_seed_px=0)
+    seeded = labels_from_probabilities(probs, "instances", seeded=spec)
+    np.testing.assert_array_equal(seeded, seeded_instances(classes, spec))
+    assert np.array_equal(seeded > 0, classes > 0)  # the whole blob, split in two
+    legacy = labels_from_probabilities(probs, "instances")
+    assert legacy.max() == 2 and np.count_nonzero(legacy) < np.count_nonzero(classes)

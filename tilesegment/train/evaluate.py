@@ -10,8 +10,10 @@ From probabilities ``(K, H, W)`` to a label image comparable with the truth
   :func:`tilesegment.train.metrics.evaluate_pair` with kind ``"binary"`` (Rand error of the
   4-connected components, pixel error, foreground IoU/Dice);
 * ``instances``: the 4-connected components of class 1, objects smaller than
-  ``min_object_size`` px removed; with a boundary class (3 classes) the components of the
-  interior class are grown back over the boundary pixels by up to 2 px. Metrics: AJI, object
+  ``min_object_size`` px removed; with a boundary class (3 classes) the instances ``run``
+  makes when the model declares them (``instances`` in its config: interior seeds grown into
+  the nucleus region, :mod:`tilesegment.postprocess.seeded`), else the components of the
+  interior class grown back over the boundary pixels by up to 2 px. Metrics: AJI, object
   F1, foreground Dice, Rand scores;
 * ``classes``: the class map itself; pixel error, per-class and mean IoU/Dice.
 
@@ -31,6 +33,8 @@ from typing import Any
 import numpy as np
 from skimage.segmentation import expand_labels
 
+from tilesegment.model.checkpoint import InstanceSpec
+from tilesegment.postprocess.seeded import seeded_instances
 from tilesegment.train.labels import LabelKind, instances_from_binary
 from tilesegment.train.metrics import evaluate_pair
 
@@ -68,14 +72,21 @@ def remove_small_objects(instances: np.ndarray, min_size: int) -> np.ndarray:
 
 
 def labels_from_probabilities(
-    probs: np.ndarray, kind: LabelKind, *, min_object_size: int = 0
+    probs: np.ndarray,
+    kind: LabelKind,
+    *,
+    min_object_size: int = 0,
+    seeded: InstanceSpec | None = None,
 ) -> np.ndarray:
-    """Predicted label image of the truth's kind from (K, H, W) class probabilities."""
+    """Predicted label image of the truth's kind from (K, H, W) class probabilities;
+    ``seeded``: the model's interior/boundary classes, for instances as ``run`` makes them."""
     classes = probs.argmax(0).astype(np.uint8)
     if kind == "classes":
         return classes
     if kind == "binary":
         return (classes == 1).astype(np.uint8)
+    if seeded is not None:
+        return seeded_instances(classes, seeded, min_area_px=min_object_size).astype(np.int32)
     instances = remove_small_objects(instances_from_binary(classes == 1), min_object_size)
     if probs.shape[0] >= 3:  # boundary class: give the boundary pixels back to their objects
         grown = expand_labels(instances, distance=2)
@@ -179,7 +190,9 @@ def evaluate_items(
     loss_sum = weight_sum = 0.0
     for it in items:
         probs = predict_image(it.image, predictor)
-        pred = labels_from_probabilities(probs, kind, min_object_size=min_object_size)
+        pred = labels_from_probabilities(
+            probs, kind, min_object_size=min_object_size, seeded=predictor.spec.instances
+        )
         metrics = evaluate_pair(pred, it.truth, kind)
         metrics.pop("kind", None)
         report.per_image.append({"name": it.name, **metrics})
