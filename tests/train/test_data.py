@@ -152,47 +152,37 @@ def test_crops_are_aligned_windows_of_the_mirrored_image():
         np.testing.assert_array_equal(weights, wts[y + h : y + h + o, x + h : x + h + o])
 
 
-def test_deformed_crops_keep_labels_on_their_pixels():
-    """With flips and elastic deformation the target still sits on the pixels it labels:
-    the synthetic image is bright exactly where the label is foreground."""
+@pytest.mark.parametrize(
+    "aug",
+    [
+        S.AugmentOptions(flips=True, elastic_sigma=10.0, intensity=False),
+        S.AugmentOptions(flips=True, elastic_sigma=0, intensity=False, scale=0.3),
+    ],
+    ids=["elastic", "scale"],
+)
+def test_deformed_crops_keep_labels_on_their_pixels(aug):
+    """With flips and elastic deformation, or scale jitter (the target resampled by nearest
+    neighbour on the image's grid), the target still sits on the pixels it labels: the
+    synthetic image is bright exactly where the label is foreground."""
     pairs = []
     for i in range(3):
         _, inst = blob_pair(i, (96, 96), n=8)
         image = np.where(inst > 0, 200, 40).astype(np.uint8)[..., None]
         pairs.append(D.LabelledImage(f"b{i}", image, inst, f"b{i}"))
     items = D.prepare_items(pairs, "instances", num_classes=2, channels=1, boundary_class=False)
-    aug = S.AugmentOptions(flips=True, elastic_sigma=10.0, intensity=False)
     sampler, net = sampler_for(items, tile=60, depth=2, augment=aug)
     h, o = net.halo, sampler.output
     agree = []
     for index in range(20):
-        image, target, _ = sampler.sample(0, index)
+        image, target, weights = sampler.sample(0, index)
+        assert image.shape == (60, 60, 1) and target.shape == weights.shape == (o, o)
+        assert set(np.unique(target)) <= {0, 1} and np.isfinite(weights).all()
         bright = image[h : h + o, h : h + o, 0] > 120
         fg = target > 0
         # separation borders are background in the target but bright in the image
         agree.append(np.mean(bright[fg]) if fg.any() else 1.0)
         assert np.mean(fg & ~bright) < 0.02
     assert np.mean(agree) > 0.98
-
-
-def test_scale_jittered_crops_keep_labels_on_their_pixels():
-    """Scale jitter resamples the target by nearest neighbour on the image's own grid: the
-    target stays on the bright pixels it labels, while object sizes change."""
-    pairs = []
-    for i in range(3):
-        _, inst = blob_pair(i, (96, 96), n=8)
-        image = np.where(inst > 0, 200, 40).astype(np.uint8)[..., None]
-        pairs.append(D.LabelledImage(f"b{i}", image, inst, f"b{i}"))
-    items = D.prepare_items(pairs, "instances", num_classes=2, channels=1, boundary_class=False)
-    aug = S.AugmentOptions(flips=True, elastic_sigma=0, intensity=False, scale=0.3)
-    sampler, net = sampler_for(items, tile=60, depth=2, augment=aug)
-    h, o = net.halo, sampler.output
-    for index in range(20):
-        image, target, weights = sampler.sample(0, index)
-        assert image.shape == (60, 60, 1) and target.shape == weights.shape == (o, o)
-        assert set(np.unique(target)) <= {0, 1} and np.isfinite(weights).all()
-        bright = image[h : h + o, h : h + o, 0] > 120
-        assert np.mean((target > 0) & ~bright) < 0.01
 
 
 def test_samples_depend_only_on_seed_epoch_index():

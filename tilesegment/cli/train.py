@@ -40,6 +40,17 @@ def _class_names(ctx: click.Context, param: click.Parameter, value: str | None) 
     return names
 
 
+def _half_width(flag: str, text: str) -> Any:
+    """An augmentation range S in [0, 1), default 0.1; 0 turns the step off."""
+    return click.option(
+        flag,
+        type=click.FloatRange(0, 1, max_open=True),
+        default=0.1,
+        show_default=True,
+        help=f"{text} 0: off.",
+    )
+
+
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -117,20 +128,8 @@ def _is_main_process() -> bool:
     show_default=True,
     help="Flips, scale, stain, intensity and blur jitter (the ranges below).",
 )
-@click.option(
-    "--scale-jitter",
-    type=click.FloatRange(0, 1, max_open=True),
-    default=0.1,
-    show_default=True,
-    help="Zoom by up to 1 + S either way around the model's um/px; 0: off.",
-)
-@click.option(
-    "--hed-scale",
-    type=click.FloatRange(0, 1, max_open=True),
-    default=0.1,
-    show_default=True,
-    help="Scale each HED stain amount by U(1 - S, 1 + S).",
-)
+@_half_width("--scale-jitter", "Zoom by up to 1 + S either way around the model's um/px.")
+@_half_width("--hed-scale", "Scale each HED stain amount by U(1 - S, 1 + S).")
 @click.option(
     "--hed-shift",
     type=click.FloatRange(0),
@@ -138,12 +137,9 @@ def _is_main_process() -> bool:
     show_default=True,
     help="Shift each HED stain amount by U(-S, S) optical density.",
 )
-@click.option("--brightness", type=click.FloatRange(0, 1, max_open=True), default=0.1,
-              show_default=True, help="Brightness jitter half-width.")  # fmt: skip
-@click.option("--contrast", type=click.FloatRange(0, 1, max_open=True), default=0.1,
-              show_default=True, help="Contrast jitter half-width.")  # fmt: skip
-@click.option("--gamma", type=click.FloatRange(0, 1, max_open=True), default=0.1,
-              show_default=True, help="Gamma jitter: exp(U(-G, G)).")  # fmt: skip
+@_half_width("--brightness", "Brightness jitter, U(-S, S) on [0, 1] values.")
+@_half_width("--contrast", "Contrast jitter, a factor U(1 - S, 1 + S).")
+@_half_width("--gamma", "Gamma jitter, an exponent exp(U(-S, S)).")
 @click.option(
     "--blur-sigma",
     type=click.FloatRange(0),
