@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from tilesegment.errors import ConfigError, ModelError
 from tilesegment.geometry import Box
-from tilesegment.model import InstanceSpec
+from tilesegment.instances import InstanceSpec
 from tilesegment.postprocess.seeded import grow_seeds, label_seeded, seeded_instances
 
 BND, INT = 2, 1  # boundary, interior

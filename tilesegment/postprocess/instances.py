@@ -17,7 +17,7 @@ import numpy as np
 
 from tilesegment.errors import ConfigError, ModelError, StoreError
 from tilesegment.geometry import Box
-from tilesegment.model.checkpoint import InstanceSpec
+from tilesegment.instances import InstanceSpec
 from tilesegment.postprocess.common import (
     InstanceOptions,
     check_class,

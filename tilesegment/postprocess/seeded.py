@@ -48,7 +48,7 @@ from scipy import ndimage
 
 from tilesegment.errors import ConfigError
 from tilesegment.geometry import Box
-from tilesegment.model.checkpoint import InstanceSpec
+from tilesegment.instances import InstanceSpec
 from tilesegment.postprocess.common import STRUCTURES
 from tilesegment.postprocess.label import ChunkedLabels, Fragments, label_fragments
 

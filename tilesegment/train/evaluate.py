@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from skimage.segmentation import expand_labels
 
-from tilesegment.model.checkpoint import InstanceSpec
+from tilesegment.instances import InstanceSpec
 from tilesegment.postprocess.seeded import seeded_instances
 from tilesegment.train.labels import LabelKind, instances_from_binary
 from tilesegment.train.metrics import evaluate_pair
