@@ -52,11 +52,11 @@ def build(path: Path, size: int, every: int) -> int:
     return written
 
 
-def label(path: Path) -> None:
+def label(path: Path, method: str) -> None:
     from tilesegment.postprocess import InstanceOptions, label_instances
 
     start = time.perf_counter()
-    summary = label_instances(path, InstanceOptions(threads=2))
+    summary = label_instances(path, InstanceOptions(threads=2, method=method))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{summary.count} {summary.method} {time.perf_counter() - start:.1f} {peak:.0f}")
 
@@ -66,25 +66,29 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384, 32768])
     parser.add_argument("--every", type=int, default=4)
     parser.add_argument("--label", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--method", default="seeded", help="seeded, or components (of the interior) to compare"
+    )
     args = parser.parse_args()
     if args.label:
-        label(args.label)
+        label(args.label, args.method)
         return
-    print("| image px | chunks with nuclei | instances | label s | peak RSS MB |")
-    print("|---|---|---|---|---|")
+    print("| image px | chunks with nuclei | method | instances | label s | peak RSS MB |")
+    print("|---|---|---|---|---|---|")
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "out.zarr"
             written = build(path, size, args.every)
             out = subprocess.run(
-                [sys.executable, __file__, "--label", str(path)],
+                [sys.executable, __file__, "--label", str(path), "--method", args.method],
                 capture_output=True,
                 text=True,
                 check=True,
             ).stdout.split()
             count, method, seconds, peak = out
-            assert method == "seeded"
-            print(f"| {size}² | {written} | {count} | {seconds} | {peak} |", flush=True)
+            assert method == args.method
+            row = f"| {size}² | {written} | {method} | {count} | {seconds} | {peak} |"
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

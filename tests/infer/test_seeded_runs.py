@@ -133,3 +133,23 @@ def test_tile_sizes_give_the_same_nuclei_wherever_the_class_maps_agree(runs):
         areas = np.bincount(ref.ravel())[pairs[0]], np.bincount(nuclei.ravel())[pairs[1]]
         assert np.array_equal(*areas), name  # same sets, not just overlapping ones
         assert pairs.shape[1] > 0.9 * ref.max(), name
+
+
+def test_export_method_option(runs, tmp_path):
+    """`export` follows the store's declaration; --method components overrides it; options of
+    the components method on a seeded store are a one-line error (exit 2)."""
+    from tests.infer.conftest import invoke
+
+    store = runs["1084"]
+    seeded_count = int(arrays(store)[1].max())
+    bad = invoke("export", store, "--instances", "--threshold", "0.5")
+    assert bad.exit_code == 2, bad.output
+    assert bad.output.count("\n") == 1 and "--method components" in bad.output
+    table = tmp_path / "t.csv"
+    done = invoke("export", store, "--method", "components", "--instances", "--table", table)
+    assert done.exit_code == 0, done.output
+    mask, components = arrays(store)
+    interior, _ = ndimage.label(mask == 1)  # 4-connected components of class 1, >= 10 px
+    assert components.max() == np.count_nonzero(np.bincount(interior.ravel())[1:] >= 10)
+    again = invoke("export", store, "--instances", "--table", table)
+    assert again.exit_code == 0 and int(arrays(store)[1].max()) == seeded_count
