@@ -24,6 +24,7 @@ STAGES = (
     "tilesegment",  # the package root: __version__ only
     "tilesegment.errors",
     "tilesegment.geometry",
+    "tilesegment.instances",
     "tilesegment.io",
     "tilesegment.tissue",
     "tilesegment.model",

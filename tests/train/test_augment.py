@@ -11,14 +11,20 @@ from scipy import ndimage as ndi
 
 from tests.conftest import data_path
 from tilesegment.errors import ConfigError
+from tilesegment.geometry import mirror_indices
 from tilesegment.train.augment import (
+    HE_DEFAULTS,
+    HED_FROM_RGB,
+    PhotometricRanges,
     _displacement_field,
     colour_jitter,
     elastic_deformation,
     flip_rotate,
+    gaussian_blur,
     intensity_jitter,
     random_crop_box,
     rng_for,
+    scale_crop,
 )
 
 
@@ -244,3 +250,98 @@ def test_colour_jitter_real_he_tile() -> None:
     assert 0 < difference.mean() < 25
     with pytest.raises(ConfigError, match="RGB"):
         colour_jitter(image[..., 0], rng_for(0, 0, 0))
+
+
+# ------------------------------------------------------------------------ scale and blur
+def test_scale_crop_without_jitter_is_the_mirror_indexed_crop() -> None:
+    image = np.stack([block_image(), 255 - block_image()], axis=-1)
+    labels = label_of(image[..., 0])
+    weights = np.random.default_rng(0).random(labels.shape).astype(np.float32)
+    got = scale_crop(image, labels, weights, (-7, 150), 64, rng_for(0, 0, 0), max_scale=0)
+    box = np.ix_(mirror_indices(-7, 57, 160), mirror_indices(150, 214, 200))
+    for out, source in zip(got, (image, labels, weights), strict=True):
+        np.testing.assert_array_equal(out, source[box])
+
+
+def test_scale_crop_keeps_labels_integral_and_aligned() -> None:
+    image = block_image()
+    labels = label_of(image)
+    for index in range(5):
+        out_image, out_labels, out_weights = scale_crop(
+            image, labels, None, (30, 40), 96, rng_for(1, 2, index), max_scale=0.3
+        )
+        assert out_image.dtype == np.uint8 and out_labels.dtype == np.int32
+        assert out_image.shape == out_labels.shape == (96, 96) and out_weights is None
+        assert set(np.unique(out_labels)) <= set(np.unique(labels))
+        edge = ndi.maximum_filter(out_image, 3) != ndi.minimum_filter(out_image, 3)
+        mismatch = out_labels != label_of(out_image)
+        assert not np.any(mismatch & ~edge), "labels must sit on the pixels they label"
+
+
+def test_scale_crop_factor_stays_in_range_both_ways_and_is_seeded() -> None:
+    ramp = np.tile(np.arange(400, dtype=np.float32), (400, 1))  # value = column index
+    factors = []
+    for index in range(200):
+        out, _, _ = scale_crop(ramp, None, None, (150, 150), 64, rng_for(7, 0, index))
+        factors.append(1.0 / float(np.mean(np.diff(out, axis=1))))  # output px per source px
+    factors = np.array(factors)
+    assert factors.min() >= 1 / 1.1 - 1e-4 and factors.max() <= 1.1 + 1e-4
+    assert factors.min() < 0.93 and factors.max() > 1.07
+    again = scale_crop(ramp, None, None, (150, 150), 64, rng_for(7, 0, 3))[0]
+    np.testing.assert_array_equal(
+        again, scale_crop(ramp, None, None, (150, 150), 64, rng_for(7, 0, 3))[0]
+    )
+    with pytest.raises(ConfigError, match="max_scale"):
+        scale_crop(ramp, None, None, (0, 0), 8, rng_for(0, 0, 0), max_scale=1.5)
+
+
+def test_gaussian_blur_sigma_within_range_on_half_the_samples() -> None:
+    impulse = np.zeros((41, 41), np.float32)
+    impulse[20, 20] = 1.0
+    yy = np.mgrid[:41, :41][0] - 20
+    sigmas = []
+    for index in range(200):
+        out = gaussian_blur(impulse, rng_for(2, 0, index), max_sigma=1.5)
+        assert out.dtype == np.float32 and abs(float(out.sum()) - 1) < 1e-4
+        sigmas.append(float(np.sqrt((out * yy**2).sum())))  # the impulse's spread = sigma
+    sigmas = np.array(sigmas)
+    assert 70 <= np.count_nonzero(sigmas == 0) <= 130  # p = 0.5
+    assert sigmas.max() <= 1.5 + 1e-3 and sigmas.max() > 1.2
+    rgb = np.stack([block_image()] * 3, axis=-1)
+    a, b = (gaussian_blur(rgb, rng_for(2, 0, 1), p=1.0) for _ in range(2))
+    assert a.dtype == np.uint8 and a.shape == rgb.shape
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a[..., 0], a[..., 2])  # no blur across channels
+    np.testing.assert_array_equal(gaussian_blur(rgb, rng_for(2, 0, 1), max_sigma=0, p=1), rgb)
+
+
+def test_hed_jitter_scales_each_stain_within_its_range() -> None:
+    path = data_path("tnbc", "images", "01_1.png")
+    image = np.asarray(Image.open(path).convert("RGB"))[:128, :128].astype(np.float64) / 255
+
+    def stains(rgb: np.ndarray) -> np.ndarray:
+        return (-np.log((rgb * 255 + 1) / 256)).reshape(-1, 3) @ HED_FROM_RGB
+
+    before = stains(image)
+    ratios = []
+    for index in range(40):
+        out = colour_jitter(image, rng_for(4, 1, index), sigma=0.2, bias=0)
+        inside = np.all((out > 0) & (out < 1), axis=-1).ravel()  # not clipped
+        strong = inside[:, None] & (np.abs(before) > 0.05)
+        ratio = [np.median(stains(out)[strong[:, c], c] / before[strong[:, c], c]) for c in (0, 1)]
+        ratios.append(ratio)
+    ratios = np.array(ratios)
+    assert ratios.min() >= 0.8 - 1e-6 and ratios.max() <= 1.2 + 1e-6
+    assert ratios.min() < 0.9 and ratios.max() > 1.1
+    assert np.std(ratios[:, 0] - ratios[:, 1]) > 0.02  # H and E vary independently
+
+
+def test_photometric_ranges_are_seeded_and_mild_on_he() -> None:
+    path = data_path("monuseg", "images", "TCGA-21-5784-01Z-00-DX1.png")
+    image = np.asarray(Image.open(path).convert("RGB"))[:128, :128]
+    a = HE_DEFAULTS.apply(image, rng_for(0, 0, 5))
+    np.testing.assert_array_equal(a, HE_DEFAULTS.apply(image, rng_for(0, 0, 5)))
+    assert a.dtype == np.uint8 and not np.array_equal(a, image)
+    assert np.abs(a.astype(int) - image).mean() < 40
+    off = PhotometricRanges(0, 0, 0, 0, 0, 0)
+    np.testing.assert_array_equal(off.apply(image, rng_for(0, 0, 5)), image)

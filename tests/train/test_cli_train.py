@@ -192,3 +192,32 @@ def test_class_labels_with_gaps_warn_naming_the_values(tmp_path, caplog):
     assert "remap the labels to 0..2" in caplog.text
     config = json.loads((tmp_path / "run" / "last.json").read_text())
     assert len(config["classes"]["names"]) == 8
+
+
+def test_boundary_class_run_declares_seeded_instances_and_records_augmentation(tmp_path):
+    """A --boundary-class model names its interior/boundary classes, so `run --geojson` grows
+    seeds; the augmentation options are recorded in the checkpoint's provenance."""
+    images, labels = write_folder(tmp_path / "data", 3, rgb=True, shape=(80, 80))
+    out = tmp_path / "run"
+    extra = ("--boundary-class", "--label-kind", "instances", "--scale-jitter", "0.2")
+    extra += ("--hed-scale", "0.15", "--hed-shift", "0.02", "--blur-sigma", "0.5")
+    result = invoke(*train_args(images, labels, out, *extra))
+    assert result.exit_code == 0, result.output
+    spec = json.loads((out / "last.json").read_text())
+    assert spec["classes"]["names"] == ["background", "foreground", "boundary"]
+    assert spec["instances"] == {"interior": 1, "boundary": 2, "max_growth_px": 8, "min_seed_px": 4}
+    config = spec["training"]["config"]
+    assert (config["scale_jitter"], config["hed_scale"], config["hed_shift"]) == (0.2, 0.15, 0.02)
+    assert (config["blur_sigma"], config["brightness"]) == (0.5, 0.1)
+
+    output = tmp_path / "img0.zarr"
+    ran = invoke(
+        "run", images / "img0.png", "-o", output, "--model", out / "last",
+        "--geojson", tmp_path / "img0.geojson",
+    )  # fmt: skip
+    assert ran.exit_code == 0, ran.output
+    attrs = json.loads((output / ".zattrs").read_text())["tilesegment"]
+    assert attrs["instances"]["max_growth_px"] == 8
+
+    bad = invoke(*train_args(images, labels, tmp_path / "r2", "--scale-jitter", "1.5"))
+    assert bad.exit_code == 2 and "--scale-jitter" in bad.output

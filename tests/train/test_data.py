@@ -155,21 +155,31 @@ def test_crops_are_aligned_windows_of_the_mirrored_image():
         np.testing.assert_array_equal(weights, wts[y + h : y + h + o, x + h : x + h + o])
 
 
-def test_deformed_crops_keep_labels_on_their_pixels():
-    """With flips and elastic deformation the target still sits on the pixels it labels:
-    the synthetic image is bright exactly where the label is foreground."""
+@pytest.mark.parametrize(
+    "aug",
+    [
+        S.AugmentOptions(flips=True, elastic_sigma=10.0, intensity=False),
+        S.AugmentOptions(flips=True, elastic_sigma=0, intensity=False, scale=0.3),
+    ],
+    ids=["elastic", "scale"],
+)
+def test_deformed_crops_keep_labels_on_their_pixels(aug):
+    """With flips and elastic deformation, or scale jitter (the target resampled by nearest
+    neighbour on the image's grid), the target still sits on the pixels it labels: the
+    synthetic image is bright exactly where the label is foreground."""
     pairs = []
     for i in range(3):
         _, inst = blob_pair(i, (96, 96), n=8)
         image = np.where(inst > 0, 200, 40).astype(np.uint8)[..., None]
         pairs.append(D.LabelledImage(f"b{i}", image, inst, f"b{i}"))
     items = D.prepare_items(pairs, "instances", num_classes=2, channels=1, boundary_class=False)
-    aug = S.AugmentOptions(flips=True, elastic_sigma=10.0, intensity=False)
     sampler, net = sampler_for(items, tile=60, depth=2, augment=aug)
     h, o = net.halo, sampler.output
     agree = []
     for index in range(20):
-        image, target, _ = sampler.sample(0, index)
+        image, target, weights = sampler.sample(0, index)
+        assert image.shape == (60, 60, 1) and target.shape == weights.shape == (o, o)
+        assert set(np.unique(target)) <= {0, 1} and np.isfinite(weights).all()
         bright = image[h : h + o, h : h + o, 0] > 120
         fg = target > 0
         # separation borders are background in the target but bright in the image

@@ -193,3 +193,15 @@ def test_dataloader_workers_do_not_change_the_run(tmp_path):
     b = weights_of(tmp_path / "w2" / "last")
     for key, value in a.items():
         torch.testing.assert_close(b[key], value, rtol=0, atol=0)
+
+
+def test_resume_of_a_run_older_than_the_augmentation_options(tmp_path, caplog):
+    """A run saved before --blur-sigma etc. existed resumes (with a warning); a changed
+    augmentation range is refused like any frozen option."""
+    cfg = TrainConfig(images=tmp_path, labels=tmp_path, run_dir=tmp_path / "run")
+    saved = cfg.to_json()
+    del saved["blur_sigma"], saved["scale_jitter"]
+    state.check_resume_config(cfg, saved)
+    assert "predates --blur-sigma" in caplog.text and "predates --scale-jitter" in caplog.text
+    with pytest.raises(ConfigError, match=r"--hed-scale 0.1 -> 0.3"):
+        state.check_resume_config(dataclasses.replace(cfg, hed_scale=0.3), cfg.to_json())

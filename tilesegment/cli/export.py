@@ -53,6 +53,14 @@ from tilesegment.cli.exits import Command, writing
     help="Pixel neighbourhood; 4 respects the model's 1 px separation borders.",
 )
 @click.option(
+    "--method",
+    type=click.Choice(["auto", "components", "seeded"]),
+    default="auto",
+    show_default=True,
+    help="Instances as connected components of --class-id, or as interior seeds grown into the "
+    "nucleus region (models that declare interior/boundary classes); auto: as the model says.",
+)
+@click.option(
     "--downsample",
     type=click.FloatRange(0, min_open=True),
     help="Level-0 px per stored px (default: the store's level0_per_px attribute, else 1).",
@@ -72,6 +80,7 @@ def export(
     class_id: int,
     threshold: float | None,
     connectivity: str,
+    method: str,
     downsample: float | None,
     classification: str,
 ) -> None:
@@ -90,7 +99,11 @@ def export(
         result = postprocess_output(
             store,
             InstanceOptions(
-                class_id=class_id, threshold=threshold, connectivity=int(connectivity), **options
+                class_id=class_id,
+                threshold=threshold,
+                connectivity=int(connectivity),
+                method=method,
+                **options,
             ),
             geojson=geojson,
             table=table,

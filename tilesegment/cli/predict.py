@@ -47,6 +47,7 @@ from tilesegment.errors import ConfigError
 
 if TYPE_CHECKING:
     from tilesegment.infer.image import ImagePrediction, ImageSegmenter
+    from tilesegment.model.checkpoint import ModelSpec
     from tilesegment.store.flat import Writer
 
 log = logging.getLogger("tilesegment")
@@ -163,9 +164,10 @@ def plan_outputs(
 
 
 def image_writers(
-    prediction: ImagePrediction, files: dict[str, Path], outputs: Outputs, colours
+    prediction: ImagePrediction, files: dict[str, Path], outputs: Outputs, spec: ModelSpec
 ) -> dict[Path, Writer]:
-    """The writers of one image's files (``files``: output path by suffix)."""
+    """The writers of one image's files (``files``: output path by suffix); instances as
+    ``run --geojson`` makes them for ``spec`` (seeded growth when the model declares it)."""
     import numpy as np
 
     from tilesegment.infer.preview import overlay
@@ -174,9 +176,10 @@ def image_writers(
     from tilesegment.store.flat import array_tiff, mask_png, rgb_png
 
     mpp = prediction.mpp
+    colours = spec.class_colours
     writers = {files[MASK]: mask_png(prediction.mask, colours)}
     if outputs.instances:
-        ids, count = instance_ids(prediction.mask, mpp)
+        ids, count = instance_ids(prediction.mask, mpp, seeded=spec.instances)
         dtype = np.uint16 if count <= np.iinfo(np.uint16).max else np.uint32
         writers[files[INSTANCES]] = array_tiff(ids.astype(dtype), axes="YX", mpp=mpp)
     if outputs.probabilities:
@@ -317,7 +320,7 @@ def _predict_all(
                             path,
                             spec.mpp,
                         )
-                    write_together(image_writers(prediction, files, outputs, spec.class_colours))
+                    write_together(image_writers(prediction, files, outputs, spec))
                 except Exception as exc:  # reported, counted, and the others go on
                     log.debug("%s failed", path, exc_info=True)
                     failed.append(path)

@@ -42,6 +42,17 @@ def _class_names(ctx: click.Context, param: click.Parameter, value: str | None) 
     return names
 
 
+def _half_width(flag: str, text: str) -> Any:
+    """An augmentation range S in [0, 1), default 0.1; 0 turns the step off."""
+    return click.option(
+        flag,
+        type=click.FloatRange(0, 1, max_open=True),
+        default=0.1,
+        show_default=True,
+        help=f"{text} 0: off.",
+    )
+
+
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -120,7 +131,31 @@ def _is_main_process() -> bool:
     show_default=True,
     help="Elastic deformation std (px, 3x3 grid); 0: off.",
 )
-@click.option("--augment/--no-augment", default=True, show_default=True, help="Flips and jitter.")
+@click.option(
+    "--augment/--no-augment",
+    default=True,
+    show_default=True,
+    help="Flips, scale, stain, intensity and blur jitter (the ranges below).",
+)
+@_half_width("--scale-jitter", "Zoom by up to 1 + S either way around the model's um/px.")
+@_half_width("--hed-scale", "Scale each HED stain amount by U(1 - S, 1 + S).")
+@click.option(
+    "--hed-shift",
+    type=click.FloatRange(0),
+    default=0.05,
+    show_default=True,
+    help="Shift each HED stain amount by U(-S, S) optical density.",
+)
+@_half_width("--brightness", "Brightness jitter, U(-S, S) on [0, 1] values.")
+@_half_width("--contrast", "Contrast jitter, a factor U(1 - S, 1 + S).")
+@_half_width("--gamma", "Gamma jitter, an exponent exp(U(-S, S)).")
+@click.option(
+    "--blur-sigma",
+    type=click.FloatRange(0),
+    default=1.0,
+    show_default=True,
+    help="Largest Gaussian blur sigma (px), on half the crops; 0: off.",
+)
 @click.option(
     "--min-object-size",
     type=click.IntRange(0),

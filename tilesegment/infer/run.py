@@ -182,6 +182,8 @@ def _run_params(
         "halo": grid.halo,
         "tissue": opts.tissue,
     }
+    if job.spec.instances is not None:  # how postprocess makes instances (seeded growth)
+        attrs["instances"] = job.spec.instances.to_json()
     info = {
         "command": list(opts.command or sys.argv),
         "batch_size": opts.batch_size,

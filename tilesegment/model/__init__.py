@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tilesegment.model.checkpoint import (
+    InstanceSpec,
     ModelSpec,
     checkpoint_paths,
     load_checkpoint,
@@ -13,6 +14,7 @@ from tilesegment.model.checkpoint import (
 from tilesegment.model.unet import UNet, UNetConfig
 
 __all__ = [
+    "InstanceSpec",
     "ModelSpec",
     "UNet",
     "UNetConfig",

@@ -9,8 +9,14 @@ and normalisation, the µm/px the model expects and the training provenance::
       "classes": {"names": ["background", "nucleus"], "colours": [[0,0,0,0], [255,0,0,255]]},
       "input": {"channel_order": "RGB", "mean": [..], "std": [..]},
       "mpp": 0.25, "halo": 92, "valid_input_sizes": "188 + 16k",
+      "instances": {"interior": 1, "boundary": 2, "max_growth_px": 8, "min_seed_px": 4},
       "weights_sha256": "...", "training": {...}
     }
+
+``instances`` is optional (see :class:`InstanceSpec`): a model that predicts a nucleus
+interior and a nucleus boundary class names them there, and its instances are its interior
+components grown into the nucleus region (:mod:`tilesegment.postprocess.seeded`). Without it,
+instances are the connected components of class 1.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tilesegment.errors import ModelError
+from tilesegment.instances import InstanceSpec
 from tilesegment.model.unet import UNet, UNetConfig
 
 log = logging.getLogger(__name__)
@@ -70,9 +77,19 @@ class ModelSpec:
     """µm per pixel the model was trained at, or None if resolution-agnostic."""
     training: dict[str, Any] = field(default_factory=dict, compare=False)
     """Provenance: data, command, metrics, licence terms. Informational only."""
+    instances: InstanceSpec | None = None
+    """Interior and boundary classes for seeded instances; None: components of class 1."""
 
     def __post_init__(self) -> None:
         n = self.unet.classes
+        if (
+            self.instances is not None
+            and max(self.instances.interior, self.instances.boundary) >= n
+        ):
+            raise ModelError(
+                f"model {self.name!r}: instances {self.instances.to_json()} name a class "
+                f"beyond its {n} classes"
+            )
         if len(self.class_names) != n or len(self.class_colours) != n:
             raise ModelError(
                 f"model {self.name!r}: {n} classes but {len(self.class_names)} names and "
@@ -134,6 +151,8 @@ class ModelSpec:
             "valid_input_sizes": valid_sizes,
             "training": self.training,
         }
+        if self.instances is not None:
+            doc["instances"] = self.instances.to_json()
         if weights_sha256 is not None:
             doc["weights_sha256"] = weights_sha256
         return doc
@@ -163,6 +182,11 @@ class ModelSpec:
                 std=tuple(float(v) for v in inp["std"]),
                 mpp=None if doc.get("mpp") is None else float(doc["mpp"]),
                 training=dict(doc.get("training", {})),
+                instances=(
+                    None
+                    if doc.get("instances") is None
+                    else InstanceSpec.from_json(doc["instances"], source=str(source))
+                ),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ModelError):

@@ -3,7 +3,10 @@
 Three steps, each reading the store chunk by chunk so that memory never holds the whole image:
 
 1. :func:`label_instances` turns the stitched class map ``labels/mask`` (or a probability
-   threshold) into instance ids and writes them as ``labels/nuclei`` (uint32).
+   threshold) into instance ids and writes them as ``labels/nuclei`` (uint32): the connected
+   components of one class, or, when the store's model declares a nucleus interior and a
+   nucleus boundary class (its ``instances`` attribute), the interior seeds grown into the
+   nucleus region by at most ``max_growth_px`` (:mod:`tilesegment.postprocess.seeded`).
 2. :func:`measure_instances` accumulates per-instance sums chunk by chunk (``np.bincount``
    over each chunk's ids) into an :class:`InstanceTable`; :func:`write_table` writes it as CSV
    (and Parquet when ``pyarrow`` is importable).
@@ -20,10 +23,11 @@ Connectivity
     background is the consistent pair of digital topologies.) Smooth blobs lose nothing; a
     single-pixel diagonal spur becomes its own fragment and falls below ``min_area_um2``.
     ``connectivity=8`` is available for masks without separation borders.
-No watershed
-    Touching objects are not split further: a distance or probability watershed needs context
-    across chunk borders to be chunk-invariant, and the model's separation borders already do
-    the splitting.
+Touching nuclei
+    Components are not split further: a watershed with unbounded reach would need context
+    from arbitrarily far across chunk borders. A model with interior and boundary classes
+    separates touching nuclei instead: seeded growth reaches at most ``max_growth_px``, so a
+    chunk widened by a fixed halo fixes its instances (:mod:`~tilesegment.postprocess.seeded`).
 Chunk consistency
     Each chunk is labelled on its own (:func:`scipy.ndimage.label`); the resulting fragments
     are joined across chunk faces (and, for 8-connectivity, diagonally across faces and chunk
@@ -87,6 +91,7 @@ from tilesegment.postprocess.measure import (
     measure_instances,
     write_table,
 )
+from tilesegment.postprocess.seeded import SeededLabels, label_seeded, seeded_instances
 
 __all__ = [
     "DEFAULT_LABEL",
@@ -96,6 +101,7 @@ __all__ = [
     "InstanceSummary",
     "InstanceTable",
     "PostprocessResult",
+    "SeededLabels",
     "default_table_path",
     "export_geojson",
     "instance_ids",
@@ -103,8 +109,10 @@ __all__ = [
     "iter_features",
     "label_chunked",
     "label_instances",
+    "label_seeded",
     "measure_instances",
     "postprocess_output",
+    "seeded_instances",
     "write_table",
 ]
 

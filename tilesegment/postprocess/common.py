@@ -11,7 +11,7 @@ from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from scipy import ndimage
@@ -28,6 +28,12 @@ DEFAULT_LABEL = "nuclei"
 #: Instances smaller than this (µm², or px when the mpp is unknown) are removed by default:
 #: about a disc of 3.6 µm diameter, well below any nucleus.
 DEFAULT_MIN_AREA_UM2 = 10.0
+
+#: How instances are made: ``components`` of one class, ``seeded`` growth of interior seeds
+#: (:mod:`tilesegment.postprocess.seeded`), or ``auto``: seeded when the store's model declares
+#: interior and boundary classes (its ``instances`` attribute), components otherwise.
+Method = Literal["auto", "components", "seeded"]
+METHODS: tuple[str, ...] = ("auto", "components", "seeded")
 
 STRUCTURES = {
     4: ndimage.generate_binary_structure(2, 1),
@@ -51,9 +57,19 @@ class InstanceOptions:
     """Name of the instance label; an existing label of that name is replaced."""
     threads: int | None = None
     """Chunks processed in parallel (default: up to 4)."""
+    method: Method = "auto"
+    """``auto``, ``components`` or ``seeded`` (see :data:`Method`); ``threshold`` and
+    ``connectivity`` 8 apply to components only."""
 
     def __post_init__(self) -> None:
         check_connectivity(self.connectivity)
+        if self.method not in METHODS:
+            raise ConfigError(f"`method` ({self.method!r}) must be one of {', '.join(METHODS)}")
+        if self.method == "seeded" and (self.threshold is not None or self.connectivity != 4):
+            raise ConfigError(
+                "`threshold` and `connectivity` 8 apply to the components method; seeded "
+                "instances read the class map with 4-connectivity"
+            )
         if self.threshold is not None and not 0 < self.threshold <= 1:
             raise ConfigError(f"`threshold` ({self.threshold}) must lie in (0, 1]")
         if not (math.isfinite(self.min_area_um2) and self.min_area_um2 >= 0):

@@ -35,10 +35,35 @@ class _ChunkScan:
     bottom: np.ndarray
     left: np.ndarray
     right: np.ndarray
+    top_join: np.ndarray | None = None
+    """(w,) bool: row 0 joins the pixel above it; None: wherever both are fragments."""
+    left_join: np.ndarray | None = None
+    """(h,) bool: column 0 joins the pixel left of it; None: wherever both are fragments."""
 
 
-def _scan_chunk(box: Box, foreground: np.ndarray, structure: np.ndarray, width: int) -> _ChunkScan:
-    local, count = ndimage.label(foreground, structure=structure)
+@dataclass(frozen=True, slots=True, eq=False)
+class Fragments:
+    """One chunk cut into fragments, the pieces of instances that :func:`label_fragments`
+    joins across chunk faces.
+
+    Every fragment must lie inside one instance, and every two 4-adjacent pixels of one
+    instance must be linked by a path of such pixels whose steps stay inside one fragment or
+    cross a chunk face where the join lines say so.
+    """
+
+    local: np.ndarray
+    """(h, w) int ids 0..count, 0 = no instance."""
+    count: int
+    """Number of fragments."""
+    top_join: np.ndarray | None = None
+    """(w,) bool: pixel ``(0, x)`` is in the instance of the pixel above it (read only where
+    both are fragment pixels); None: always (connected components)."""
+    left_join: np.ndarray | None = None
+    """(h,) bool: the same for column 0 and the pixel to its left."""
+
+
+def _scan_chunk(box: Box, fragments: Fragments, width: int) -> _ChunkScan:
+    local, count = fragments.local, fragments.count
     flat = local.ravel()
     area = np.bincount(flat, minlength=count + 1)[1:].astype(np.int64)
     first = np.full(count + 1, flat.size, dtype=np.int64)
@@ -54,22 +79,32 @@ def _scan_chunk(box: Box, foreground: np.ndarray, structure: np.ndarray, width: 
         local[-1].copy(),
         local[:, 0].copy(),
         local[:, -1].copy(),
+        fragments.top_join,
+        fragments.left_join,
     )
 
 
-def _contacts(previous: np.ndarray, current: np.ndarray, shifts: tuple[int, ...]) -> np.ndarray:
+def _contacts(
+    previous: np.ndarray,
+    current: np.ndarray,
+    shifts: tuple[int, ...],
+    join: np.ndarray | None = None,
+) -> np.ndarray:
     """Distinct pairs (a, b) of fragment ids that touch across a face.
 
     ``previous`` is the line of global ids on the far side of the face, padded with one 0 at
     each end so that ``previous[k + 1]`` faces ``current[k]``; ``shifts`` are the offsets
     along the face that count as touching (0 only for 4-connectivity, -1..1 for 8). Pairs
     are deduplicated, so a face costs one pair per touching fragment pair, not per pixel.
+    ``join`` (4-connectivity only), when given, keeps only the positions where it is True.
     """
     n = current.size
     out = []
     for d in shifts:
         a = previous[1 + d : 1 + d + n]
         hit = (a > 0) & (current > 0)
+        if join is not None:
+            hit &= join
         if hit.any():
             out.append(np.stack([a[hit], current[hit]], axis=1))
     if not out:
@@ -107,9 +142,15 @@ class ChunkedLabels:
 
         ``foreground`` must be the same (h, w) boolean array the scan saw.
         """
+        local, n = ndimage.label(foreground, structure=STRUCTURES[self.connectivity])
+        return self.ids(box, Fragments(local, n))
+
+    def ids(self, box: Box, fragments: Fragments) -> np.ndarray:
+        """Final instance ids (h, w) uint32 of the chunk at ``box`` from its fragments, which
+        must be those the scan saw."""
         cy, cx = self.chunk_shape
         i, j = box.y // cy, box.x // cx
-        local, n = ndimage.label(foreground, structure=STRUCTURES[self.connectivity])
+        local, n = fragments.local, fragments.count
         if n != self.counts[i, j]:
             raise StoreError(
                 f"chunk {box} now has {n} fragments but had {self.counts[i, j]} when scanned; "
@@ -155,9 +196,10 @@ def _join_chunks(
                 for line in (s.top, s.left, s.bottom, s.right)
             )
             if i > 0:  # x0 - 1 .. x1 of the line above, diagonals across chunk corners included
-                pairs.append(_contacts(above[box.x : box.x + box.w + 2], top, shifts))
+                line = above[box.x : box.x + box.w + 2]
+                pairs.append(_contacts(line, top, shifts, s.top_join))
             if left is not None:
-                pairs.append(_contacts(left, first_col, shifts))
+                pairs.append(_contacts(left, first_col, shifts, s.left_join))
             below[box.x + 1 : box.x + box.w + 1] = bottom
             left = np.pad(right, 1)
             total += s.count
@@ -232,15 +274,63 @@ def label_chunked(
     [[1, 0], [0, 2]]
     """
     check_connectivity(connectivity)
-    rows = chunk_rows(image_shape, chunk_shape)
     structure = STRUCTURES[connectivity]
-    width = int(image_shape[1])
 
-    def scan(box: Box) -> _ChunkScan:
+    def fragments(box: Box) -> Fragments:
         fg = np.asarray(read_foreground(box), dtype=bool)
         if fg.shape != box.shape:
             raise ConfigError(f"`read_foreground` gave shape {fg.shape} for {box}")
-        return _scan_chunk(box, fg, structure, width)
+        return Fragments(*ndimage.label(fg, structure=structure))
+
+    return label_fragments(
+        fragments,
+        image_shape,
+        chunk_shape,
+        connectivity=connectivity,
+        min_area_px=min_area_px,
+        threads=threads,
+    )
+
+
+def label_fragments(
+    fragments: Callable[[Box], Fragments],
+    image_shape: tuple[int, int],
+    chunk_shape: tuple[int, int],
+    *,
+    connectivity: int = 4,
+    min_area_px: float = 0.0,
+    threads: int | None = 1,
+) -> ChunkedLabels:
+    """Instances of an image cut into fragments one chunk at a time, joined across chunk faces.
+
+    The engine of :func:`label_chunked` (fragments: a chunk's connected components) and of
+    :func:`~tilesegment.postprocess.seeded.label_seeded` (fragments: grown seeds, with join
+    lines saying which face neighbours share an instance).
+
+    Parameters
+    ----------
+    fragments : callable
+        ``fragments(box) -> Fragments`` of the chunk at ``box``, called once per chunk (from
+        worker threads when ``threads > 1``).
+    image_shape, chunk_shape, connectivity, min_area_px, threads
+        As for :func:`label_chunked`; join lines need ``connectivity=4``.
+
+    Returns
+    -------
+    ChunkedLabels
+        Ids 1..N in raster order of each instance's first pixel, whatever the chunk shape.
+    """
+    check_connectivity(connectivity)
+    rows = chunk_rows(image_shape, chunk_shape)
+    width = int(image_shape[1])
+
+    def scan(box: Box) -> _ChunkScan:
+        found = fragments(box)
+        if found.local.shape != box.shape:
+            raise ConfigError(f"fragments of {box} have shape {found.local.shape}")
+        if connectivity != 4 and (found.top_join is not None or found.left_join is not None):
+            raise ConfigError("join lines need `connectivity` 4")
+        return _scan_chunk(box, found, width)
 
     scans = ordered_map(scan, (b for row in rows for b in row), default_threads(threads))
     try:

@@ -44,6 +44,13 @@ FROZEN_ON_RESUME = (
     "sigma",
     "elastic_sigma",
     "augment",
+    "scale_jitter",
+    "hed_scale",
+    "hed_shift",
+    "brightness",
+    "contrast",
+    "gamma",
+    "blur_sigma",
 )
 
 
@@ -102,7 +109,19 @@ class TrainConfig:
     elastic_sigma: float = 10.0
     """Elastic deformation (3 x 3 grid) displacement std in px; 0 disables it."""
     augment: bool = True
-    """Flips/rotations and intensity/stain jitter."""
+    """Flips/rotations, scale jitter and stain/intensity/blur jitter (False: none of them)."""
+    scale_jitter: float = 0.1
+    """Zoom by a log-uniform factor in [1 / (1 + s), 1 + s] around the model's µm/px; 0: off."""
+    hed_scale: float = 0.1
+    """HED stain amounts scaled by U(1 - s, 1 + s) (Tellez et al. 2018)."""
+    hed_shift: float = 0.05
+    """HED stain amounts shifted by U(-s, s) optical density."""
+    brightness: float = 0.1
+    contrast: float = 0.1
+    gamma: float = 0.1
+    """Half-widths of the intensity jitter, see tilesegment.train.augment.intensity_jitter."""
+    blur_sigma: float = 1.0
+    """Largest Gaussian blur sigma (px), applied to half the crops; 0: off."""
     min_object_size: int = 10
     """Instances: predicted objects smaller than this (px) are dropped before scoring."""
     seed: int = 0
@@ -167,6 +186,15 @@ def check_config(cfg: TrainConfig) -> None:
         (cfg.sigma > 0, f"--sigma ({cfg.sigma}) must be > 0"),
         (cfg.elastic_sigma >= 0, f"--elastic-sigma ({cfg.elastic_sigma}) must be >= 0"),
         (0 <= cfg.val_fraction < 1, f"--val-fraction ({cfg.val_fraction}) must be in [0, 1)"),
+        (cfg.blur_sigma >= 0, f"--blur-sigma ({cfg.blur_sigma}) must be >= 0"),
+        (cfg.hed_shift >= 0, f"--hed-shift ({cfg.hed_shift}) must be >= 0"),
+        *(
+            (
+                0 <= getattr(cfg, k) < 1,
+                f"--{k.replace('_', '-')} ({getattr(cfg, k)}) must be in [0, 1)",
+            )
+            for k in ("scale_jitter", "hed_scale", "brightness", "contrast", "gamma")
+        ),
     )
     for ok, message in checks:
         if not ok:

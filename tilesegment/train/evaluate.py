@@ -16,10 +16,12 @@ From probabilities ``(K, H, W)`` to a label image comparable with the truth
   :func:`tilesegment.train.metrics.evaluate_pair` with kind ``"binary"`` (Rand error of the
   4-connected components, pixel error, foreground IoU/Dice);
 * ``instances``: the 4-connected components of class 1, objects smaller than
-  ``min_object_size`` px removed; with a boundary class (3 classes) the components of the
-  interior class are grown back over the boundary pixels by up to 2 px. Metrics: AJI
-  and AJI+ (per image and aggregated), PQ = DQ x SQ, object F1 at IoU 0.5, foreground
-  Dice, Rand scores;
+  ``min_object_size`` px removed; with a boundary class (3 classes) the instances ``run``
+  makes when the model declares them (``instances`` in its config: interior seeds grown into
+  the nucleus region, :mod:`tilesegment.postprocess.seeded`), else the components of the
+  interior class grown back over the boundary pixels by up to 2 px. Metrics: AJI and AJI+
+  (per image and aggregated), PQ = DQ x SQ, object F1 at IoU 0.5, foreground Dice, Rand
+  scores;
 * ``classes``: the class map itself; pixel error, per-class and mean IoU/Dice.
 
 Which metrics, their means and pooled forms: :mod:`tilesegment.train.scores`.
@@ -40,6 +42,8 @@ from typing import Any
 import numpy as np
 from skimage.segmentation import expand_labels
 
+from tilesegment.instances import InstanceSpec
+from tilesegment.postprocess.seeded import seeded_instances
 from tilesegment.train.labels import LabelKind, instances_from_binary
 from tilesegment.train.scores import HEADLINE_METRIC, evaluate_pair, mean_scores, pooled_scores
 
@@ -103,14 +107,21 @@ def remove_small_objects(instances: np.ndarray, min_size: int) -> np.ndarray:
 
 
 def labels_from_probabilities(
-    probs: np.ndarray, kind: LabelKind, *, min_object_size: int = 0
+    probs: np.ndarray,
+    kind: LabelKind,
+    *,
+    min_object_size: int = 0,
+    seeded: InstanceSpec | None = None,
 ) -> np.ndarray:
-    """Predicted label image of the truth's kind from (K, H, W) class probabilities."""
+    """Predicted label image of the truth's kind from (K, H, W) class probabilities;
+    ``seeded``: the model's interior/boundary classes, for instances as ``run`` makes them."""
     classes = probs.argmax(0).astype(np.uint8)
     if kind == "classes":
         return classes
     if kind == "binary":
         return (classes == 1).astype(np.uint8)
+    if seeded is not None:
+        return seeded_instances(classes, seeded, min_area_px=min_object_size).astype(np.int32)
     instances = remove_small_objects(instances_from_binary(classes == 1), min_object_size)
     if probs.shape[0] >= 3:  # boundary class: give the boundary pixels back to their objects
         grown = expand_labels(instances, distance=2)
@@ -328,7 +339,9 @@ def evaluate_items(
     loss_sum = weight_sum = 0.0
     for it in items:
         probs, seen = predict_at_mpp(it.image, predictor, image_mpp)
-        pred = labels_from_probabilities(probs, kind, min_object_size=min_object_size)
+        pred = labels_from_probabilities(
+            probs, kind, min_object_size=min_object_size, seeded=spec.instances
+        )
         metrics = evaluate_pair(pred, it.truth, kind, num_classes=num_classes)
         metrics.pop("kind", None)
         shapes = {"shape": list(pred.shape), "predicted_shape": list(seen)}

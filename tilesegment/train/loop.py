@@ -56,6 +56,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tilesegment.errors import ConfigError
 from tilesegment.geometry import UNetGeometry
 from tilesegment.model.checkpoint import (
+    InstanceSpec,
     ModelSpec,
     checkpoint_paths,
     file_sha256,
@@ -76,10 +77,10 @@ from tilesegment.train.config import (
 from tilesegment.train.evaluate import SELECTION_METRIC, evaluate_items
 from tilesegment.train.logs import describe, draw_curves, finite, short, write_logs
 from tilesegment.train.sampling import (
-    AugmentOptions,
     CropDataset,
     CropSampler,
     RankSampler,
+    augment_options,
     prepare_run_data,
 )
 from tilesegment.train.state import (
@@ -210,8 +211,14 @@ class _Trainer:
         )
         name = cfg.name or cfg.run_dir.resolve().name
         base = ModelSpec.default(unet, name=name, mpp=cfg.mpp)
+        # A boundary class (1 = interior, 2 = boundary) makes seeded instances in `run`.
+        seeded = InstanceSpec() if cfg.boundary_class else None
         return dataclasses.replace(
-            base, class_names=self.data.class_names, mean=self.data.mean, std=self.data.std
+            base,
+            class_names=self.data.class_names,
+            mean=self.data.mean,
+            std=self.data.std,
+            instances=seeded,
         )
 
     def _make_loader(self) -> torch.utils.data.DataLoader:
@@ -222,9 +229,7 @@ class _Trainer:
             halo=self.net.halo,
             pooling=self.net.pooling,
             seed=cfg.seed,
-            augment=AugmentOptions(
-                flips=cfg.augment, elastic_sigma=cfg.elastic_sigma, intensity=cfg.augment
-            ),
+            augment=augment_options(cfg),
         )
         generator = torch.Generator().manual_seed(cfg.seed)
         return torch.utils.data.DataLoader(

@@ -18,12 +18,13 @@ from tilesegment.errors import ConfigError
 from tilesegment.geometry import UNetGeometry, mirror_indices
 from tilesegment.train import data as D
 from tilesegment.train.augment import (
-    colour_jitter,
+    HE_DEFAULTS,
+    PhotometricRanges,
     elastic_deformation,
     flip_rotate,
-    intensity_jitter,
     random_crop_box,
     rng_for,
+    scale_crop,
 )
 from tilesegment.train.config import TrainConfig
 from tilesegment.train.data import TrainItem
@@ -43,7 +44,32 @@ class AugmentOptions:
     elastic_grid: int = 3
     """Nodes per axis of the coarse displacement grid (paper: 3)."""
     intensity: bool = True
-    """Gamma/contrast/brightness jitter, and HED stain jitter for RGB."""
+    """HED stain jitter (RGB), gamma/contrast/brightness jitter and blur, by ``photometric``."""
+    photometric: PhotometricRanges = HE_DEFAULTS
+    """Ranges of the stain, intensity and blur jitter."""
+    scale: float = 0.0
+    """Zoom by a log-uniform factor in ``[1 / (1 + scale), 1 + scale]`` around the model's
+    µm/px (:func:`~tilesegment.train.augment.scale_crop`); 0 disables it."""
+
+
+def augment_options(cfg: TrainConfig) -> AugmentOptions:
+    """The augmentation a training run asks for (``--no-augment``: elastic deformation only)."""
+    on = cfg.augment
+    ranges = PhotometricRanges(
+        hed_scale=cfg.hed_scale,
+        hed_shift=cfg.hed_shift,
+        brightness=cfg.brightness,
+        contrast=cfg.contrast,
+        gamma=cfg.gamma,
+        blur_sigma=cfg.blur_sigma,
+    )
+    return AugmentOptions(
+        flips=on,
+        elastic_sigma=cfg.elastic_sigma,
+        intensity=on,
+        photometric=ranges,
+        scale=cfg.scale_jitter if on else 0.0,
+    )
 
 
 class CropSampler:
@@ -115,11 +141,16 @@ class CropSampler:
         item = self.items[int(rng.choice(len(self.items), p=self.probabilities))]
         t, h = self.tile, self.halo
         y, x = random_crop_box(self.frame_shape(item), (t, t), rng, align=self.pooling)
-        rows = mirror_indices(y - h, y - h + t, item.image.shape[0])
-        cols = mirror_indices(x - h, x - h + t, item.image.shape[1])
-        box = np.ix_(rows, cols)
-        image, target, weights = item.image[box], item.target[box], item.weights[box]
         aug = self.augment
+        if aug.scale > 0:
+            image, target, weights = scale_crop(
+                item.image, item.target, item.weights, (y - h, x - h), t, rng, max_scale=aug.scale
+            )
+        else:
+            rows = mirror_indices(y - h, y - h + t, item.image.shape[0])
+            cols = mirror_indices(x - h, x - h + t, item.image.shape[1])
+            box = np.ix_(rows, cols)
+            image, target, weights = item.image[box], item.target[box], item.weights[box]
         if aug.flips:
             image, target, weights = flip_rotate([image, target, weights], rng)
         if aug.elastic_sigma > 0:
@@ -127,9 +158,7 @@ class CropSampler:
                 image, target, weights, rng, grid=aug.elastic_grid, sigma=aug.elastic_sigma
             )
         if aug.intensity:
-            if image.shape[-1] == 3:
-                image = colour_jitter(image, rng)
-            image = intensity_jitter(image, rng)
+            image = aug.photometric.apply(image, rng)
         window = slice(h, h + self.output)
         return (
             np.ascontiguousarray(image),

@@ -111,7 +111,11 @@ def load_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def check_resume_config(cfg: TrainConfig, saved: dict[str, Any]) -> None:
     current = cfg.to_json()
-    changed = [k for k in FROZEN_ON_RESUME if current.get(k) != saved.get(k)]
+    for key in FROZEN_ON_RESUME:
+        if key not in saved:  # an option newer than the interrupted run
+            log.warning("--resume: the interrupted run predates --%s; using %r from here on",
+                        key.replace("_", "-"), current.get(key))  # fmt: skip
+    changed = [k for k in FROZEN_ON_RESUME if k in saved and current.get(k) != saved[k]]
     if changed:
         detail = ", ".join(
             f"--{k.replace('_', '-')} {saved.get(k)!r} -> {current.get(k)!r}" for k in changed
