@@ -44,6 +44,7 @@ FROZEN_ON_RESUME = (
     "sigma",
     "elastic_sigma",
     "augment",
+    "select_metric",
 )
 
 
@@ -105,6 +106,9 @@ class TrainConfig:
     """Flips/rotations and intensity/stain jitter."""
     min_object_size: int = 10
     """Instances: predicted objects smaller than this (px) are dropped before scoring."""
+    select_metric: str | None = None
+    """Validation metric that picks the best checkpoint; None = by label kind
+    (:data:`tilesegment.train.evaluate.SELECTION_METRIC`)."""
     seed: int = 0
     workers: int = 0
     """DataLoader worker processes per rank (0 = load in the training process)."""
