@@ -70,6 +70,7 @@ def main() -> None:
         steps_per_epoch=args.steps_per_epoch,
         lr=args.lr,
         val_fraction=0.12,
+        select_metric="rand_error",
         seed=args.seed,
         overwrite=True,
     )

@@ -159,6 +159,7 @@ def test_isbi_training_reduces_loss_and_rand_error(tmp_path):
         steps_per_epoch=60,
         val_fraction=0.12,
         seed=0,
+        select_metric="rand_error",
     )
     summary = run_training(cfg)
     history = summary.history

@@ -29,6 +29,24 @@ from tilesegment.cli.options import (
     tile_size_option,
 )
 
+#: Every metric ``--select-metric`` knows (which label kinds compute it is checked at the start);
+#: kept here so ``--help`` needs no import of the training stages.
+SELECT_METRICS = (
+    "foreground_dice",
+    "foreground_iou",
+    "mean_foreground_dice",
+    "mean_dice",
+    "mean_iou",
+    "aji",
+    "aji_plus",
+    "pq",
+    "object_f1",
+    "rand_error",
+    "pixel_error",
+    "info_fscore",
+    "val_loss",
+)
+
 
 def _class_names(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
     if value is None:
@@ -162,6 +180,12 @@ def _is_main_process() -> bool:
     default=10,
     show_default=True,
     help="Instances: drop smaller predicted objects (px).",
+)
+@click.option(
+    "--select-metric",
+    type=click.Choice(SELECT_METRICS),
+    help="Validation metric that picks RUN_DIR/best [default: binary foreground_dice, classes "
+    "mean_foreground_dice, instances aji; ISBI membranes: rand_error].",
 )
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @click.option(

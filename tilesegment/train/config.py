@@ -51,6 +51,7 @@ FROZEN_ON_RESUME = (
     "contrast",
     "gamma",
     "blur_sigma",
+    "select_metric",
 )
 
 
@@ -124,6 +125,9 @@ class TrainConfig:
     """Largest Gaussian blur sigma (px), applied to half the crops; 0: off."""
     min_object_size: int = 10
     """Instances: predicted objects smaller than this (px) are dropped before scoring."""
+    select_metric: str | None = None
+    """Validation metric that picks the best checkpoint; None = by label kind
+    (:data:`tilesegment.train.evaluate.SELECTION_METRIC`)."""
     seed: int = 0
     workers: int = 0
     """DataLoader worker processes per rank (0 = load in the training process)."""

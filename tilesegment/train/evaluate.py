@@ -49,19 +49,90 @@ from tilesegment.train.scores import HEADLINE_METRIC, evaluate_pair, mean_scores
 
 log = logging.getLogger(__name__)
 
-#: The metric that picks the best checkpoint, per label kind, and whether lower is better
-#: (instances: the mean of the classic AJI of Kumar et al. 2017, the published numbers' AJI).
-SELECTION_METRIC: dict[str, tuple[str, bool]] = {
-    "binary": ("rand_error", True),
-    "instances": ("aji", False),
-    "classes": ("mean_iou", False),
+#: Metrics that can pick the best checkpoint (``--select-metric``), per label kind: metric ->
+#: whether lower is better. Each is the mean over the validation images (``val_loss``: the
+#: weighted cross-entropy over all of them).
+SELECTABLE_METRICS: dict[str, dict[str, bool]] = {
+    "binary": {
+        "foreground_dice": False,
+        "foreground_iou": False,
+        "rand_error": True,
+        "pixel_error": True,
+        "info_fscore": False,
+        "val_loss": True,
+    },
+    "instances": {
+        "aji": False,
+        "aji_plus": False,
+        "pq": False,
+        "object_f1": False,
+        "foreground_dice": False,
+        "rand_error": True,
+        "val_loss": True,
+    },
+    "classes": {
+        "mean_foreground_dice": False,
+        "mean_dice": False,
+        "mean_iou": False,
+        "pixel_error": True,
+        "val_loss": True,
+    },
 }
+
+#: The default of ``--select-metric`` per label kind, and whether lower is better: the mean
+#: foreground Dice for masks (the Rand error of a single-object mask such as a PH2 lesion is
+#: 0 whatever its outline; ISBI membranes ask for ``rand_error``), the classic AJI of Kumar
+#: et al. 2017 (the published numbers' AJI) for instances.
+SELECTION_METRIC: dict[str, tuple[str, bool]] = {
+    "binary": ("foreground_dice", False),
+    "instances": ("aji", False),
+    "classes": ("mean_foreground_dice", False),
+}
+
+
+def selection_metric(
+    kind: str, requested: str | None = None, *, validation: bool = True
+) -> tuple[str, bool]:
+    """(metric, lower is better) that picks a run's best checkpoint.
+
+    Parameters
+    ----------
+    kind : {"binary", "classes", "instances"}
+    requested : str, optional
+        ``--select-metric``; None = :data:`SELECTION_METRIC` of ``kind``.
+    validation : bool
+        Whether the run has validation images; without, the training loss decides.
+
+    >>> selection_metric("binary"), selection_metric("binary", "rand_error")
+    (('foreground_dice', False), ('rand_error', True))
+    >>> selection_metric("instances", validation=False)
+    ('train_loss', True)
+    """
+    from tilesegment.errors import ConfigError
+
+    if not validation:
+        if requested is not None:
+            raise ConfigError(
+                f"--select-metric {requested} needs validation images: give --val-list or a "
+                "--val-fraction above 0"
+            )
+        return "train_loss", True
+    if requested is None:
+        return SELECTION_METRIC[kind]
+    allowed = SELECTABLE_METRICS[kind]
+    if requested not in allowed:
+        raise ConfigError(
+            f"--select-metric {requested} is not computed for {kind} labels; choose one of "
+            f"{', '.join(allowed)}"
+        )
+    return requested, allowed[requested]
+
 
 #: Metrics shown in tables and logs, per label kind (all of them go to JSON).
 SUMMARY_METRICS: dict[str, tuple[str, ...]] = {
-    "binary": ("rand_error", "pixel_error", "foreground_dice", "info_fscore"),
+    "binary": ("rand_error", "pixel_error", "foreground_dice", "foreground_iou", "info_fscore"),
     "instances": ("aji", "object_f1", "foreground_dice", "rand_error"),
-    "classes": ("pixel_error", "mean_iou", "mean_dice"),
+    "classes": ("pixel_error", "mean_iou", "mean_dice", "mean_foreground_dice"),
 }
 
 #: Columns of ``evaluate``'s table per label kind: (metric, header); classes add per-class

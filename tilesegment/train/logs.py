@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tilesegment.train.evaluate import SELECTION_METRIC, SUMMARY_METRICS
+from tilesegment.train.evaluate import SUMMARY_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,8 @@ def describe(row: dict[str, Any], kind: str) -> str:
     return ", ".join(parts) + f", lr {row['lr']:.3g}, {row['seconds']:.1f} s"
 
 
-def short(row: dict[str, Any], kind: str) -> dict[str, str]:
-    key = SELECTION_METRIC[kind][0]
+def short(row: dict[str, Any], key: str) -> dict[str, str]:
+    """The progress bar's loss and selection metric ``key``."""
     out = {}
     if row.get("train_loss") is not None:
         out["loss"] = f"{row['train_loss']:.4f}"

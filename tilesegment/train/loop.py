@@ -74,7 +74,7 @@ from tilesegment.train.config import (
     provenance_config,
     provenance_path,
 )
-from tilesegment.train.evaluate import SELECTION_METRIC, evaluate_items
+from tilesegment.train.evaluate import evaluate_items, selection_metric
 from tilesegment.train.logs import describe, draw_curves, finite, short, write_logs
 from tilesegment.train.sampling import (
     CropDataset,
@@ -167,8 +167,8 @@ class _Trainer:
         geometry.check_input_size(cfg.tile_size, name="--tile-size")
         self.data = prepare_run_data(cfg, geometry, main=ranks.is_main)
         self.kind = self.data.kind
-        self.metric, self.lower_is_better = (
-            SELECTION_METRIC[self.kind] if self.data.val else ("train_loss", True)
+        self.metric, self.lower_is_better = selection_metric(
+            self.kind, cfg.select_metric, validation=bool(self.data.val)
         )
         self.spec = self._make_spec()
         self.net = new_model(self.spec, seed=cfg.seed).to(device).train()
@@ -370,6 +370,18 @@ class _Trainer:
         row.update(lr=lr, seconds=round(seconds, 3))
         return row
 
+    def _selection(self) -> dict[str, Any]:
+        """How the best checkpoint is chosen, as the provenance records it."""
+        return {
+            "metric": self.metric,
+            "lower_is_better": self.lower_is_better,
+            "chosen_by": "--select-metric" if self.cfg.select_metric else "label kind",
+            "split": "validation" if self.data.val else "training",
+            "images": len(self.data.val or self.data.train),
+            "best_epoch": self.best.get("epoch"),
+            "best_value": self.best.get("value"),
+        }
+
     def save(self, row: dict[str, Any]) -> None:
         """Checkpoints, state, logs and curves after an epoch (rank 0 only)."""
         cfg = self.cfg
@@ -391,6 +403,7 @@ class _Trainer:
             "step": self.step,
             "world_size": self.ranks.world,
             "config": provenance_config(cfg),
+            "selection": self._selection(),
             "metrics": {k: v for k, v in row.items() if k not in ("lr", "seconds")},
             "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -461,7 +474,7 @@ class _Trainer:
             self.save(row)
             log.info("epoch %d/%d: %s", self.epoch, cfg.epochs, describe(row, self.kind))
             if bar is not None:
-                bar.set_postfix(epoch=self.epoch, **short(row, self.kind))
+                bar.set_postfix(epoch=self.epoch, **short(row, self.metric))
         if self.ranks.world > 1:
             dist.barrier()
 

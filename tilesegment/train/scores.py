@@ -68,6 +68,7 @@ def _class_fields(confusion: np.ndarray) -> dict[str, Any]:
         "dice_per_class": scores["dice"].tolist(),
         "mean_iou": _nanmean(scores["iou"]),
         "mean_dice": _nanmean(scores["dice"]),
+        "mean_foreground_dice": _nanmean(scores["dice"][1:]),
     }
 
 
@@ -102,7 +103,8 @@ def evaluate_pair(
           components of the foreground
           (:func:`~tilesegment.train.metrics.segmentation_from_binary`).
         * ``"classes"``: ``pixel_error``, ``pixel_accuracy``, ``iou_per_class``,
-          ``dice_per_class`` (lists), ``mean_iou`` and ``mean_dice`` (NaN classes skipped).
+          ``dice_per_class`` (lists), ``mean_iou`` and ``mean_dice`` (NaN classes skipped),
+          ``mean_foreground_dice`` (the mean Dice of classes 1 ..).
         * ``"instances"``: ``aji`` (Kumar et al. 2017) with its ``aji_intersection`` and
           ``aji_union``; ``aji_plus`` (AJI+, Graham et al. 2019) with ``aji_plus_intersection``
           and ``aji_plus_union``; ``pq``,

@@ -42,7 +42,31 @@ CARDS = {
         "resolution 0.004 um/px (4 nm); grayscale input.",
         "metrics": ["rand_error", "pixel_error", "info_fscore", "foreground_dice"],
     },
+    "lesion-derm": {
+        "title": "lesion-derm: dermoscopy skin-lesion segmentation (valid U-Net)",
+        "data": "PH2 database: 40 dermoscopy cases (about 768 x 560 px RGB) with binary lesion "
+        "masks (Mendonca et al., EMBC 2013); split by case, 8 cases held out "
+        "(workflows/models/splits/ph2-val.txt).",
+        "terms": "PH2 is for research use: so are these weights. Cite Mendonca et al. 2013.",
+        "use": "Class 1 = lesion. No declared resolution: images are used at their own pixel "
+        "size, as in PH2.",
+        "metrics": ["foreground_dice", "foreground_iou", "pixel_error"],
+    },
+    "nuclei-fluo": {
+        "title": "nuclei-fluo: nucleus instances in fluorescence and brightfield (valid U-Net)",
+        "data": "2018 Data Science Bowl stage-1 training set, 330 samples (fluorescence, "
+        "brightfield and H&E; Caicedo et al., Nature Methods 2019, BBBC038); split by sample, "
+        "15 % of each image type held out (workflows/models/splits/dsb2018-val.txt).",
+        "terms": "The data is CC0. Cite Caicedo et al. 2019.",
+        "use": "Class 1 = nucleus; instances are 4-connected components of class 1, separated "
+        "by the background borders the border weights (w0 = 10, sigma = 5 px) train for.",
+        "metrics": ["aji", "object_f1", "aji_plus", "pq", "foreground_dice"],
+    },
 }
+
+
+def _cell(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "-"
 
 
 def main() -> None:
@@ -50,7 +74,7 @@ def main() -> None:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("name")
     ap.add_argument("--images", required=True)
-    ap.add_argument("--labels", required=True)
+    ap.add_argument("--labels", help="label folder or stack [default: the --images tree]")
     args = ap.parse_args()
     best = json.loads((args.run_dir / "best.json").read_text())
     held_out = best["training"]["data"]["validation"]
@@ -58,8 +82,10 @@ def main() -> None:
     val_list.write_text("\n".join(held_out) + "\n")
     cmd = [
         "tilesegment", "evaluate", "--model", str(args.run_dir / "best"),
-        "--images", args.images, "--labels", args.labels, "--list", str(val_list), "--json",
+        "--images", args.images, "--list", str(val_list), "--json",
     ]  # fmt: skip
+    if args.labels:
+        cmd += ["--labels", args.labels]
     result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     card = CARDS[args.name]
     mean = result["mean"]
@@ -75,8 +101,11 @@ def main() -> None:
     (MODELS / f"{args.name}.json").write_text(json.dumps(best, indent=2) + "\n")
     t = best["training"]
     cfg = t["config"]
+    pooled = result.get("aggregate", {})
     rows = "\n".join(
-        f"| {k} | {mean[k]:.4f} |" for k in card["metrics"] if isinstance(mean.get(k), float)
+        f"| {k} | {mean[k]:.4f} | {_cell(pooled.get(k))} |"
+        for k in card["metrics"]
+        if isinstance(mean.get(k), float)
     )
     per_image = "\n".join(
         f"| {r['name']} | "
@@ -109,8 +138,8 @@ Training images: {", ".join(t["data"]["train"])}.
 **Held-out metrics** (`tilesegment evaluate` on the {len(held_out)} images never used for
 training: {", ".join(held_out)}):
 
-| metric | mean |
-|---|---|
+| metric | mean over images | pooled over images |
+|---|---|---|
 {rows}
 
 | image | {" | ".join(card["metrics"])} |

@@ -13,7 +13,7 @@ tilesegment train --images "$data/monuseg/images" --labels "$data/monuseg/labels
 tilesegment train --images "$data/isbi2012/train-volume.tif" --labels "$data/isbi2012/train-labels.tif" \
   --label-kind binary --class-names membrane,cell -o "$runs/membrane-em" --name membrane-em \
   --depth 4 --base-channels 16 --tile-size 316 --batch-size 4 --epochs 30 --steps-per-epoch 60 \
-  --val-fraction 0.2 --seed 0 --mpp 0.004 --threads 1 --loader-workers 1 --no-progress --overwrite &
+  --val-fraction 0.2 --select-metric rand_error --seed 0 --mpp 0.004 --threads 1 --loader-workers 1 --no-progress --overwrite &
 wait
 
 python workflows/models/package.py "$runs/nuclei-he" nuclei-he --images "$data/monuseg/images" --labels "$data/monuseg/labels"
