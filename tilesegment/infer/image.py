@@ -31,7 +31,7 @@ from tilesegment.infer.predict import make_predictor, to_model_channels
 from tilesegment.infer.source import Source, open_source
 from tilesegment.infer.stream import ListSource, stream_units
 from tilesegment.io import open_slide
-from tilesegment.io.resample import resample_array
+from tilesegment.io.resample import resample_probabilities
 from tilesegment.model.checkpoint import load_checkpoint
 from tilesegment.store import class_map
 
@@ -125,7 +125,7 @@ class ImageSegmenter:
             pixels = to_model_channels(reader.read_region(0, 0, 0, *shape), 3)
         model_shape = source.image_shape
         if model_shape != shape or source.level0_per_px != 1:
-            probabilities = _to_image_grid(probabilities, shape, source.level0_per_px)
+            probabilities = resample_probabilities(probabilities, shape, 1.0 / source.level0_per_px)
         mpp = None if source.slide_mpp is None else float(source.slide_mpp)
         return ImagePrediction(
             path=path,
@@ -157,13 +157,3 @@ class ImageSegmenter:
             read_threads=self.options.read_threads,
         )
         return sink.probabilities, stats.tiles
-
-
-def _to_image_grid(
-    probabilities: np.ndarray, shape: tuple[int, int], level0_per_px: float
-) -> np.ndarray:
-    """(C, H, W) float32 probabilities on the image's level-0 grid of ``shape`` from those on the
-    model's grid (``level0_per_px`` image px per model px). The kernel's weights are
-    non-negative and sum to 1, so the result still sums to 1 over the classes."""
-    moved = resample_array(probabilities.transpose(1, 2, 0), shape, 1.0 / level0_per_px)
-    return np.ascontiguousarray(moved.transpose(2, 0, 1), dtype=np.float32)

@@ -120,6 +120,19 @@ def resample_array(array: np.ndarray, shape: tuple[int, int], scale: float) -> n
     return _apply(wy, wx, block)
 
 
+def resample_probabilities(
+    probabilities: np.ndarray, shape: tuple[int, int], scale: float
+) -> np.ndarray:
+    """(C, h, w) float32 class probabilities moved onto ``shape`` with :func:`resample_array`.
+
+    ``scale`` is source px per output px (a model grid brought back to an image's own grid:
+    model px per image px). The kernel's weights are non-negative and sum to 1, so the result
+    still sums to 1 over the classes.
+    """
+    moved = resample_array(probabilities.transpose(1, 2, 0), shape, scale)
+    return np.ascontiguousarray(moved.transpose(2, 0, 1), dtype=np.float32)
+
+
 class ResampledReader(ReaderBase):
     """A one-level view of ``reader``'s ``level`` resampled to ``target_mpp``.
 

@@ -228,7 +228,13 @@ def predict_at_mpp(
         ``shape`` is the (h, w) the model saw.
     """
     from tilesegment.infer.predict import predict_image
-    from tilesegment.io.resample import MPP_TOLERANCE, resample_array, scale_and_shape, to_uint8
+    from tilesegment.io.resample import (
+        MPP_TOLERANCE,
+        resample_array,
+        resample_probabilities,
+        scale_and_shape,
+        to_uint8,
+    )
 
     model_mpp = predictor.spec.mpp
     if image_mpp is None or model_mpp is None or abs(image_mpp / model_mpp - 1) <= MPP_TOLERANCE:
@@ -237,8 +243,7 @@ def predict_at_mpp(
         image = image[..., None]
     scale, shape = scale_and_shape(image.shape[:2], image_mpp, model_mpp)
     probs = predict_image(to_uint8(resample_array(image, shape, scale)), predictor)
-    back = resample_array(probs.transpose(1, 2, 0), image.shape[:2], 1.0 / scale)
-    return np.ascontiguousarray(back.transpose(2, 0, 1), dtype=np.float32), shape
+    return resample_probabilities(probs, image.shape[:2], 1.0 / scale), shape
 
 
 @dataclass(frozen=True, slots=True, eq=False)
