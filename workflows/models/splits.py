@@ -13,6 +13,14 @@
   dark background) below. In each type ``round(VAL_SHARE * n)`` samples (at least 1) are drawn
   for validation by a generator seeded with (seed, type); about 15 % in all.
 
+* MoNuSeg + TNBC (``nuclei-he``, issue 11): by source slide / patient. MoNuSeg's 24 tiles each
+  come from a different TCGA slide; the 4 held out are the ones the previous ``nuclei-he``
+  held out (``--val-fraction 0.17 --seed 0``), so before/after scores compare on the same
+  images. TNBC's 50 tiles come from 11 patients (``NN_k``: patient NN); the sorted patient ids
+  are shuffled by ``numpy.random.default_rng(seed)`` and all tiles of the first
+  ``TNBC_VAL_PATIENTS`` validate. Lines are ``image<TAB>label`` paths relative to DATA_DIR
+  (``train.sh`` prefixes them with the data folder).
+
 Writes ``ph2-train.txt``, ``ph2-val.txt``, ``dsb2018-train.txt``, ``dsb2018-val.txt`` (one
 name a line, sorted; ``tilesegment train --train-list/--val-list`` reads them) and
 ``dsb2018-types.tsv`` (id, type, mean, spread) so the typing can be checked.
@@ -28,6 +36,14 @@ import numpy as np
 from PIL import Image
 
 PH2_VAL_CASES = 8
+#: The previous nuclei-he's held-out MoNuSeg slides (kept so before/after compare).
+MONUSEG_VAL = (
+    "TCGA-AR-A1AS-01Z-00-DX1",
+    "TCGA-B0-5710-01Z-00-DX1",
+    "TCGA-HE-7130-01Z-00-DX1",
+    "TCGA-KB-A93J-01A-01-TS1",
+)
+TNBC_VAL_PATIENTS = 2
 VAL_SHARE = 0.15
 #: Grey levels: the DSB2018 stage-1 images are either exactly grey (spread 0) or clearly
 #: coloured (spread 5-45); nothing lies between 0.01 and 5.
@@ -77,6 +93,27 @@ def dsb_split(root: Path, seed: int) -> tuple[list[str], list[str], list[tuple]]
     return train, sorted(val), rows
 
 
+def he_split(data: Path, seed: int) -> tuple[list[str], list[str]]:
+    """(train, validation) ``image<TAB>label`` lines (relative to ``data``) of MoNuSeg + TNBC."""
+    train: list[str] = []
+    val: list[str] = []
+    for dataset in ("monuseg", "tnbc"):
+        stems = sorted(p.stem for p in (data / dataset / "images").glob("*.png"))
+        if not stems:
+            sys.exit(f"{data / dataset / 'images'}: no PNG images; give the shared data folder")
+        if dataset == "monuseg":
+            held = set(MONUSEG_VAL)
+        else:
+            patients = sorted({s.split("_")[0] for s in stems})
+            order = np.random.default_rng(seed).permutation(len(patients))
+            held_patients = {patients[i] for i in order[:TNBC_VAL_PATIENTS]}
+            held = {s for s in stems if s.split("_")[0] in held_patients}
+        for stem in stems:
+            line = f"{dataset}/images/{stem}.png\t{dataset}/labels/{stem}.tif"
+            (val if stem in held else train).append(line)
+    return train, val
+
+
 def write_names(path: Path, names: list[str]) -> None:
     path.write_text("".join(f"{n}\n" for n in names))
 
@@ -107,6 +144,11 @@ def main() -> None:
     total = {t: sum(1 for r in rows if r[1] == t) for t in TYPES}
     shares = ", ".join(f"{t} {held[t]}/{total[t]}" for t in TYPES)
     print(f"dsb2018: {len(train)} train, {len(val)} validation samples ({shares})")
+    if (args.data / "monuseg").is_dir() and (args.data / "tnbc").is_dir():
+        train, val = he_split(args.data, args.seed)
+        write_names(args.out / "nuclei-he-train.txt", train)
+        write_names(args.out / "nuclei-he-val.txt", val)
+        print(f"nuclei-he: {len(train)} train, {len(val)} validation tiles")
 
 
 if __name__ == "__main__":
