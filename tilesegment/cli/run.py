@@ -20,6 +20,7 @@ from tilesegment.cli.options import (
     tile_size_option,
 )
 from tilesegment.cli.outcome import echo_summary, export_instances, sigterm_interrupts
+from tilesegment.store.layout import FORMATS
 
 
 @click.command(cls=Command)
@@ -60,6 +61,17 @@ from tilesegment.cli.outcome import echo_summary, export_instances, sigterm_inte
     "with several slides a folder (may be OUTDIR) for <stem>.geojson.",
 )
 @dtype_option()
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(FORMATS),
+    default=FORMATS[0],
+    show_default=True,
+    help="ngff-0.4: OME-Zarr 0.4 (Zarr v2), a file per chunk; what QuPath reads. ngff-0.5: "
+    "OME-Zarr 0.5 (Zarr v3) with the same arrays in shards of ~8192 px, a file per shard (a "
+    "100k px slide: ~600 files instead of ~30000), for very large outputs and cluster "
+    "filesystems; each worker then holds one shard in memory (~260 MB for 2 classes).",
+)
 @device_option(several=True)
 @click.option(
     "--workers",
@@ -115,6 +127,7 @@ def run(
     preview: bool,
     geojson: Path | None,
     dtype: str,
+    output_format: str,
     device: str,
     workers: int | None,
     precision: str,
@@ -165,6 +178,7 @@ def run(
         preview=preview,
         overwrite=overwrite,
         dtype=dtype,
+        format=output_format,
         device=device,
         workers=workers,
         precision=precision,

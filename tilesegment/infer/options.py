@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tilesegment.errors import ConfigError
+from tilesegment.store.layout import FORMATS, NGFF_04
 
 #: Default input tile edge: the paper's 572 px (or the nearest valid size for other depths).
 DEFAULT_TILE_SIZE = 572
@@ -40,6 +41,13 @@ class RunOptions:
     """Continue an interrupted output (skipping its finished chunks), or start it if absent."""
     dtype: str = "uint8"
     """Stored probability dtype: ``"uint8"`` (0–255) or ``"float32"``."""
+    format: str = NGFF_04
+    """Output format: ``"ngff-0.4"`` (Zarr v2, a file per chunk; what QuPath reads) or
+    ``"ngff-0.5"`` (Zarr v3, a file per shard of many chunks)."""
+    shard_target_px: int = 8192
+    """NGFF 0.5: aim for shards of about this edge, a whole number of chunks. Each worker
+    gathers one shard of stored values before writing it (``(C + 2) * edge**2`` bytes for
+    uint8 probabilities, the mask and the tissue label)."""
     device: str = "cpu"
     """Device(s): ``"cpu"``, ``"cuda:0"``, ``"cuda:0,cuda:1"`` (one worker process each) or
     ``"auto"`` (every visible GPU, else the CPU)."""
@@ -81,6 +89,10 @@ class RunOptions:
 def check_options(opts: RunOptions) -> None:
     if opts.batch_size < 1:
         raise ConfigError(f"`batch_size` ({opts.batch_size}) must be >= 1")
+    if opts.format not in FORMATS:
+        raise ConfigError(f"--format {opts.format!r} must be one of {', '.join(FORMATS)}")
+    if opts.shard_target_px < 1:
+        raise ConfigError(f"`shard_target_px` ({opts.shard_target_px}) must be >= 1")
     if opts.tissue not in ("auto", "none") and not Path(opts.tissue).exists():
         raise ConfigError(f"--tissue {opts.tissue}: no such mask file; use auto, none or a path")
     if opts.resume and opts.overwrite:
