@@ -24,6 +24,7 @@ from tilesegment.cli.options import (
     set_threads,
     single_device,
     threads_option,
+    tta_option,
 )
 
 
@@ -63,6 +64,7 @@ from tilesegment.cli.options import (
 )
 @device_option(several=False)
 @precision_option(auto=True, default="fp32")
+@tta_option()
 @threads_option()
 @json_option()
 def evaluate(
@@ -78,6 +80,7 @@ def evaluate(
     figure_n: int,
     device: str,
     precision: str,
+    tta: str,
     threads: int | None,
     as_json: bool,
 ) -> None:
@@ -103,6 +106,7 @@ def evaluate(
         label_kind=label_kind,  # type: ignore[arg-type]
         device=device,
         precision=precision,
+        tta=tta,
         min_object_size=min_object_size,
         image_mpp=mpp,
         keep_examples=figure is not None,
@@ -113,18 +117,22 @@ def evaluate(
 
         rows = write_figure(report, figure, n=figure_n, colours=spec.class_colours)
     if as_json:
-        doc = {"model": str(model_path), "name": spec.name, **report.to_json()}
+        doc = {"model": str(model_path), "name": spec.name, "tta": tta, **report.to_json()}
         if figure is not None:
             doc["figure"] = {"path": str(figure), "rows": rows}
         click.echo(json.dumps(doc, indent=2))
         return
     click.echo(f"model {spec.name} ({model_path}), {report.kind} labels, {len(report.per_image)}"
-               f" image(s){_mpp_note(mpp, spec.mpp)}")  # fmt: skip
+               f" image(s){_mpp_note(mpp, spec.mpp)}{_tta_note(tta)}")  # fmt: skip
     click.echo(report.table())
     if figure is not None:
         click.echo(
             f"figure: {figure} ({len(rows or [])} rows, worst and best by {report.headline})"
         )
+
+
+def _tta_note(tta: str) -> str:
+    return "" if tta == "none" else f", test-time augmentation {tta}"
 
 
 def _mpp_note(image_mpp: float | None, model_mpp: float | None) -> str:

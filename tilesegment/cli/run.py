@@ -18,6 +18,7 @@ from tilesegment.cli.options import (
     progress_option,
     show_progress,
     tile_size_option,
+    tta_option,
 )
 from tilesegment.cli.outcome import echo_summary, export_instances, sigterm_interrupts
 
@@ -69,6 +70,7 @@ from tilesegment.cli.outcome import echo_summary, export_instances, sigterm_inte
     "is capped to that, with a warning.",
 )
 @precision_option(auto=True, default="auto")
+@tta_option()
 @click.option(
     "--compile/--no-compile",
     "compile_model",
@@ -118,6 +120,7 @@ def run(
     device: str,
     workers: int | None,
     precision: str,
+    tta: str,
     compile_model: bool | None,
     read_threads: int,
     overwrite: bool,
@@ -168,6 +171,7 @@ def run(
         device=device,
         workers=workers,
         precision=precision,
+        tta=tta,
         compile=compile_model,
         read_threads=read_threads,
         resume=resume,
