@@ -7,46 +7,29 @@ model a seeded random 3-class U-Net whose class map has many interiors and bound
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 from scipy import ndimage
 
+from tests.infer.conftest import SEEDED_SPEC, write_cmu_crop
 from tilesegment.infer.options import RunOptions
 from tilesegment.infer.run import run_slide
-from tilesegment.model import InstanceSpec, ModelSpec, UNetConfig, new_model, save_checkpoint
 from tilesegment.postprocess import postprocess_output
 from tilesegment.postprocess.seeded import seeded_instances
 from tilesegment.store import OutputStore
 from tilesegment.testing.instances import instances_agree_away_from
 
 COMMON = {"tissue": "none", "precision": "fp32", "preview": False, "progress": False}
-SPEC = InstanceSpec(max_growth_px=6, min_seed_px=4)
-
-
-@pytest.fixture(scope="module")
-def seeded_model(tmp_path_factory) -> Path:
-    """Random weights (seed 8) that give ~40 % interior and ~40 % boundary on H&E."""
-    spec = ModelSpec.default(UNetConfig(depth=4, base_channels=4, classes=3), name="seeded")
-    spec = dataclasses.replace(spec, instances=SPEC)
-    path = tmp_path_factory.mktemp("model") / "seeded"
-    save_checkpoint(new_model(spec, seed=8), spec, path)
-    return path
+SPEC = SEEDED_SPEC
 
 
 @pytest.fixture(scope="module")
 def crop_slide(tmp_path_factory) -> Path:
-    from tests.conftest import data_path
-    from tilesegment.io import open_slide
-
-    with open_slide(data_path("slides", "CMU-1-Small-Region.svs")) as reader:
-        pixels = reader.read_region(0, 1100, 700, 640, 832)
     path = tmp_path_factory.mktemp("slide") / "crop.tif"
-    tifffile.imwrite(path, pixels, tile=(256, 256), photometric="rgb", compression="zlib")
+    write_cmu_crop(path, 640, 832)
     return path
 
 

@@ -11,27 +11,19 @@ round differently, by a few 1e-7.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 
+from tests.infer.conftest import SEEDED_SPEC, write_cmu_crop
 from tilesegment.errors import ConfigError
 from tilesegment.geometry import PAD_MODE, TTA_MODES, whole_image_padding
 from tilesegment.infer.options import RunOptions
 from tilesegment.infer.predict import Predictor, predict_image
 from tilesegment.infer.run import run_slide
-from tilesegment.model import (
-    InstanceSpec,
-    ModelSpec,
-    UNetConfig,
-    load_checkpoint,
-    new_model,
-    save_checkpoint,
-)
+from tilesegment.model import load_checkpoint
 from tilesegment.postprocess import postprocess_output
 from tilesegment.postprocess.seeded import seeded_instances
 from tilesegment.store import OutputStore
@@ -48,7 +40,7 @@ COMMON = {
     "progress": False,
     "chunk_target_px": 256,
 }
-SPEC = InstanceSpec(max_growth_px=6, min_seed_px=4)
+SPEC = SEEDED_SPEC
 #: Engines by name: 252 (5 x 7 tiles, stride 64), 572 (1 x 2 tiles), 1084 (one tile), the
 #: worker pool, a local dask cluster, and 572 without augmentation.
 ENGINES = {
@@ -62,24 +54,9 @@ ENGINES = {
 
 
 @pytest.fixture(scope="module")
-def seeded_model(tmp_path_factory) -> Path:
-    spec = ModelSpec.default(UNetConfig(depth=4, base_channels=4, classes=3), name="seeded")
-    spec = dataclasses.replace(spec, instances=SPEC)
-    path = tmp_path_factory.mktemp("model") / "seeded"
-    save_checkpoint(new_model(spec, seed=8), spec, path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def crop(tmp_path_factory) -> tuple[Path, np.ndarray]:
-    from tests.conftest import data_path
-    from tilesegment.io import open_slide
-
-    with open_slide(data_path("slides", "CMU-1-Small-Region.svs")) as reader:
-        pixels = reader.read_region(0, 1100, 700, 300, 400)
     path = tmp_path_factory.mktemp("slide") / "crop.tif"
-    tifffile.imwrite(path, pixels, tile=(256, 256), photometric="rgb", compression="zlib")
-    return path, pixels
+    return path, write_cmu_crop(path, 300, 400)
 
 
 @pytest.fixture(scope="module")
