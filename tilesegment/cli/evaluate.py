@@ -24,6 +24,7 @@ from tilesegment.cli.options import (
     set_threads,
     single_device,
     threads_option,
+    tta_option,
 )
 
 
@@ -73,6 +74,7 @@ from tilesegment.cli.options import (
 )
 @device_option(several=False)
 @precision_option(auto=True, default="fp32")
+@tta_option()
 @threads_option()
 @json_option()
 def evaluate(
@@ -89,6 +91,7 @@ def evaluate(
     figure_n: int,
     device: str,
     precision: str,
+    tta: str,
     threads: int | None,
     as_json: bool,
 ) -> None:
@@ -114,6 +117,7 @@ def evaluate(
         label_kind=label_kind,  # type: ignore[arg-type]
         device=device,
         precision=precision,
+        tta=tta,
         min_object_size=min_object_size,
         image_mpp=mpp,
         keep_examples=figure is not None,
@@ -125,7 +129,7 @@ def evaluate(
 
         rows = write_figure(report, figure, n=figure_n, colours=spec.class_colours)
     if as_json:
-        doc = {"model": str(model_path), "name": spec.name, **report.to_json()}
+        doc = {"model": str(model_path), "name": spec.name, "tta": tta, **report.to_json()}
         if report.kind == "instances":
             doc["instances"] = _instance_method(instance_method, spec)
         if figure is not None:
@@ -133,7 +137,7 @@ def evaluate(
         click.echo(json.dumps(doc, indent=2))
         return
     click.echo(f"model {spec.name} ({model_path}), {report.kind} labels, {len(report.per_image)}"
-               f" image(s){_mpp_note(mpp, spec.mpp)}")  # fmt: skip
+               f" image(s){_mpp_note(mpp, spec.mpp)}{_tta_note(tta)}")  # fmt: skip
     click.echo(report.table())
     if figure is not None:
         click.echo(
@@ -144,6 +148,10 @@ def evaluate(
 def _instance_method(choice: str, spec) -> str:
     """What made the scored instances: ``seeded`` or ``components``."""
     return "seeded" if choice == "model" and spec.instances is not None else "components"
+
+
+def _tta_note(tta: str) -> str:
+    return "" if tta == "none" else f", test-time augmentation {tta}"
 
 
 def _mpp_note(image_mpp: float | None, model_mpp: float | None) -> str:

@@ -18,6 +18,7 @@ from tilesegment.cli.options import (
     progress_option,
     show_progress,
     tile_size_option,
+    tta_option,
 )
 from tilesegment.cli.outcome import echo_summary, export_instances, sigterm_interrupts
 from tilesegment.store.layout import FORMATS
@@ -81,6 +82,7 @@ from tilesegment.store.layout import FORMATS
     "is capped to that, with a warning.",
 )
 @precision_option(auto=True, default="auto")
+@tta_option()
 @click.option(
     "--compile/--no-compile",
     "compile_model",
@@ -131,6 +133,7 @@ def run(
     device: str,
     workers: int | None,
     precision: str,
+    tta: str,
     compile_model: bool | None,
     read_threads: int,
     overwrite: bool,
@@ -182,6 +185,7 @@ def run(
         device=device,
         workers=workers,
         precision=precision,
+        tta=tta,
         compile=compile_model,
         read_threads=read_threads,
         resume=resume,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tilesegment.errors import ConfigError
+from tilesegment.geometry import tta_symmetries
 from tilesegment.store.layout import FORMATS, NGFF_04
 
 #: Default input tile edge: the paper's 572 px (or the nearest valid size for other depths).
@@ -61,6 +62,10 @@ class RunOptions:
     :data:`COMPILE_MIN_TILES` tiles, enough to repay the compilation (see
     benchmarks/RESULTS.md). A model that fails to compile
     (no C++ compiler, an unsupported op) runs eagerly, with a warning."""
+    tta: str = "none"
+    """Test-time augmentation: ``"none"``, ``"flips"`` (average over the identity, both mirrors
+    and the 180° rotation: 4x the compute) or ``"d4"`` (all flips and 90° rotations: 8x); see
+    :data:`tilesegment.geometry.TTA_MODES`. The output stays independent of the tile size."""
     read_threads: int = 2
     """Threads that read, decode and mirror-pad tiles (split between CPU workers)."""
     chunk_target_px: int = 1024
@@ -103,6 +108,7 @@ def check_options(opts: RunOptions) -> None:
         raise ConfigError(f"`max_retries` ({opts.max_retries}) must be >= 0")
     if opts.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision {opts.precision!r} must be auto, fp32, bf16 or fp16")
+    tta_symmetries(opts.tta)  # a ConfigError naming the modes
     if opts.scheduler is not None or opts.dask_workers is not None:
         _check_dask(opts)
 
@@ -132,6 +138,12 @@ def require_distributed() -> Any:
             f"({exc}); install it with: {INSTALL_HINT}"
         ) from exc
     return distributed
+
+
+def tta_param(tta: str) -> str | None:
+    """``tta`` as a run records it in its parameters: None (not recorded) without augmentation,
+    so outputs made before ``--tta`` existed resume as before."""
+    return None if tta == "none" else tta
 
 
 def resolve_compile(compile: bool | None, tiles: int) -> bool:

@@ -29,7 +29,7 @@ from tilesegment.infer.devices import (
 )
 from tilesegment.infer.executors.base import Executor, RunContext
 from tilesegment.infer.identity import IDENTITY_KEYS, SlideIdentity, check_identity, identify
-from tilesegment.infer.options import RunOptions, check_options, resolve_compile
+from tilesegment.infer.options import RunOptions, check_options, resolve_compile, tta_param
 from tilesegment.infer.plan import (
     WorkPlan,
     plan_grid,
@@ -99,6 +99,7 @@ def run_slide(
     tune_malloc()  # flat peak RSS whatever the slide size (see the function)
     reset_peak_rss()  # the report's peak is this run's, not an earlier run's in this process
     run = RunRecord.start()
+    run.tta = opts.tta
     net, spec = load_checkpoint(model, device="cpu")
     tile_size = resolve_tile_size(net.geometry, opts.tile_size)
     devices = resolve_devices(opts.device, opts.workers)
@@ -174,6 +175,8 @@ def _run_params(
     if opts.format != NGFF_04:  # absent from records of 0.4 runs (and of older versions)
         params["format"] = opts.format
         params["shard_chunks"] = list(shard_chunks(opts, chunk_shape))
+    if (tta := tta_param(opts.tta)) is not None:  # absent without it, as before --tta existed
+        params["tta"] = tta
     attrs = {
         "tilesegment_version": __version__,
         "slide": str(job.slide.resolve()),
@@ -186,6 +189,8 @@ def _run_params(
         "halo": grid.halo,
         "tissue": opts.tissue,
     }
+    if tta is not None:
+        attrs["tta"] = tta
     if job.spec.instances is not None:  # how postprocess makes instances (seeded growth)
         attrs["instances"] = job.spec.instances.to_json()
     info = {

@@ -480,6 +480,7 @@ def evaluate_model(
     image_mpp: float | None = None,
     keep_examples: bool = False,
     seeded: bool = True,
+    tta: str = "none",
 ) -> tuple[Report, Any]:
     """Score the checkpoint ``model`` on image/label pairs (stacks or folders).
 
@@ -506,6 +507,9 @@ def evaluate_model(
         Keep images and predictions for a figure (:attr:`Report.examples`).
     seeded : bool
         See :func:`evaluate_items`.
+    tta : {"none", "flips", "d4"}
+        Test-time augmentation of every whole-image prediction, as ``run --tta`` applies it
+        (:data:`tilesegment.geometry.TTA_MODES`), so the scores are those of a run's output.
 
     Returns
     -------
@@ -552,7 +556,13 @@ def evaluate_model(
         )
     if min_object_size is None:
         min_object_size = int(config.get("min_object_size", 10))
-    predictor = Predictor(net, spec, device=device, precision=precision)  # type: ignore[arg-type]
+    predictor = Predictor(
+        net,
+        spec,
+        device=device,
+        precision=precision,  # type: ignore[arg-type]
+        tta=tta,
+    )
     report = evaluate_items(
         items,
         predictor,
