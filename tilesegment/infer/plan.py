@@ -82,6 +82,8 @@ class WorkPlan:
     chunks_done_before: int
     tiles_with_tissue: int = 0
     """Tiles the whole run computes (done before or not): the same for a run and its resumes."""
+    work_px: int = 0
+    """Output pixels those tiles write (their cores): the tissue the whole run computes."""
 
 
 def plan_work(
@@ -105,7 +107,8 @@ def plan_work(
     by = max(1, round(opts.read_block_px / cy))
     bx = max(1, round(opts.read_block_px / cx))
     units: list[Unit] = []
-    no_tissue = done_tiles = done_chunks = work = 0
+    no_tissue = done_tiles = done_chunks = work = work_px = 0
+    sy, sx = grid.stride
     for r0 in range(0, nrows, by):
         for c0 in range(0, ncols, bx):
             unit: list[ChunkTask] = []
@@ -120,6 +123,8 @@ def plan_work(
                         if tissue is None or tissue.any_in(grid.tile(i, j).read)
                     )
                     work += len(keep)
+                    # a tile's core is a stride, clipped at the bottom and right edges
+                    work_px += sum(min(sy, h - i * sy) * min(sx, w - j * sx) for i, j in keep)
                     if (r, c) in done:
                         done_chunks += 1
                         done_tiles += len(rows) * len(cols)
@@ -141,6 +146,7 @@ def plan_work(
         tiles_done_before=done_tiles,
         chunks_done_before=done_chunks,
         tiles_with_tissue=work,
+        work_px=work_px,
     )
 
 
