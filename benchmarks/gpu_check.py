@@ -568,7 +568,7 @@ def bottleneck(stages: dict, threads: int) -> dict:
 def machine() -> dict:
     import torch
 
-    from tilesegment.infer.devices import cpu_cores
+    from tilesegment.machine import usable_cores
 
     gpus = [
         f"{torch.cuda.get_device_name(i)} "
@@ -581,7 +581,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "gpus": gpus,
-        "cpu_cores": cpu_cores(),
+        "cpu_cores": usable_cores(),
     }
 
 
@@ -674,10 +674,10 @@ def main(argv: list[str] | None = None) -> int:
     if not CMU.exists():
         print(f"gpu_check: {CMU} is missing; set TILESEGMENT_DATA", file=sys.stderr)
         return 2
-    from tilesegment.infer.devices import cpu_cores
+    from tilesegment.machine import usable_cores
 
     sizes = DRY if args.dry_run else REAL
-    sizes = replace(sizes, read_threads=max(1, min(sizes.read_threads, cpu_cores())))
+    sizes = replace(sizes, read_threads=max(1, min(sizes.read_threads, usable_cores())))
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     checks = check_correctness(sizes, args.out, cuda and not args.dry_run)

@@ -149,7 +149,7 @@ def assert_same_arrays(got: Path, expected: Path) -> None:
         assert np.array_equal(a[key][:], b[key][:]), key
 
 
-@pytest.mark.parametrize("workers", [None, 2], ids=["in-process", "pool"])
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "pool"])
 def test_full_disk_is_one_line_exit_1_then_resumes(model, cmu_reference, tmp_path, workers):
     """A disk that fills mid-run: one line with the fix, no completion marker; after freeing
     space (growing the tmpfs) --resume completes the same output as an untroubled run.
@@ -157,7 +157,7 @@ def test_full_disk_is_one_line_exit_1_then_resumes(model, cmu_reference, tmp_pat
     A child process with a timeout: before the fix, the pool retried and respawned its workers
     on the full disk for over 13 minutes."""
     slide = data_path("slides", "CMU-1-Small-Region.svs")
-    pool = ("--workers", str(workers)) if workers else ()
+    pool = ("--workers", str(workers))
     with tmpfs(tmp_path / "small", "size=2m") as small:
         out = small / "out.zarr"
         args = ("run", slide, "-o", out, "--model", model, *FAST, *pool)

@@ -23,6 +23,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tilesegment"
 STAGES = (
     "tilesegment",  # the package root: __version__ only
     "tilesegment.errors",
+    "tilesegment.machine",  # usable cores and memory: stdlib only
     "tilesegment.geometry",
     "tilesegment.instances",
     "tilesegment.io",

@@ -22,6 +22,9 @@ from tilesegment.store.layout import DONE_LOG, state_dir
 
 #: Options every run in these tests shares (the output must not depend on anything else).
 RUN_ARGS = ("--tile-size", "572", "--no-preview", "--no-progress")
+#: In-process, as the references these runs are compared with (``--workers auto`` also runs
+#: slides this small in-process, but the number of torch threads may round a value by 1).
+IN_PROCESS = ("--workers", "1")
 
 #: The seeded growth the seeded model declares.
 SEEDED_SPEC = InstanceSpec(max_growth_px=6, min_seed_px=4)

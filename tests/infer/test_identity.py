@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import data_path
 from tests.infer.conftest import (
+    IN_PROCESS,
     RUN_ARGS,
     assert_identical,
     done_records,
@@ -148,7 +149,7 @@ def test_identity_check_names_both_slides_and_accepts_old_records(twins, tmp_pat
 def clean_a(tiny_model, twins, tmp_path_factory) -> Path:
     """An uninterrupted in-process run of ``A/slide.tif`` (the CLI runs' options)."""
     out = tmp_path_factory.mktemp("clean") / "out.zarr"
-    opts = RunOptions(tile_size=572, preview=False, progress=False)
+    opts = RunOptions(tile_size=572, workers=1, preview=False, progress=False)
     run_slide(twins[0], out, tiny_model, opts)
     assert done_records(out) >= 4
     return out
@@ -156,7 +157,7 @@ def clean_a(tiny_model, twins, tmp_path_factory) -> Path:
 
 def _killed_run(slide: Path, out: Path, model: Path, clean: Path) -> int:
     """Run ``slide`` into ``out`` from the command line and SIGKILL it mid-way; records left."""
-    proc = start_cli("run", slide, "-o", out, "--model", model, *RUN_ARGS)
+    proc = start_cli("run", slide, "-o", out, "--model", model, *RUN_ARGS, *IN_PROCESS)
     wait_for_records(proc, out, 2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -172,7 +173,7 @@ def test_resume_with_the_other_twin_is_refused_and_the_right_one_finishes(
     a, b = twins
     out = tmp_path / "out.zarr"
     recorded = _killed_run(a, out, tiny_model, clean_a)
-    refused = invoke("run", b, "-o", out, "--model", tiny_model, "--resume", *RUN_ARGS)
+    refused = invoke("run", b, "-o", out, "--model", tiny_model, "--resume", *RUN_ARGS, *IN_PROCESS)
     assert refused.exit_code == 2
     message = refused.output.strip()
     assert "\n" not in message and message.startswith(f"Error: cannot resume {out}")
@@ -180,7 +181,7 @@ def test_resume_with_the_other_twin_is_refused_and_the_right_one_finishes(
     assert "differs in content" in message and "--overwrite" in message
     assert done_records(out) == recorded and not is_complete(out)
     assert not lock_path(out).exists()
-    resumed = invoke("run", a, "-o", out, "--model", tiny_model, "--resume", *RUN_ARGS)
+    resumed = invoke("run", a, "-o", out, "--model", tiny_model, "--resume", *RUN_ARGS, *IN_PROCESS)
     assert resumed.exit_code == 0, resumed.output
     assert_identical(out, clean_a)
     report = json.loads(report_path(out).read_text())
@@ -203,7 +204,9 @@ def test_an_output_recorded_without_fingerprint_still_resumes(
     _killed_run(twins[0], out, tiny_model, clean_a)
     _drop_fingerprint(out)
     with caplog.at_level(logging.WARNING):
-        result = invoke("run", twins[0], "-o", out, "--model", tiny_model, "--resume", *RUN_ARGS)
+        result = invoke(
+            "run", twins[0], "-o", out, "--model", tiny_model, "--resume", *RUN_ARGS, *IN_PROCESS
+        )
     assert result.exit_code == 0, result.output
     assert "could not be verified by content" in caplog.text
     assert_identical(out, clean_a)
@@ -217,7 +220,7 @@ def test_batch_resume_skips_only_the_recorded_slide(tiny_model, twins, clean_a, 
     shutil.copytree(clean_a, out)
     shutil.copytree(state_dir(clean_a), state_dir(out))  # the run record lives beside the store
     before = store_files(out)
-    args = ("-o", outdir, "--model", tiny_model, "--resume", *RUN_ARGS)
+    args = ("-o", outdir, "--model", tiny_model, "--resume", *RUN_ARGS, *IN_PROCESS)
     same = invoke("run", a.parent / "*.tif", *args)
     assert same.exit_code == 0, same.output
     assert f"{out} was already complete; skipped" in same.output

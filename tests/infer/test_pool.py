@@ -26,16 +26,11 @@ from tests.infer.conftest import (
     wait_gone,
 )
 from tilesegment.errors import ConfigError
-from tilesegment.infer.capacity import (
-    WORKER_RSS_MB,
-    available_memory_mb,
-    cap_cpu_workers,
-    cgroup_limit,
-    usable_cores,
-)
+from tilesegment.infer.capacity import WORKER_RSS_MB, cap_cpu_workers
 from tilesegment.infer.devices import cpu_has_native_bf16, resolve_devices, resolve_precision
 from tilesegment.infer.executors.faults import FAULT_ENV, FaultInjector, FaultSpec
 from tilesegment.infer.stream import BatchSize
+from tilesegment.machine import available_memory_mb, cgroup_limit, usable_cores
 from tilesegment.store import is_complete
 from tilesegment.store.layout import report_path
 from tilesegment.store.resume import lock_path

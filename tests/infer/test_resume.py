@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.infer.conftest import (
+    IN_PROCESS,
     RUN_ARGS,
     assert_identical,
     done_records,
@@ -126,7 +127,7 @@ def test_lock_held_by_a_live_process_is_refused(tmp_path):
 def clean(tiny_model, slide, tmp_path_factory) -> Path:
     """The reference: one uninterrupted in-process run (same options as the CLI runs)."""
     out = tmp_path_factory.mktemp("clean") / "out.zarr"
-    opts = RunOptions(tile_size=572, preview=False, progress=False)
+    opts = RunOptions(tile_size=572, workers=1, preview=False, progress=False)
     summary = run_slide(slide, out, tiny_model, opts)
     assert 0 < summary.extra["tiles_skipped"] < 32
     return out
@@ -136,14 +137,16 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(
     tiny_model, slide, clean, tmp_path, caplog
 ):
     out = tmp_path / "out.zarr"
-    proc = start_cli("run", slide, "-o", out, "--model", tiny_model, *RUN_ARGS)
+    proc = start_cli("run", slide, "-o", out, "--model", tiny_model, *RUN_ARGS, *IN_PROCESS)
     seen = wait_for_records(proc, out, 4)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not is_complete(out)
     assert lock_path(out).exists()  # SIGKILL leaves the lock behind: stale
     assert seen <= done_records(out) < done_records(clean)
-    result = invoke("run", slide, "-o", out, "--model", tiny_model, "--resume", *RUN_ARGS)
+    result = invoke(
+        "run", slide, "-o", out, "--model", tiny_model, "--resume", *RUN_ARGS, *IN_PROCESS
+    )
     assert result.exit_code == 0, result.output
     assert f"taking over the stale lock {lock_path(out)} of pid {proc.pid}" in caplog.text
     assert "done before" in result.output
@@ -157,7 +160,7 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(
 
 def test_sigint_flushes_refuses_a_second_run_and_resumes(tiny_model, slide, clean, tmp_path):
     out = tmp_path / "out.zarr"
-    args = ("run", slide, "-o", out, "--model", tiny_model, *RUN_ARGS)
+    args = ("run", slide, "-o", out, "--model", tiny_model, *RUN_ARGS, *IN_PROCESS)
     proc = start_cli(*args)
     wait_for_records(proc, out, 2)
     proc.send_signal(signal.SIGSTOP)  # hold the first run mid-way, whatever the machine's speed
@@ -196,7 +199,18 @@ def test_resume_with_other_parameters_is_refused(tiny_model, slide, clean, tmp_p
     shutil.copytree(state_dir(clean), state_dir(out))  # the resume state lives beside the store
     attrs = out / ".zattrs"
     attrs.write_text(attrs.read_text().replace('"complete"', '"incomplete"'))
-    args = ("run", slide, "-o", out, "--model", tiny_model, "--tissue", "none", *RUN_ARGS)
+    args = (
+        "run",
+        slide,
+        "-o",
+        out,
+        "--model",
+        tiny_model,
+        "--tissue",
+        "none",
+        *RUN_ARGS,
+        *IN_PROCESS,
+    )
     result = invoke(*args, "--resume")
     assert result.exit_code == 2
     message = result.output.strip()
@@ -206,7 +220,9 @@ def test_resume_with_other_parameters_is_refused(tiny_model, slide, clean, tmp_p
 
 def test_resume_of_a_missing_output_starts_it(tiny_model, slide, tmp_path):
     out = tmp_path / "new.zarr"
-    opts = RunOptions(tile_size=572, preview=False, progress=False, resume=True, tissue="none")
+    opts = RunOptions(
+        tile_size=572, workers=1, preview=False, progress=False, resume=True, tissue="none"
+    )
     summary = run_slide(slide, out, tiny_model, opts)
     assert is_complete(out) and summary.extra["tiles_processed"] == summary.tiles
 
@@ -229,7 +245,9 @@ def test_resume_adopts_the_state_an_older_version_kept_inside_the_group(
     shutil.copy(report_path(clean), legacy_report_path(out))
     attrs = out / ".zattrs"
     attrs.write_text(attrs.read_text().replace('"complete"', '"incomplete"'))
-    result = invoke("run", slide, "-o", out, "--model", tiny_model, *RUN_ARGS, "--resume")
+    result = invoke(
+        "run", slide, "-o", out, "--model", tiny_model, *RUN_ARGS, *IN_PROCESS, "--resume"
+    )
     assert result.exit_code == 0, result.output
     assert is_complete(out)
     assert not legacy_state_dir(out).exists() and not legacy_report_path(out).exists()

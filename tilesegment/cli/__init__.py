@@ -6,6 +6,8 @@ Errors become exit codes in :mod:`tilesegment.cli.exits` only.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import os
 import sys
@@ -40,6 +42,11 @@ def main(log_level: str) -> None:
     # (before any command imports torch); a library import never does.
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
+    # Exit fast: with torch loaded, the collections the interpreter runs while it tears down
+    # take ~1 s (measured: `python -c "import torch"` 3.5 s, 2.6 s with this); everything the
+    # command wrote is closed by then, and the exit handlers still run.
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
     logging.basicConfig(
         level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )

@@ -33,6 +33,8 @@ def echo_summary(summary: RunSummary) -> None:
         f"{x['tiles_skipped']} skipped{tissue}{resumed}{tta}; {summary.seconds:.1f} s, {speed})",
         err=True,
     )
+    if x.get("workers"):
+        click.echo(f"  {x['workers']}", err=True)
     for d in x["devices"]:
         rate = f"{d['mpx_per_s']:.2f} Mpx/s" if d["mpx_per_s"] else "idle"
         restarts = f", {d['restarts']} restarts" if d["restarts"] else ""

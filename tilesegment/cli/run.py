@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -21,7 +22,31 @@ from tilesegment.cli.options import (
     tta_option,
 )
 from tilesegment.cli.outcome import echo_summary, export_instances, sigterm_interrupts
+from tilesegment.infer.capacity import AUTO_MIN_MPX_PER_WORKER, WORKER_RSS_MB
 from tilesegment.store.layout import FORMATS
+
+
+class WorkersType(click.ParamType):
+    """``--workers``: ``auto`` (None) or a number of CPU worker processes from 1 to 256."""
+
+    name = "auto|N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None):
+        if value is None or str(value).strip().lower() == "auto":
+            return None
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither auto nor a whole number", param, ctx)
+        if not 1 <= n <= 256:
+            self.fail(f"{n} is not in the range 1<=x<=256 (or auto)", param, ctx)
+        return n
+
+
+def _auto_side() -> int:
+    """Side in px of the smallest square all-tissue image ``--workers auto`` computes with two
+    workers (for the help text)."""
+    return int((2 * AUTO_MIN_MPX_PER_WORKER * 1e6) ** 0.5)
 
 
 @click.command(cls=Command)
@@ -76,10 +101,16 @@ from tilesegment.store.layout import FORMATS
 @device_option(several=True)
 @click.option(
     "--workers",
-    type=click.IntRange(1, 256),
-    help="CPU worker processes (default 1, in-process); they split the cores. More than the "
-    "usable cores (affinity, cgroup quota) or than available memory allows (~520 MB each) "
-    "is capped to that, with a warning.",
+    type=WorkersType(),
+    default="auto",
+    show_default=True,
+    help="CPU worker processes, which split the cores. auto: one single-thread worker per "
+    f"usable core (affinity, cgroup quota) when the run computes at least "
+    f"{AUTO_MIN_MPX_PER_WORKER:g} Mpx of tissue per worker (a {_auto_side():,}² all-tissue "
+    f"image on 2 cores) and the available memory holds one worker more than that at "
+    f"~{WORKER_RSS_MB} MB each (2 workers on 2 cores: ~1.4 GB in all, in-process ~0.5 GB); "
+    "in-process otherwise. 1: in-process. N: N workers, capped to the usable cores and the "
+    "memory, with a warning. GPU devices ignore it (one worker per device).",
 )
 @precision_option(auto=True, default="auto")
 @tta_option()
@@ -90,7 +121,12 @@ from tilesegment.store.layout import FORMATS
     help="torch.compile the model (default: when the run computes >= 2000 tiles; falls back "
     "to eager mode if compiling fails).",
 )
-@click.option("--read-threads", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option(
+    "--read-threads",
+    type=click.IntRange(1, 64),
+    help="Threads that read and decode tiles, split between worker processes (default: a "
+    "quarter of the usable cores, at least 2).",
+)
 @overwrite_option("output")
 @click.option(
     "--resume",
@@ -135,7 +171,7 @@ def run(
     precision: str,
     tta: str,
     compile_model: bool | None,
-    read_threads: int,
+    read_threads: int | None,
     overwrite: bool,
     resume: bool,
     max_retries: int,

@@ -1,16 +1,14 @@
-"""How many CPU worker processes this machine can take: usable cores and available memory.
-
-Usable cores are the CPU affinity mask reduced by a cgroup CPU quota; available memory is
-``MemAvailable`` reduced by a cgroup memory limit minus its usage (cgroup v2 and v1). Linux
-only; elsewhere the CPU count and "unknown memory". Standard library only.
+"""How many CPU worker processes a run takes: the cap on ``--workers N`` and the rule of
+``--workers auto`` (the default on a CPU), from the usable cores and available memory that
+:mod:`tilesegment.machine` reads. Standard library only.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
-from pathlib import Path
+from dataclasses import dataclass
+
+from tilesegment.machine import available_memory_mb, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -46,76 +44,80 @@ def cap_cpu_workers(workers: int) -> int:
     return cap
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on: its affinity mask, reduced by a cgroup CPU quota
-    (``cpu.max`` in cgroup v2, ``cpu.cfs_quota_us`` in v1) where one is set."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    for quota in _cgroup_values(("cpu.max", "cpu.cfs_quota_us")):
-        cores = min(cores, max(1, math.floor(quota)))
-    return max(1, cores)
+#: Tissue megapixels per worker process from which ``--workers auto`` runs worker processes
+#: instead of in-process: where the pool's speed repays its start-up (see :func:`auto_workers`
+#: and docs/architecture.md, Measured choices).
+AUTO_MIN_MPX_PER_WORKER = 25.0
 
 
-def available_memory_mb() -> float | None:
-    """Memory this process can still use in MB: ``MemAvailable``, reduced by a cgroup memory
-    limit minus its usage where one is set; None if unknown (not Linux)."""
-    available = None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    for free in _cgroup_values(("memory.max", "memory.limit_in_bytes")):
-        available = free if available is None else min(available, free)
-    return available
+@dataclass(frozen=True, slots=True)
+class WorkersChoice:
+    """How many CPU processes a run computes in, and why (recorded in the run report)."""
+
+    processes: int
+    """CPU worker processes; 0 computes in-process (the model in the run's own process)."""
+    rule: str
+    """``"auto"`` (:func:`auto_workers`) or what the user asked (``"--workers 3"``)."""
+    reason: str
+    """One line: the inputs the rule saw and the limit that decided."""
+
+    def describe(self) -> str:
+        """``workers auto: 2 worker processes (...)``: the decision in one line."""
+        n = self.processes
+        what = "in-process" if n == 0 else f"{n} worker process{'es' if n > 1 else ''}"
+        return f"workers {self.rule.removeprefix('--workers ')}: {what} ({self.reason})"
+
+    def to_json(self) -> dict[str, object]:
+        return {"rule": self.rule, "processes": self.processes, "reason": self.reason}
 
 
-def _cgroup_values(names: tuple[str, str]) -> list[float]:
-    """The limits the cgroups of this process (and their ancestors) set through ``names``
-    (the cgroup v2 file, then the v1 file): CPUs for CPU quotas, free MB for memory limits."""
-    try:
-        with open("/proc/self/cgroup", encoding="ascii") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    values = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":  # cgroup v2
-            base, name = "/sys/fs/cgroup", names[0]
-        elif names[1].split(".")[0] in controllers.split(","):  # cgroup v1
-            base, name = f"/sys/fs/cgroup/{controllers}", names[1]
-        else:
-            continue
-        folder = Path(base + path)
-        for d in [folder, *folder.parents]:
-            if len(d.parts) < len(Path(base).parts):
-                break
-            value = cgroup_limit(d, name)
-            if value is not None:
-                values.append(value)
-    return values
+def auto_workers(work_mpx: float, *, cores: int, memory_mb: float | None) -> WorkersChoice:
+    """The rule of ``--workers auto`` on a CPU: one single-thread worker process per usable
+    core when every worker gets at least :data:`AUTO_MIN_MPX_PER_WORKER` Mpx of tissue to
+    compute and the memory holds every worker plus one more (~:data:`WORKER_RSS_MB` MB each);
+    otherwise in-process.
 
+    Parameters
+    ----------
+    work_mpx : float
+        Output megapixels the run computes (the cores of the tiles with tissue).
+    cores : int
+        Usable CPU cores (:func:`tilesegment.machine.usable_cores`).
+    memory_mb : float or None
+        Available memory in MB (:func:`tilesegment.machine.available_memory_mb`); None when
+        unknown, which does not limit the workers.
 
-def cgroup_limit(folder: Path, name: str) -> float | None:
-    """One cgroup's limit from ``folder/name``: CPUs for a CPU quota, free MB for memory."""
-    try:
-        text = (folder / name).read_text().split()
-        if name == "cpu.max":  # "max 100000" or "QUOTA PERIOD"
-            return None if text[0] == "max" else int(text[0]) / int(text[1])
-        if name == "cpu.cfs_quota_us":
-            quota = int(text[0])
-            period = int((folder / "cpu.cfs_period_us").read_text())
-            return None if quota <= 0 else quota / period
-        limit = None if text[0] == "max" else int(text[0])
-        if limit is None or limit >= 2**62:  # v1 writes "no limit" as a huge number
-            return None
-        usage_file = "memory.current" if name == "memory.max" else "memory.usage_in_bytes"
-        usage = int((folder / usage_file).read_text())
-        return max(0, limit - usage) / 2**20
-    except (OSError, ValueError, IndexError, ZeroDivisionError):
-        return None
+    Examples
+    --------
+    >>> auto_workers(4.0, cores=2, memory_mb=8000).describe()
+    'workers auto: in-process (4.0 Mpx of tissue, under 25 Mpx per worker for 2 workers)'
+    >>> auto_workers(400.0, cores=2, memory_mb=8000).processes
+    2
+    >>> auto_workers(400.0, cores=2, memory_mb=1200).processes  # 2 workers + 1 need 1560 MB
+    0
+    """
+    workers = cores
+    by_memory = None if memory_mb is None else int(memory_mb // WORKER_RSS_MB) - 1
+    if by_memory is not None:
+        workers = min(workers, by_memory)
+    memory = "unknown memory" if memory_mb is None else f"{memory_mb / 1024:.1f} GB available"
+    if cores < 2:
+        return WorkersChoice(0, "auto", f"{cores} usable CPU core")
+    if workers < 2:
+        return WorkersChoice(
+            0, "auto", f"{memory}, under 3 x ~{WORKER_RSS_MB} MB for 2 workers and a spare"
+        )
+    need = AUTO_MIN_MPX_PER_WORKER * workers
+    if work_mpx < need:
+        return WorkersChoice(
+            0,
+            "auto",
+            f"{work_mpx:.1f} Mpx of tissue, under {AUTO_MIN_MPX_PER_WORKER:g} Mpx per worker "
+            f"for {workers} workers",
+        )
+    return WorkersChoice(
+        workers,
+        "auto",
+        f"{work_mpx:.1f} Mpx of tissue >= {AUTO_MIN_MPX_PER_WORKER:g} Mpx per worker; "
+        f"{cores} usable cores, {memory} at ~{WORKER_RSS_MB} MB per worker",
+    )

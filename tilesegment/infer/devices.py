@@ -37,12 +37,6 @@ def spawn_env() -> Iterator[None]:
             os.environ.pop(k, None)
 
 
-def cpu_cores() -> int:
-    """CPU cores this process may run on."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return cores or 1
-
-
 def resolve_devices(device: str, workers: int | None = None) -> list[str]:
     """One torch device string per worker process.
 

@@ -25,13 +25,14 @@ import numpy as np
 from tilesegment.errors import ConfigError
 from tilesegment.geometry import Box
 from tilesegment.infer.devices import resolve_devices, resolve_precision
-from tilesegment.infer.options import RunOptions
+from tilesegment.infer.options import RunOptions, default_read_threads
 from tilesegment.infer.plan import plan_grid, plan_work, resolve_tile_size
 from tilesegment.infer.predict import make_predictor, to_model_channels
 from tilesegment.infer.source import Source, open_source
 from tilesegment.infer.stream import ListSource, stream_units
 from tilesegment.io import open_slide
 from tilesegment.io.resample import resample_probabilities
+from tilesegment.machine import usable_cores
 from tilesegment.model.checkpoint import load_checkpoint
 from tilesegment.store import class_map
 
@@ -98,7 +99,8 @@ class ImageSegmenter:
         net, spec = load_checkpoint(model, device="cpu")
         self.net, self.spec = net, spec
         self.tile_size = resolve_tile_size(net.geometry, options.tile_size)
-        self.options = replace(options, tissue="none", level=None)
+        threads = options.read_threads or default_read_threads(usable_cores())
+        self.options = replace(options, tissue="none", level=None, read_threads=threads)
         self.predictor = make_predictor(net, spec, self.device, self.precision, tta=options.tta)
 
     def segment(self, path: str | Path) -> ImagePrediction:

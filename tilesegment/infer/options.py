@@ -53,7 +53,10 @@ class RunOptions:
     """Device(s): ``"cpu"``, ``"cuda:0"``, ``"cuda:0,cuda:1"`` (one worker process each) or
     ``"auto"`` (every visible GPU, else the CPU)."""
     workers: int | None = None
-    """CPU worker processes (None: 1). One CPU worker runs in-process, several split the cores."""
+    """CPU worker processes. None (auto, the default): one single-thread worker per usable core
+    when the run computes enough tissue to repay their start-up and the memory holds them,
+    else in-process (:func:`tilesegment.infer.capacity.auto_workers`). 1 runs in-process;
+    several split the cores (capped by the usable cores and memory)."""
     precision: str = "auto"
     """``"auto"`` (bf16 on CPUs with native bf16, else fp32; bf16 on CUDA where supported, else
     fp16), ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA only)."""
@@ -66,8 +69,10 @@ class RunOptions:
     """Test-time augmentation: ``"none"``, ``"flips"`` (average over the identity, both mirrors
     and the 180° rotation: 4x the compute) or ``"d4"`` (all flips and 90° rotations: 8x); see
     :data:`tilesegment.geometry.TTA_MODES`. The output stays independent of the tile size."""
-    read_threads: int = 2
-    """Threads that read, decode and mirror-pad tiles (split between CPU workers)."""
+    read_threads: int | None = None
+    """Threads that read, decode and mirror-pad tiles, split between worker processes (at least
+    one each). None (auto): a quarter of the usable cores, at least 2
+    (:func:`default_read_threads`)."""
     chunk_target_px: int = 1024
     """Aim for output chunks of about this edge; chunks are a whole number of tile strides."""
     read_block_px: int = 1536
@@ -77,8 +82,7 @@ class RunOptions:
     fsync: bool = True
     """fsync chunk files and the done log (durable across power cuts, not only crashes)."""
     in_process: bool | None = None
-    """Force (True) or forbid (False) the in-process executor; None: in-process for one CPU
-    worker, worker processes otherwise."""
+    """Force (True) or forbid (False) the in-process executor; None: as ``workers`` decides."""
     scheduler: str | None = None
     """Address of a dask scheduler (``tcp://host:8786``) whose workers compute the units of
     work (see :mod:`tilesegment.infer.executors.dask`); the output must be on a shared
@@ -104,6 +108,8 @@ def check_options(opts: RunOptions) -> None:
         raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
     if opts.workers is not None and opts.workers < 1:
         raise ConfigError(f"`workers` ({opts.workers}) must be >= 1")
+    if opts.read_threads is not None and opts.read_threads < 1:
+        raise ConfigError(f"`read_threads` ({opts.read_threads}) must be >= 1")
     if opts.max_retries < 0:
         raise ConfigError(f"`max_retries` ({opts.max_retries}) must be >= 0")
     if opts.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -153,3 +159,16 @@ def resolve_compile(compile: bool | None, tiles: int) -> bool:
     docs/architecture.md, Measured choices).
     """
     return tiles >= COMPILE_MIN_TILES if compile is None else bool(compile)
+
+
+def default_read_threads(cores: int) -> int:
+    """Reader threads of a run on ``cores`` usable cores when none are asked for: a quarter of
+    the cores, at least 2. Reading, writing and quantising a 572 px tile take ~10 ms of CPU
+    against ~70 ms for its eager forward pass (benchmarks/RESULTS.md), so a quarter of the
+    cores keeps the network fed with room to spare; two keep a block read ahead while another
+    decodes.
+
+    >>> [default_read_threads(c) for c in (1, 2, 8, 16, 64)]
+    [2, 2, 2, 4, 16]
+    """
+    return max(2, cores // 4)

@@ -108,6 +108,8 @@ class WorkPlan:
     chunks_done_before: int
     tiles_with_tissue: int = 0
     """Tiles the whole run computes (done before or not): the same for a run and its resumes."""
+    work_px: int = 0
+    """Output pixels those tiles write (their cores): the tissue the whole run computes."""
 
 
 def plan_work(
@@ -155,6 +157,7 @@ def plan_work(
         tiles_done_before=counts.done_tiles,
         chunks_done_before=counts.done_chunks,
         tiles_with_tissue=counts.work,
+        work_px=counts.work_px,
     )
 
 
@@ -181,6 +184,8 @@ class _Counts:
     done_tiles: int = 0
     done_chunks: int = 0
     work: int = 0
+    work_px: int = 0
+    """Output px of the tiles with tissue (their cores, clipped at the image edges)."""
     blocks: int = 0
 
     def chunk(self, grid, key, tiles_per_chunk, tissue, done) -> tuple[tuple[int, int], ...]:
@@ -195,6 +200,8 @@ class _Counts:
             if tissue is None or tissue.any_in(grid.tile(i, j).read)
         )
         self.work += len(keep)
+        (sy, sx), (h, w) = grid.stride, grid.image_shape
+        self.work_px += sum(min(sy, h - i * sy) * min(sx, w - j * sx) for i, j in keep)
         if key in done:
             self.done_chunks += 1
             self.done_tiles += len(rows) * len(cols)

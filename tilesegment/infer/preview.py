@@ -69,7 +69,9 @@ def write_preview(
     padded = [
         np.pad(p, ((0, height - p.shape[0]), (0, 8), (0, 0)), constant_values=255) for p in panels
     ]
-    Image.fromarray(np.concatenate(padded, axis=1)).save(path, optimize=True)
+    # zlib level 1: a 1784 x 1000 preview in 0.2 s and 2.8 MB, vs 1.5 s and 2.5 MB with
+    # ``optimize=True`` (level 9), which made the preview the slowest step after the network.
+    Image.fromarray(np.concatenate(padded, axis=1)).save(path, compress_level=1)
     return path
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from tilesegment import __version__
 from tilesegment.geometry import TileGrid
+from tilesegment.infer.capacity import WorkersChoice
 from tilesegment.infer.devices import peak_rss_mb
 from tilesegment.infer.executors.base import ExecutorStats
 from tilesegment.infer.options import RunOptions
@@ -76,6 +77,11 @@ class RunRecord:
     """The run's own reader (thumbnail, in-process tiles): its decode warnings go in the report."""
     decode_warnings: dict[tuple[int, int, int], dict[str, Any]] = field(default_factory=dict)
     """Corrupt-but-decodable segments reported by worker readers, by (level, row, column)."""
+    workers: WorkersChoice | None = None
+    """How many CPU processes computed and why (None for GPU and dask runs)."""
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds of the steps around the stream: ``setup`` (model, slide, tissue, output, plan:
+    from the start to the first unit), ``finalize`` (pyramids, metadata), ``preview``."""
 
     @classmethod
     def start(cls) -> RunRecord:
@@ -88,6 +94,7 @@ class RunRecord:
         self.worker_peak_rss_mb = stats.worker_peak_rss_mb
         self.errors.extend(stats.errors)
         self.add_decode_warnings(stats.decode_warnings)
+        self.phases.update(stats.phases)
         self.failed_tiles = list(stats.failed_tiles)
         self.tiles_processed = recorder.tiles
         self.core_px = recorder.core_px
@@ -112,6 +119,10 @@ class RunRecord:
             return None
         return self.core_px / 1e6 / self.stream_seconds
 
+    def phase(self, name: str, since: float) -> None:
+        """Record ``name`` as having taken from ``since`` (``time.perf_counter()``) to now."""
+        self.phases[name] = time.perf_counter() - since
+
     def peak_rss(self) -> dict[str, float]:
         return {"main": round(peak_rss_mb(), 1), "workers": round(self.worker_peak_rss_mb, 1)}
 
@@ -122,8 +133,6 @@ class RunRecord:
         params: dict[str, Any],
         plan: WorkPlan,
         status: str,
-        *,
-        finalize_s: float | None = None,
     ) -> dict[str, Any]:
         """The JSON document of the report, with the history of earlier attempts."""
         to_do = plan.tiles_total - plan.tiles_no_tissue - plan.tiles_done_before
@@ -155,10 +164,11 @@ class RunRecord:
             "seconds": {
                 "total": round(time.perf_counter() - self.t0, 3),
                 "stream": round(self.stream_seconds, 3),
-                "finalize": None if finalize_s is None else round(finalize_s, 3),
+                **{k: round(v, 3) for k, v in self.phases.items()},
             },
             "mpx_per_s": None if (rate := self.processed_rate()) is None else round(rate, 4),
             "tissue": self.tissue,
+            "workers": None if self.workers is None else self.workers.to_json(),
             "devices": self.devices,
             "peak_rss_mb": self.peak_rss(),
             "versions": versions(),
@@ -202,6 +212,7 @@ class RunRecord:
                 "level": source.source_level,
                 "preview": None if preview is None else str(preview),
                 "devices": self.devices,
+                "workers": None if self.workers is None else self.workers.describe(),
                 "resumed": self.resumed,
                 "compiled": self.compiled,
                 "tta": self.tta,

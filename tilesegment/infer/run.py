@@ -21,6 +21,7 @@ from typing import Any
 from tilesegment import __version__
 from tilesegment.errors import ConfigError, ModelError, SlideReadError, TilesegmentError
 from tilesegment.geometry import TileGrid
+from tilesegment.infer.capacity import WorkersChoice, auto_workers
 from tilesegment.infer.devices import (
     reset_peak_rss,
     resolve_devices,
@@ -29,7 +30,13 @@ from tilesegment.infer.devices import (
 )
 from tilesegment.infer.executors.base import Executor, RunContext
 from tilesegment.infer.identity import IDENTITY_KEYS, SlideIdentity, check_identity, identify
-from tilesegment.infer.options import RunOptions, check_options, resolve_compile, tta_param
+from tilesegment.infer.options import (
+    RunOptions,
+    check_options,
+    default_read_threads,
+    resolve_compile,
+    tta_param,
+)
 from tilesegment.infer.plan import (
     WorkPlan,
     plan_grid,
@@ -43,6 +50,7 @@ from tilesegment.infer.record import Recorder
 from tilesegment.infer.report import RunRecord, RunSummary, write_report
 from tilesegment.infer.source import Source, open_source, tissue_map, user_tissue_mask
 from tilesegment.io import SlideReader, open_slide
+from tilesegment.machine import available_memory_mb, usable_cores
 from tilesegment.model.checkpoint import ModelSpec, checkpoint_paths, file_sha256, load_checkpoint
 from tilesegment.model.unet import UNet
 from tilesegment.store import ClassSpec, OutputStore, is_complete
@@ -96,6 +104,8 @@ def run_slide(
     """
     opts = options or RunOptions()
     check_options(opts)
+    if opts.read_threads is None:
+        opts = replace(opts, read_threads=default_read_threads(usable_cores()))
     tune_malloc()  # flat peak RSS whatever the slide size (see the function)
     reset_peak_rss()  # the report's peak is this run's, not an earlier run's in this process
     run = RunRecord.start()
@@ -104,8 +114,7 @@ def run_slide(
     tile_size = resolve_tile_size(net.geometry, opts.tile_size)
     devices = resolve_devices(opts.device, opts.workers)
     precisions = sorted({resolve_precision(opts.precision, d) for d in devices})
-    in_process = devices == ["cpu"] if opts.in_process is None else opts.in_process
-    if in_process and len(devices) > 1:
+    if opts.in_process and len(devices) > 1:
         raise ConfigError("several devices or workers need worker processes (in_process=False)")
     with open_slide(slide) as reader:
         source = open_source(reader, spec, opts)
@@ -125,7 +134,6 @@ def run_slide(
                 spec=spec,
                 devices=devices,
                 precisions=precisions,
-                in_process=in_process,
                 tissue_mask=tissue_mask,
             )
             return _run_locked(job, run)
@@ -145,8 +153,9 @@ class _Job:
     net: UNet
     spec: ModelSpec
     devices: list[str]
+    """One entry per worker process the options ask for (``["cpu"]`` for ``--workers auto``,
+    decided once the work is planned: :func:`_choose_workers`)."""
     precisions: list[str]
-    in_process: bool
     tissue_mask: Any = None
     """The user's ``--tissue MASK`` as a boolean array (None for auto or none)."""
 
@@ -226,6 +235,11 @@ def _run_locked(job: _Job, run: RunRecord) -> RunSummary:
         # Decided on the run's whole work, done or not, so that a resumed run compiles (or not)
         # like the interrupted one and writes the same bytes.
         run.compiled = resolve_compile(opts.compile, plan.tiles_with_tissue)
+        choice = _choose_workers(job, plan)
+        if choice is not None:
+            log.info("%s", choice.describe())
+            run.workers = choice
+        run.phase("setup", run.t0)
         context = RunContext(
             slide=job.slide,
             model=job.model,
@@ -245,36 +259,60 @@ def _run_locked(job: _Job, run: RunRecord) -> RunSummary:
             progress=opts.progress,
             files=files,
         )
-        _execute(_executor(job, context), plan, recorder, run, opts, params)
+        _execute(_executor(job, context, choice), plan, recorder, run, opts, params)
     t_final = time.perf_counter()
     store.finalize()
-    finalize_s = time.perf_counter() - t_final
+    run.phase("finalize", t_final)
     preview = None
     if thumbnail is not None and opts.preview:
         from tilesegment.infer.preview import write_preview
 
+        t_preview = time.perf_counter()
         preview = write_preview(store, thumbnail, preview_path(output), source=source)
+        run.phase("preview", t_preview)
     summary = run.summary(output, grid, source, tissue, preview, plan=plan)
-    report = run.report(output, opts, params, plan, "complete", finalize_s=finalize_s)
+    report = run.report(output, opts, params, plan, "complete")
     summary.extra["report"] = report
     summary.extra["report_path"] = str(write_report(output, report))
     return summary
 
 
-def _executor(job: _Job, ctx: RunContext) -> Executor:
-    """The executor the options ask for: dask, in-process, or one worker process per device."""
+def _choose_workers(job: _Job, plan: WorkPlan) -> WorkersChoice | None:
+    """The worker processes of a CPU run: as many as ``--workers N`` (capped) or ``in_process``
+    ask, or what ``--workers auto`` decides on the whole run's tissue, done or not, so that a
+    resumed run decides like the interrupted one
+    (:func:`~tilesegment.infer.capacity.auto_workers`). None for dask and GPU runs, whose
+    options alone decide."""
+    opts = job.opts
+    if opts.scheduler is not None or opts.dask_workers is not None or job.devices[0] != "cpu":
+        return None
+    if opts.in_process is not None:
+        n = 0 if opts.in_process else len(job.devices)
+        return WorkersChoice(n, f"in_process={opts.in_process}", "as asked")
+    if opts.workers is not None:
+        n = len(job.devices)
+        capped = "" if n == opts.workers else f", capped from {opts.workers}"
+        return WorkersChoice(0 if n == 1 else n, f"--workers {opts.workers}", f"as asked{capped}")
+    return auto_workers(plan.work_px / 1e6, cores=usable_cores(), memory_mb=available_memory_mb())
+
+
+def _executor(job: _Job, ctx: RunContext, choice: WorkersChoice | None) -> Executor:
+    """The executor the options ask for: dask, in-process, or one worker process per device
+    (per CPU worker)."""
     opts = job.opts
     if opts.scheduler is not None or opts.dask_workers is not None:
         from tilesegment.infer.executors.dask import DaskExecutor
 
         return DaskExecutor(ctx, job.devices[0], job.precisions[0])
-    if job.in_process:
+    in_process = bool(opts.in_process) if choice is None else choice.processes == 0
+    if in_process:
         from tilesegment.infer.executors.local import LocalExecutor
 
         return LocalExecutor(ctx, job.source, job.net, job.devices[0], job.precisions[0])
     from tilesegment.infer.executors.pool import PoolExecutor
 
-    return PoolExecutor(ctx, job.devices)
+    devices = job.devices if choice is None else ["cpu"] * choice.processes
+    return PoolExecutor(ctx, devices)
 
 
 def _execute(

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import sparse
 
 from tilesegment.errors import ConfigError
 from tilesegment.io.base import ReaderBase, SlideInfo, SlideReader
+
+if TYPE_CHECKING:
+    from scipy import sparse
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,8 @@ def _weights(start: int, n: int, scale: float, size: int) -> tuple[int, sparse.c
     Each output position's taps and weights depend only on its global index, so a pixel gets
     bit-identical values in every box that contains it.
     """
+    from scipy import sparse  # only resampled reads need it (~0.1 s to import)
+
     centres = (np.arange(start, start + n, dtype=np.float64) + 0.5) * scale - 0.5
     support = max(scale, 1.0)  # kernel half-width in source px
     taps = math.ceil(2 * support) + 1

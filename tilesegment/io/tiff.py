@@ -7,7 +7,6 @@ that overlap a region are read and decoded, never the whole image.
 from __future__ import annotations
 
 import logging
-import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from tilesegment.io.integrity import (
     tifffile_messages,
     truncated_segments,
 )
+from tilesegment.machine import cores_up_to
 
 logger = logging.getLogger(__name__)
 
@@ -414,7 +414,7 @@ class TiffReader(ArrayLevelsReader):
 
     def _open_level(self, index: int) -> zarr.Array:
         """Zarr array of one pyramid level; unsqueezed so every level has the same axes."""
-        workers = min(8, os.cpu_count() or 1)
+        workers = cores_up_to(8)
         store = self._series.aszarr(level=index, squeeze=False, maxworkers=workers)
         try:
             array = zarr.open_array(store, mode="r", zarr_format=2)

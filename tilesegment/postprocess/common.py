@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from tilesegment.errors import ConfigError, StoreError
 from tilesegment.geometry import Box
+from tilesegment.machine import cores_up_to
 from tilesegment.store import OutputStore
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ _R = TypeVar("_R")
 
 def default_threads(threads: int | None) -> int:
     if threads is None:
-        return max(1, min(4, os.cpu_count() or 1))
+        return cores_up_to(4)
     if threads < 1:
         raise ConfigError(f"`threads` ({threads}) must be >= 1")
     return int(threads)

@@ -46,6 +46,7 @@ import zarr
 
 from tilesegment.errors import ConfigError, StoreError
 from tilesegment.geometry import Box
+from tilesegment.machine import cores_up_to
 from tilesegment.store import ngff
 from tilesegment.store.arrays import (
     check_aligned,
@@ -540,7 +541,7 @@ class OutputStore:
             chunks per thread.
         """
         self._check_writable("the pyramid")
-        workers = threads or min(8, os.cpu_count() or 1)
+        workers = threads or cores_up_to(8)
         shapes = pyramid_shapes(self.image_shape)
         names = self.label_names
         version = NGFF_VERSION[self.format]

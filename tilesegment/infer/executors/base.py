@@ -52,6 +52,10 @@ class ExecutorStats:
     failed_tiles: list[tuple[int, int]] = field(default_factory=list)
     decode_warnings: list[dict[str, Any]] = field(default_factory=list)
     """Corrupt-but-decodable segments the workers' readers found (``DecodeWarning.as_dict``)."""
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds of the executor's own overheads, for the report's ``seconds`` (the pool's
+    ``workers_ready``: from its start until every worker could compute; ``workers_stop``:
+    from the last chunk until every worker had exited)."""
 
 
 class Executor(Protocol):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tilesegment.errors import ConfigError, WorkerError
-from tilesegment.infer.devices import cpu_cores, worker_env
+from tilesegment.infer.devices import worker_env
 from tilesegment.infer.executors.base import (
     Attempts,
     ExecutorStats,
@@ -41,6 +41,7 @@ from tilesegment.infer.executors.dask_task import (
 from tilesegment.infer.options import require_distributed
 from tilesegment.infer.plan import Unit, WorkPlan
 from tilesegment.infer.record import Recorder
+from tilesegment.machine import usable_cores
 
 if TYPE_CHECKING:
     import distributed
@@ -105,7 +106,7 @@ def _client(distributed, scheduler: str | None, dask_workers: int | None) -> Ite
 def make_job(ctx: RunContext, plan: WorkPlan, device: str, precision: str) -> UnitJob:
     """The :class:`UnitJob` of a run (see :class:`DaskExecutor`)."""
     opts = ctx.options
-    threads = None if opts.scheduler is not None else max(1, cpu_cores() // opts.dask_workers)
+    threads = None if opts.scheduler is not None else max(1, usable_cores() // opts.dask_workers)
     return UnitJob(
         token=uuid.uuid4().hex[:12],
         slide=str(Path(ctx.slide).resolve()),

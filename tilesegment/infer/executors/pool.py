@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from multiprocessing import connection as mp_connection
 from typing import Any
 
-from tilesegment.infer.devices import cpu_cores, spawn_env
+from tilesegment.infer.devices import spawn_env
 from tilesegment.infer.executors.base import (
     Attempts,
     ExecutorStats,
@@ -32,6 +32,7 @@ from tilesegment.infer.executors.base import (
 from tilesegment.infer.executors.spawn import HELD_SIGNALS, run_worker
 from tilesegment.infer.plan import ChunkTask, WorkPlan, core_px
 from tilesegment.infer.record import Recorder
+from tilesegment.machine import usable_cores
 from tilesegment.store.destinations import NO_SPACE
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class PoolExecutor:
             self._stats.worker_peak_rss_mb = pool.peak_rss_mb()
             self._stats.errors.extend(pool.errors)
             self._stats.decode_warnings.extend(pool.decode_warnings)
+            self._stats.phases.update(pool.phases)
         if pool.errors:
             remove_worker_leftovers(self.ctx.output)
         if result.failed:
@@ -132,8 +134,10 @@ class WorkerPool:
         self.errors: list[str] = []
         self.decode_warnings: list[dict[str, Any]] = []
         """Corrupt-but-decodable segments the workers' readers found (``DecodeWarning.as_dict``)."""
+        self.phases: dict[str, float] = {}
+        """``workers_ready`` and ``workers_stop`` seconds (see ExecutorStats.phases)."""
         self._mp = tmp.get_context("spawn")
-        per_worker = max(1, cpu_cores() // len(self.devices))
+        per_worker = max(1, usable_cores() // len(self.devices))
         self._read_threads = max(1, ctx.options.read_threads // len(self.devices))
         self._slots = [_Slot(i, d, per_worker) for i, d in enumerate(self.devices)]
         self._respawns_left = self.max_retries * len(self.devices)
@@ -149,6 +153,7 @@ class WorkerPool:
         pending: deque[int] = deque(range(len(units)))
         attempts = Attempts(self.max_retries)
         failed: dict[int, tuple[ChunkTask, ...]] = {}
+        self._t0 = time.perf_counter()
         try:
             for s in self._slots:
                 self._spawn(s)
@@ -170,7 +175,9 @@ class WorkerPool:
                     if s.process.sentinel in ready:
                         self._drain(s)
                         self._on_exit(s, pending, attempts, failed)
+            t_stop = time.perf_counter()
             self._stop_all()
+            self.phases["workers_stop"] = time.perf_counter() - t_stop
         except KeyboardInterrupt:
             log.warning("interrupted: letting the workers write their finished chunks")
             try:
@@ -261,6 +268,8 @@ class WorkerPool:
                 s.ready = True
                 s.t_ready = s.t_last = now
                 s.precision = msg[1]["precision"]
+                if s.generation == 0 and all(x.ready or x.generation > 0 for x in self._slots):
+                    self.phases.setdefault("workers_ready", now - self._t0)
             elif kind == "start":
                 s.current = msg[1]
             elif kind == "chunk":

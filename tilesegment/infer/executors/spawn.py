@@ -16,6 +16,7 @@ unblocks them here, after ignoring them (the parent tells its workers when to st
 
 from __future__ import annotations
 
+import gc
 import pickle
 import signal
 
@@ -33,3 +34,6 @@ def run_worker(payload: bytes, conn) -> None:
     from tilesegment.infer.executors.pool_worker import worker_main
 
     worker_main(*pickle.loads(payload), conn)
+    # The parent waits for this process to end: skip the ~1 s of collections the interpreter
+    # runs over torch's objects while it tears down (see tilesegment.cli.main).
+    gc.freeze()
