@@ -7,11 +7,12 @@ writing one output of ``tilesegment run``'s geometry, each format in a fresh chi
 write  Every level-0 chunk of a 2-class output with a tissue label is written through the writer
        a run uses (0.4: ``OutputStore.write_chunk`` and ``write_label_chunk`` per chunk; 0.5: a
        ``ShardBuffer`` per shard, written whole once its chunks are in), then ``finalize``
-       builds the pyramids. Probabilities are a smooth random field plus noise (a few distinct
-       chunks, reused). Reports the files and bytes of the output, the seconds of the writes
-       and of ``finalize`` and the child's peak RSS (``ru_maxrss``, which includes Python,
-       numpy and zarr: compare the formats, not the absolute value). Formats alternate;
-       medians over ``--repeats``.
+       builds the pyramids. Probabilities are the shipped ``nuclei-he``'s on a corner of
+       CMU-1-Small-Region (four distinct chunks, reused), so they compress like real outputs.
+       Reports the files and bytes of the output, the seconds of the writes and of
+       ``finalize`` and the child's peak RSS (``ru_maxrss``, which includes Python, numpy and
+       zarr: compare the formats, not the absolute value). Formats alternate; medians over
+       ``--repeats``.
 count  The chunk or shard files of every array and level of such an output (every chunk
        holding data: an all-tissue slide), from the chunk and shard grids alone.
 
@@ -37,21 +38,29 @@ WORK = HERE / "_work" / "formats"
 CHUNK = 1152
 SHARD = 7 * CHUNK
 FORMATS = ("ngff-0.4", "ngff-0.5")
+SLIDE = HERE.parent.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
 
 
-def _chunks(classes: int, seed: int = 0):
-    """A few distinct (classes, CHUNK, CHUNK) float32 probability chunks."""
+def _chunks() -> list:
+    """Four (2, CHUNK, CHUNK) float32 probability chunks of the shipped ``nuclei-he`` on the
+    top 2304 px of CMU-1-Small-Region (computed once, cached in ``WORK``), so the outputs
+    compress like real ones."""
     import numpy as np
-    from scipy import ndimage
 
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(4):
-        field = ndimage.gaussian_filter(rng.standard_normal((CHUNK, CHUNK)), 12) * 40
-        field += rng.standard_normal((CHUNK, CHUNK)) * 0.3
-        p1 = 1 / (1 + np.exp(-field))
-        out.append(np.stack([1 - p1, p1]).astype(np.float32)[:classes])
-    return out
+    cache = WORK / "nuclei-he-probabilities.npy"
+    if not cache.exists():
+        import dask
+
+        from tilesegment.dask import segment
+        from tilesegment.io import open_slide
+
+        with open_slide(SLIDE) as reader:
+            pixels = reader.read_region(0, 0, 0, 2 * CHUNK, reader.info.shape[1])
+        probabilities = segment(pixels, "nuclei-he", tile_size=572, precision="fp32")
+        WORK.mkdir(parents=True, exist_ok=True)
+        np.save(cache, dask.compute(probabilities, scheduler="synchronous")[0])
+    p = np.load(cache)  # 2304 x 2220: the second column of chunks overlaps the first
+    return [p[:, y : y + CHUNK, x : x + CHUNK] for y in (0, CHUNK) for x in (0, p.shape[2] - CHUNK)]
 
 
 def _write(path: Path, fmt: str, size: int) -> dict:
@@ -63,7 +72,7 @@ def _write(path: Path, fmt: str, size: int) -> dict:
     from tilesegment.store.shards import ShardBuffer, grid_boxes
 
     classes = ClassSpec(("background", "nucleus"), ((0, 0, 0, 0), (255, 0, 0, 255)))
-    chunks = _chunks(2)
+    chunks = _chunks()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     store = OutputStore.create(
         path,
@@ -156,6 +165,7 @@ def main() -> None:
             print(json.dumps({"size": size, "data_files": count(size)}))
         return
     WORK.mkdir(parents=True, exist_ok=True)
+    _chunks()  # computed once, before the children time anything
     runs: dict[str, list[dict]] = {f: [] for f in FORMATS}
     for _ in range(args.repeats):
         for fmt in FORMATS:

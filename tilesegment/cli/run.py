@@ -94,9 +94,10 @@ def _auto_side() -> int:
     default=FORMATS[0],
     show_default=True,
     help="ngff-0.4: OME-Zarr 0.4 (Zarr v2), a file per chunk; what QuPath reads. ngff-0.5: "
-    "OME-Zarr 0.5 (Zarr v3) with the same arrays in shards of ~8192 px, a file per shard (a "
-    "100k px slide: ~600 files instead of ~30000), for very large outputs and cluster "
-    "filesystems; each worker then holds one shard in memory (~260 MB for 2 classes).",
+    "OME-Zarr 0.5 (Zarr v3), the same arrays in shards of ~8192 px, a file per shard (a "
+    "100000² px slide: ~730 files instead of ~30500), for very large outputs and cluster "
+    "filesystems; each worker then holds one shard of stored values in memory (~260 MB with "
+    "2 classes) and records its chunks once the whole shard is written.",
 )
 @device_option(several=True)
 @click.option(

@@ -100,13 +100,19 @@ class ArrayShard:
         with self._lock:
             self._put.add((box.y, box.x))
 
+    @property
+    def nbytes(self) -> int:
+        return self._values.nbytes
+
     def flush(self) -> None:
-        """Write the shard in one piece; chunks never put keep the values stored now."""
+        """Write the shard in one piece (chunks never put keep the values stored now), then
+        free the values."""
         shape = (int(self.array.shape[-2]), int(self.array.shape[-1]))
         for box in grid_boxes(shape, self._chunk, within=self.box):
             if (box.y, box.x) not in self._put:
                 self._values[(..., *self._local(box))] = self.array[(..., *box.slices)]
         self.array[(..., *self.box.slices)] = self._values
+        self._values = self._values[..., :0, :0]
 
 
 def write_chunks(array: zarr.Array, compute: Callable[[Box], np.ndarray], threads: int) -> None:
@@ -171,7 +177,7 @@ class ShardBuffer:
         self._shard(name).put(box, self.store.label_values(name, box, data))
 
     def flush(self) -> None:
-        """Write every array gathered, each as one whole shard."""
-        for shard in self._arrays.values():
-            shard.flush()
-        self._arrays.clear()
+        """Write every array gathered, each as one whole shard, smallest first: each is freed
+        once written, so the largest is written with only itself in memory."""
+        for name in sorted(self._arrays, key=lambda n: self._arrays[n].nbytes):
+            self._arrays.pop(name).flush()
