@@ -37,6 +37,24 @@ def spawn_env() -> Iterator[None]:
             os.environ.pop(k, None)
 
 
+@contextlib.contextmanager
+def torch_threads_at_most(cores: int) -> Iterator[int]:
+    """Run torch with at most ``cores`` threads inside the block (then as before); yields the
+    count. torch starts one thread per core of the affinity mask and ignores a cgroup CPU
+    quota: in a container allowed 2 CPUs of a 64-core host it would run 64 threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    threads = max(1, min(before, cores))
+    if threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        if threads != before:
+            torch.set_num_threads(before)
+
+
 def resolve_devices(device: str, workers: int | None = None) -> list[str]:
     """One torch device string per worker process.
 

@@ -135,7 +135,7 @@ def write_slide(
     return path
 
 
-def _jpeg_tile(pixels: np.ndarray) -> bytes:
+def jpeg_tile(pixels: np.ndarray) -> bytes:
     """``pixels`` (tile, tile, 3) as the JPEG segment tifffile writes for an RGB tile (YCbCr,
     2x2 subsampling, quality 90), so that it can be written pre-compressed."""
     import io
@@ -182,7 +182,7 @@ def write_glass_slide(
 
     path = Path(path)
     h, w = size
-    glass = _jpeg_tile(np.broadcast_to(GLASS.astype(np.uint8), (tile, tile, 3)).copy())
+    glass = jpeg_tile(np.broadcast_to(GLASS.astype(np.uint8), (tile, tile, 3)).copy())
 
     def tiles() -> Iterator[bytes]:
         for ty in range(0, h, tile):
@@ -194,7 +194,7 @@ def write_glass_slide(
                         pixels = render(
                             *local, size=(bh, bw), tissue_fraction=0.5, seed=seed, patches=1
                         )
-                        yield _jpeg_tile(pixels)
+                        yield jpeg_tile(pixels)
                         continue
                 yield glass
 

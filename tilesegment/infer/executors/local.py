@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import time
 
+from tilesegment.infer.devices import torch_threads_at_most
 from tilesegment.infer.executors.base import ExecutorStats, RunContext, device_entry
 from tilesegment.infer.plan import ChunkTask, WorkPlan
 from tilesegment.infer.predict import make_predictor
 from tilesegment.infer.record import Recorder
 from tilesegment.infer.source import Source
 from tilesegment.infer.stream import ListSource, stream_units
+from tilesegment.machine import usable_cores
 from tilesegment.model.unet import UNet
 from tilesegment.store import OutputStore
 
@@ -42,28 +44,12 @@ class LocalExecutor:
             tta=opts.tta,
         )
         store = OutputStore.open(ctx.output, mode="r+")
-
-        def on_chunk(task: ChunkTask) -> None:
-            recorder.record(task, counted=True)
-
         t0 = time.perf_counter()
         tiles0, px0 = recorder.tiles, recorder.core_px
+        threads = torch.get_num_threads()
         try:
-            stream_units(
-                ListSource(plan.units),
-                reader=self.source.reader,
-                level=self.source.level,
-                grid=plan.grid,
-                predictor=predictor,
-                classes=ctx.spec.unet.classes,
-                channels=ctx.spec.unet.in_channels,
-                store=store,
-                tissue=ctx.tissue,
-                batch_size=opts.batch_size,
-                read_threads=opts.read_threads,
-                on_chunk=on_chunk,
-                on_batch=recorder.progress,
-            )
+            with torch_threads_at_most(usable_cores()) as threads:
+                self._stream(plan, predictor, store, recorder)
         finally:
             seconds = time.perf_counter() - t0
             self._stats.seconds = seconds
@@ -71,10 +57,32 @@ class LocalExecutor:
                 device_entry(
                     "in-process",
                     self.device,
-                    torch.get_num_threads(),
+                    threads,
                     self.precision,
                     tiles=recorder.tiles - tiles0,
                     core_px=recorder.core_px - px0,
                     busy_seconds=seconds,
                 )
             ]
+
+    def _stream(self, plan: WorkPlan, predictor, store: OutputStore, recorder: Recorder) -> None:
+        ctx, opts = self.ctx, self.ctx.options
+
+        def on_chunk(task: ChunkTask) -> None:
+            recorder.record(task, counted=True)
+
+        stream_units(
+            ListSource(plan.units),
+            reader=self.source.reader,
+            level=self.source.level,
+            grid=plan.grid,
+            predictor=predictor,
+            classes=ctx.spec.unet.classes,
+            channels=ctx.spec.unet.in_channels,
+            store=store,
+            tissue=ctx.tissue,
+            batch_size=opts.batch_size,
+            read_threads=opts.read_threads,
+            on_chunk=on_chunk,
+            on_batch=recorder.progress,
+        )

@@ -1,0 +1,450 @@
+"""The default ``tilesegment run`` (no flags) against the fastest bare forward pass this CPU
+offers, small images end to end against an older commit, peak RSS of the default by slide
+size, and the worker start-up behind ``--workers auto`` (issue 13, item 1).
+
+    python benchmarks/bench_defaults.py                          # all parts, full sizes
+    python benchmarks/bench_defaults.py --size 4000 --rss-sizes 4000 8000 --repeats 1 \\
+        --small-repeats 2 --crossover-sizes 1000 2000            # a smoke test
+    python benchmarks/bench_defaults.py --only small --old 8a6b24c
+
+(a) default  A synthetic SIZE² all-tissue pyramidal JPEG TIFF (0.25 µm/px, the shipped model's
+             resolution): ``python -m tilesegment run SLIDE -o OUT --no-progress`` in a fresh
+             child, alternating with the bare forward pass of the shipped model (the network
+             alone on normalised channels-last 572 px tiles, batch 1, precision auto) in four
+             configurations: one process with a thread per usable core, and one single-thread
+             process per core (run at once, rates summed), each eager and compiled (compile
+             time excluded). Medians over ``--repeats``; the ratio is the default's rate
+             (computed Mpx / stream s, and / the whole process's wall time) over the fastest
+             bare configuration's.
+(b) small    256² and 1000² PNG crops of a MoNuSeg image, end to end (process wall time) with
+             this checkout and with ``--old`` (``git archive`` into benchmarks/_work),
+             alternating, medians over ``--small-repeats``; the new runs' report gives where the
+             time goes (setup, stream, finalize, preview).
+(c) rss      The default on slides of ``--rss-sizes`` with the same tissue: an all-tissue
+             square of ``--size`` px in glass (the SIZE² slide itself is all tissue). Peak RSS
+             of the run's main process and of each worker (the report), and of the process
+             tree's largest (``ru_maxrss`` from ``wait4``).
+(d) crossover  In-process (``--workers 1``) and pool (``--workers N``, N usable cores) runs of
+             all-tissue slides of ``--crossover-sizes``, alternating, medians: stream seconds
+             against computed Mpx fit ``a + Mpx / rate`` for each; the break-even is where the
+             lines cross. ``AUTO_MIN_MPX_PER_WORKER`` in ``tilesegment/infer/capacity.py``
+             comes from it.
+
+Slides are written once into benchmarks/_work/defaults from a few pre-compressed rendered
+tissue tiles (``tilesegment.testing.synthetic``), so an 80000² slide takes seconds to write.
+Prints JSON lines as it goes, then Markdown tables for benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+WORK = HERE / "_work" / "defaults"
+MONUSEG = REPO.parent / "shared" / "data" / "monuseg" / "images" / "TCGA-18-5592-01Z-00-DX1.png"
+TILE = 512  # slide tile edge
+PARTS = ("default", "small", "rss", "crossover")
+
+
+# ---------------------------------------------------------------------------------- slides
+
+
+def _tissue_tiles(n: int = 16) -> list[bytes]:
+    """``n`` different all-tissue 512 px tiles, JPEG-compressed as a TIFF tile."""
+    import numpy as np
+
+    from tilesegment.testing.synthetic import GLASS, jpeg_tile, render
+
+    size = (8192, 8192)  # one ellipse of tissue around (4385, 4385) px: pick tiles near it
+    tiles = []
+    for k in range(n):
+        y, x = 3000 + (k // 4) * TILE, 3000 + (k % 4) * TILE
+        pixels = render(y, x, TILE, TILE, size=size, tissue_fraction=0.9, patches=1, seed=1)
+        assert (pixels != GLASS.astype(np.uint8)).any(axis=-1).all(), "a tile with glass"
+        tiles.append(jpeg_tile(pixels))
+    return tiles
+
+
+def write_tissue_slide(path: Path, size: int, tissue: int) -> Path:
+    """A pyramidal tiled JPEG TIFF of ``size``² px at 0.25 µm/px: glass with an all-tissue
+    square of ``tissue`` px in its centre (all tissue when ``tissue >= size``)."""
+    import numpy as np
+    import tifffile
+
+    from tilesegment.testing.synthetic import GLASS, jpeg_tile
+
+    glass = jpeg_tile(np.broadcast_to(GLASS.astype(np.uint8), (TILE, TILE, 3)).copy())
+    cells = _tissue_tiles()
+    lo, hi = (size - tissue) // 2, (size - tissue) // 2 + tissue
+    levels = 1
+    while size / 2 ** (levels - 1) > 2048:
+        levels += 1
+
+    def tiles(ds: int, n: int):
+        for ty in range(0, n, TILE):
+            for tx in range(0, n, TILE):
+                inside = lo <= ty * ds and (ty + TILE) * ds <= hi
+                inside = inside and lo <= tx * ds and (tx + TILE) * ds <= hi
+                yield cells[(ty // TILE * 7 + tx // TILE) % len(cells)] if inside else glass
+
+    res = 1e4 / 0.25
+    with tifffile.TiffWriter(path, bigtiff=size * size * 3 > 2**31) as tif:
+        for level in range(levels):
+            ds = 2**level
+            n = -(-size // ds)
+            tif.write(
+                tiles(ds, n),
+                shape=(n, n, 3),
+                dtype=np.uint8,
+                tile=(TILE, TILE),
+                photometric="rgb",
+                compression="jpeg",
+                subifds=levels - 1 if level == 0 else None,
+                subfiletype=1 if level else 0,
+                resolution=(res / ds, res / ds),
+                resolutionunit="CENTIMETER",
+                metadata=None,
+            )
+    return path
+
+
+def slide(size: int, tissue: int | None = None) -> Path:
+    tissue = size if tissue is None else min(tissue, size)
+    path = WORK / f"tissue-{size}-{tissue}.tif"
+    if not path.exists():
+        t0 = time.perf_counter()
+        write_tissue_slide(path, size, tissue)
+        print(f"wrote {path.name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return path
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+def _env(src: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(src), "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def run_default(src: Path, image: Path, out: Path, *extra: str) -> dict:
+    """``python -m tilesegment run IMAGE -o OUT --no-progress`` with the tree ``src`` in a
+    fresh child: wall seconds, the tree's peak RSS (``wait4``) and the run report."""
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out.with_suffix(".tilesegment"), ignore_errors=True)
+    for suffix in (".report.json", ".preview.png"):
+        out.with_suffix(suffix).unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "tilesegment", "run", str(image), "-o", str(out)]
+    cmd += ["--no-progress", *extra]
+    log = out.with_suffix(".stderr.txt")
+    t0 = time.perf_counter()
+    with log.open("w") as err:
+        # cwd: not a checkout (``python -m`` puts the working directory first on sys.path)
+        proc = subprocess.Popen(cmd, stderr=err, env=_env(src), cwd=WORK)
+        _, status, usage = os.wait4(proc.pid, 0)
+    row = {
+        "wall_s": time.perf_counter() - t0,
+        "exit": os.waitstatus_to_exitcode(status),
+        "tree_peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+    }
+    report = out.with_suffix(".report.json")
+    if row["exit"] != 0 or not report.exists():
+        raise RuntimeError(f"{' '.join(cmd)} failed: {log.read_text()[-2000:]}")
+    doc = json.loads(report.read_text())
+    row.update(
+        seconds=doc["seconds"],
+        computed_mpx=doc["megapixels"]["processed"],
+        workers=doc.get("workers"),
+        compiled=doc["compiled"],
+        peak_rss_mb=doc["peak_rss_mb"],
+        devices=len(doc["devices"]),
+    )
+    return row
+
+
+def child_bare(threads: int, compile: bool, tiles: int) -> None:
+    """In a child: the network alone on ``tiles`` 572 px tiles after warming up; waits for
+    ``go`` on stdin after printing ``ready`` so that parallel children overlap."""
+    import torch
+
+    from tilesegment.infer.devices import resolve_precision
+    from tilesegment.infer.predict import make_predictor
+    from tilesegment.model import load_checkpoint
+    from tilesegment.model.registry import resolve_model
+
+    torch.set_num_threads(threads)
+    net, spec = load_checkpoint(resolve_model("nuclei-he"))
+    precision = resolve_precision("auto", "cpu")
+    model = make_predictor(net, spec, "cpu", precision, compile=compile).model
+    x = torch.rand(1, 3, 572, 572).contiguous(memory_format=torch.channels_last)
+    cast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.inference_mode(), cast:
+        for _ in range(3):
+            model(x)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        t0 = time.perf_counter()
+        for _ in range(tiles):
+            model(x)
+        seconds = time.perf_counter() - t0
+    out = net.output_size(572)
+    print(json.dumps({"mpx_per_s": tiles * out * out / 1e6 / seconds, "precision": precision}))
+
+
+def bare(processes: int, threads: int, compile: bool, tiles: int) -> float:
+    """Output Mpx/s of ``processes`` children of ``threads`` threads each, run at once."""
+    cmd = [sys.executable, __file__, "child-bare", str(threads), str(int(compile)), str(tiles)]
+    kids = [
+        subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env(REPO)
+        )
+        for _ in range(processes)
+    ]
+    for k in kids:
+        if k.stdout.readline().strip() != "ready":
+            raise RuntimeError("a bare-forward child failed to start")
+    for k in kids:
+        k.stdin.write("go\n")
+        k.stdin.flush()
+    rates = [json.loads(k.communicate()[0])["mpx_per_s"] for k in kids]
+    return sum(rates)
+
+
+def _median(rows: list[dict], *keys: str) -> float:
+    values = []
+    for r in rows:
+        v = r
+        for k in keys:
+            v = v[k]
+        values.append(v)
+    return statistics.median(values)
+
+
+# ---------------------------------------------------------------------------------- parts
+
+
+def part_default(args, cores: int) -> dict:
+    image = slide(args.size)
+    configs = {
+        f"1 process x {cores} threads, eager": (1, cores, False),
+        f"1 process x {cores} threads, compiled": (1, cores, True),
+        f"{cores} processes x 1 thread, eager": (cores, 1, False),
+        f"{cores} processes x 1 thread, compiled": (cores, 1, True),
+    }
+    bare_rates: dict[str, list[float]] = {name: [] for name in configs}
+    runs = []
+    for _ in range(args.repeats):
+        for name, config in configs.items():
+            bare_rates[name].append(bare(*config, args.bare_tiles))
+            print(json.dumps({"bare": name, "mpx_per_s": bare_rates[name][-1]}), file=sys.stderr)
+        row = run_default(REPO, image, WORK / f"default-{args.size}.zarr")
+        row["stream_mpx_per_s"] = row["computed_mpx"] / row["seconds"]["stream"]
+        row["wall_mpx_per_s"] = row["computed_mpx"] / row["wall_s"]
+        print(json.dumps({"default": row}), file=sys.stderr)
+        runs.append(row)
+    medians = {name: statistics.median(r) for name, r in bare_rates.items()}
+    best = max(medians, key=medians.get)
+    stream, wall = _median(runs, "stream_mpx_per_s"), _median(runs, "wall_mpx_per_s")
+    return {
+        "slide_px": args.size,
+        "bare_mpx_per_s": medians,
+        "fastest_bare": best,
+        "default_runs": runs,
+        "default_stream_mpx_per_s": stream,
+        "default_wall_mpx_per_s": wall,
+        "ratio_stream": stream / medians[best],
+        "ratio_wall": wall / medians[best],
+    }
+
+
+def part_small(args) -> dict:
+    from check_identity import old_source  # benchmarks/, the script's folder
+    from PIL import Image
+
+    old = old_source(args.old, WORK)
+    images = {}
+    with Image.open(MONUSEG) as im:
+        for n in (256, 1000):
+            images[n] = WORK / f"monuseg-{n}.png"
+            im.convert("RGB").crop((0, 0, n, n)).save(images[n])
+    rows: dict[str, list[dict]] = {}
+    for _ in range(args.small_repeats):
+        for n, image in images.items():
+            for name, src in (("new", REPO), (args.old, old)):
+                row = run_default(src, image, WORK / f"small-{name}-{n}.zarr")
+                rows.setdefault(f"{name} {n}", []).append(row)
+                print(json.dumps({"small": f"{name} {n}", **row}), file=sys.stderr)
+    out = {}
+    for key, rs in rows.items():
+        phases = {
+            k: statistics.median(r["seconds"].get(k, 0.0) for r in rs) for k in rs[0]["seconds"]
+        }
+        out[key] = {"wall_s": _median(rs, "wall_s"), "seconds": phases, "n": len(rs)}
+    return {"old": args.old, "results": out}
+
+
+def part_rss(args) -> dict:
+    rows = []
+    for size in args.rss_sizes:
+        row = run_default(REPO, slide(size, args.size), WORK / f"rss-{size}.zarr")
+        row["slide_px"] = size
+        print(json.dumps({"rss": row}), file=sys.stderr)
+        rows.append(row)
+    return {"tissue_px": args.size, "results": rows}
+
+
+def part_crossover(args, cores: int) -> dict:
+    rows: dict[str, list[tuple[float, float]]] = {"in-process": [], "pool": []}
+    runs = []
+    for size in args.crossover_sizes:
+        for _ in range(args.repeats):
+            for mode, flag in (("in-process", "1"), ("pool", str(cores))):
+                row = run_default(REPO, slide(size), WORK / f"cross-{mode}.zarr", "--workers", flag)
+                rows[mode].append((row["computed_mpx"], row["seconds"]["stream"]))
+                runs.append({"size": size, "mode": mode, **row})
+                print(json.dumps(runs[-1]), file=sys.stderr)
+    fits = {}
+    for mode, points in rows.items():
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        slope, intercept = statistics.linear_regression(xs, ys)
+        fits[mode] = {"start_s": intercept, "mpx_per_s": 1 / slope}
+    a_in, a_pool = fits["in-process"]["start_s"], fits["pool"]["start_s"]
+    gain = 1 / fits["in-process"]["mpx_per_s"] - 1 / fits["pool"]["mpx_per_s"]
+    ready = [r["seconds"].get("workers_ready") for r in runs if r["mode"] == "pool"]
+    return {
+        "fits": fits,
+        "break_even_mpx": (a_pool - a_in) / gain if gain > 0 else None,
+        "workers_ready_s_median": statistics.median(r for r in ready if r is not None),
+        "runs": runs,
+    }
+
+
+# ------------------------------------------------------------------------------- tables
+
+
+def _workers(w: dict) -> str:
+    n = w["processes"]
+    return f"{w['rule']}: " + ("in-process" if n == 0 else f"{n} workers")
+
+
+def markdown(results: dict, machine: str) -> str:
+    lines = [f"Machine: {machine}.", ""]
+    if "default" in results:
+        d = results["default"]
+        lines += [
+            f"(a) {d['slide_px']}² all-tissue slide: default run vs bare forward (output Mpx/s)",
+            "",
+            "| configuration | Mpx/s (median) |",
+            "|---|---|",
+        ]
+        lines += [f"| bare: {k} | {v:.2f} |" for k, v in d["bare_mpx_per_s"].items()]
+        w = d["default_runs"][0]["workers"]
+        lines += [
+            f"| `tilesegment run` default, stream ({_workers(w)}) "
+            f"| {d['default_stream_mpx_per_s']:.2f} |",
+            f"| `tilesegment run` default, whole process | {d['default_wall_mpx_per_s']:.2f} |",
+            "",
+            f"Ratio to the fastest bare configuration ({d['fastest_bare']}): stream "
+            f"**{d['ratio_stream']:.2f}**, whole process {d['ratio_wall']:.2f}.",
+            "",
+        ]
+    if "small" in results:
+        s = results["small"]
+        lines += [
+            f"(b) small images end to end (process wall s, median of "
+            f"{next(iter(s['results'].values()))['n']}), this tree vs {s['old']}",
+            "",
+            "| image | before | after | after: setup / stream / finalize / preview s |",
+            "|---|---|---|---|",
+        ]
+        for n in (256, 1000):
+            new, old = s["results"][f"new {n}"], s["results"][f"{s['old']} {n}"]
+            ph = new["seconds"]
+            parts = " / ".join(
+                f"{ph.get(k, 0):.2f}" for k in ("setup", "stream", "finalize", "preview")
+            )
+            lines.append(f"| {n}² | {old['wall_s']:.2f} | {new['wall_s']:.2f} | {parts} |")
+        lines.append("")
+    if "rss" in results:
+        r = results["rss"]
+        lines += [
+            f"(c) peak RSS of the default, {r['tissue_px']}² of tissue in each slide",
+            "",
+            "| slide | workers | computed Mpx | main MB | per worker MB | tree max MB |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in r["results"]:
+            w = row["workers"]
+            lines.append(
+                f"| {row['slide_px']}² | {_workers(w)} | {row['computed_mpx']:.0f} "
+                f"| {row['peak_rss_mb']['main']:.0f} | {row['peak_rss_mb']['workers']:.0f} "
+                f"| {row['tree_peak_rss_mb']:.0f} |"
+            )
+        lines.append("")
+    if "crossover" in results:
+        c = results["crossover"]
+        f = c["fits"]
+        even = "none (the pool was not faster)"
+        if c["break_even_mpx"] is not None:
+            even = f"{c['break_even_mpx']:.1f} Mpx of tissue"
+        lines += [
+            "(d) stream seconds = start + Mpx / rate, fitted over the crossover sizes",
+            "",
+            "| mode | start s | Mpx/s |",
+            "|---|---|---|",
+            *(f"| {m} | {v['start_s']:.2f} | {v['mpx_per_s']:.2f} |" for m, v in f.items()),
+            "",
+            f"Break-even: {even}; workers ready after "
+            f"{c['workers_ready_s_median']:.2f} s (median).",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "child-bare":
+        child_bare(int(sys.argv[2]), bool(int(sys.argv[3])), int(sys.argv[4]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", action="append", choices=PARTS, help="parts to run (default all)")
+    ap.add_argument("--size", type=int, default=20000, help="(a) slide edge; (c) tissue edge")
+    ap.add_argument("--repeats", type=int, default=3, help="(a), (d) repeats")
+    ap.add_argument("--bare-tiles", type=int, default=40, help="(a) tiles per bare measurement")
+    ap.add_argument("--small-repeats", type=int, default=5)
+    ap.add_argument("--old", default="8a6b24c", help="(b) the commit to compare with")
+    ap.add_argument("--rss-sizes", type=int, nargs="+", default=[20000, 80000])
+    ap.add_argument("--crossover-sizes", type=int, nargs="+", default=[3000, 6000, 9000, 12000])
+    args = ap.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    from tilesegment.machine import usable_cores
+
+    cores = usable_cores()
+    parts = args.only or [p for p in PARTS if p != "crossover"]
+    results: dict = {}
+    if "default" in parts:
+        results["default"] = part_default(args, cores)
+    if "small" in parts:
+        results["small"] = part_small(args)
+    if "rss" in parts:
+        results["rss"] = part_rss(args)
+    if "crossover" in parts:
+        results["crossover"] = part_crossover(args, cores)
+    machine = (
+        f"{platform.processor() or platform.machine()}, {cores} usable cores, "
+        f"Python {platform.python_version()}; load average {os.getloadavg()[0]:.1f} at the end"
+    )
+    (WORK / "results.json").write_text(json.dumps({"machine": machine, **results}, indent=2))
+    print(markdown(results, machine))
+
+
+if __name__ == "__main__":
+    main()
