@@ -166,7 +166,9 @@ def test_sigkill_then_resume_gives_the_same_arrays(model, slide, outputs, tmp_pa
     proc.wait()
     assert not is_complete(out)
     recorded = done_records(out)
-    assert seen <= recorded < done_records(outputs["ngff-0.5"])
+    # Killed before completion; on a busy machine every chunk may be recorded by then (the
+    # records removed below still make the resume recompute some).
+    assert seen <= recorded <= done_records(outputs["ngff-0.5"])
     # A shard written whole is recorded chunk by chunk: lose the last records, as a crash in
     # the middle of a commit could. Those chunks are computed again, the rest kept.
     log = state_dir(out) / DONE_LOG
