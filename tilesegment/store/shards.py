@@ -112,7 +112,7 @@ class ArrayShard:
             if (box.y, box.x) not in self._put:
                 self._values[(..., *self._local(box))] = self.array[(..., *box.slices)]
         self.array[(..., *self.box.slices)] = self._values
-        self._values = self._values[..., :0, :0]
+        self._values = np.empty((0,) * self._values.ndim, dtype=self._values.dtype)  # freed
 
 
 def write_chunks(array: zarr.Array, compute: Callable[[Box], np.ndarray], threads: int) -> None:
