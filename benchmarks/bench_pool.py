@@ -392,6 +392,50 @@ def rss(args) -> dict:
     }
 
 
+def rss_geojson(args) -> dict:
+    """Peak RSS of the whole CLI job ``tilesegment run SLIDE -o OUT --geojson G`` (run, seeded
+    or component instances, GeoJSON and table export) in a fresh process per slide size."""
+    model = _model(args)
+    rows = []
+    for size in args.sizes:
+        slide = _slide(size, 0.05, patches=args.patches)
+        out, geojson = WORK / "rss-geojson.zarr", WORK / "rss.geojson"
+        cmd = [
+            sys.executable, "-c", "import sys; from tilesegment.cli import main; "
+            "sys.exit(main(sys.argv[1:]))", "run", str(slide), "-o", str(out),
+            "--geojson", str(geojson), "--model", str(model), "--tile-size",
+            str(args.tile_size), "--no-preview", "--no-progress", "--overwrite",
+        ]  # fmt: skip
+        cmd += {"auto": [], "on": ["--compile"], "off": ["--no-compile"]}[args.compile]
+        t0 = time.perf_counter()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr}")
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        with open(geojson) as fh:
+            nuclei = sum(1 for _ in json.load(fh)["features"])
+        r = {
+            "slide_px": size,
+            "wall_s": round(wall, 1),
+            "nuclei": nuclei,
+            "geojson_mb": round(geojson.stat().st_size / 1e6, 1),
+            # ru_maxrss of children: the largest single process so far (the run or one of its
+            # workers); sizes run smallest first.
+            "peak_rss_mb": round(max(peak, before) / 1024, 1),
+        }
+        print(json.dumps(r), file=sys.stderr)
+        rows.append(r)
+    return {
+        "benchmark": "rss-geojson",
+        "machine": _machine(),
+        "model": _model_name(args),
+        "tile_size": args.tile_size,
+        "results": rows,
+    }
+
+
 def workers(args) -> dict:
     slide = _slide(args.size, 0.5)
     model = _model(args)
@@ -497,7 +541,7 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
-    for name in ("efficiency", "rss", "workers", "compile", "profile"):
+    for name in ("efficiency", "rss", "rss-geojson", "workers", "compile", "profile"):
         p = sub.add_parser(name)
         p.add_argument("--model", default="nuclei-he", help="shipped model, path, or random")
         p.add_argument("--base-channels", type=int, default=16, help="for --model random")
@@ -506,9 +550,12 @@ def main() -> None:
         p.add_argument("--size", type=int, default=7680)
     for name in ("efficiency", "profile"):
         sub.choices[name].add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
-    sub.choices["rss"].add_argument("--sizes", type=int, nargs="+", default=[20000, 40000, 80000])
-    sub.choices["rss"].add_argument("--patches", type=int, default=6)
-    for name in ("rss", "workers"):
+    for name in ("rss", "rss-geojson"):
+        sub.choices[name].add_argument(
+            "--sizes", type=int, nargs="+", default=[20000, 40000, 80000]
+        )
+        sub.choices[name].add_argument("--patches", type=int, default=6)
+    for name in ("rss", "rss-geojson", "workers"):
         sub.choices[name].add_argument(
             "--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile"
         )
@@ -517,6 +564,7 @@ def main() -> None:
     run = {
         "efficiency": efficiency,
         "rss": rss,
+        "rss-geojson": rss_geojson,
         "workers": workers,
         "compile": compile_,
         "profile": profile,

@@ -229,9 +229,11 @@ def test_an_option_means_the_same_thing_on_every_command():
     resolver = model_option()(lambda: None).__click_params__[0].callback
     assert all(o.callback.__code__ is resolver.__code__ for _, o in models)
     # One help text per option name (run's --device adds how to give several devices).
-    for flag in ("--model", "--threads", "--progress", "--json", "--workers", "--device"):
+    for flag in ("--model", "--threads", "--progress", "--json", "--workers", "--device", "--tta"):
         helps = {o.help.split(" A comma-separated list")[0] for _, o in by_name.get(flag, [])}
         assert len(helps) <= 1, (flag, helps)
+    # Test-time augmentation wherever a model predicts for the user.
+    assert sorted(w for w, _ in by_name["--tta"]) == ["evaluate", "predict", "run"]
     # --workers is worker processes; the DataLoader's workers have their own name.
     assert [w for w, _ in by_name["--workers"]] == ["run"]
     assert [w for w, _ in by_name["--loader-workers"]] == ["train"]

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from tilesegment.geometry import (
     PAD_MODE,
     Box,
+    Symmetry,
     mirror_indices,
     tile_grid,
     tile_indices,
@@ -145,3 +146,41 @@ def test_bad_arguments_are_named(kwargs, match):
 def test_zero_size_image_is_refused():
     with pytest.raises(ValueError, match="image height"):
         tile_grid((0, 10), halo=92, output_tile=388, pooling=16)
+
+
+@given(
+    depth=st.integers(1, 6),
+    upsampling=st.sampled_from(["transpose", "bilinear"]),
+    k=st.integers(0, 40),
+)
+def test_pooling_windows_leave_equal_margins_so_reversal_keeps_the_grid(depth, upsampling, k):
+    """Every valid input is pooled from its two ends alike: a reversed (or transposed) tile is
+    pooled in the same global cells (the argument of ``TTA_MODES``)."""
+    from tilesegment.geometry import UNetGeometry
+
+    g = UNetGeometry.of(depth, upsampling)
+    n = g.valid_input_sizes(1, start=k)[0]
+    margins = g.pooling_margins(n)
+    assert [before for before, _ in margins] == [2 ** (i + 2) - 2 for i in range(depth)]
+    assert all(before == after for before, after in margins), margins
+    # The deepest cells, 2**depth px each, fill the rest exactly.
+    assert (n - 2 * margins[-1][0]) % g.pooling == 0
+
+
+def test_tta_modes_are_distinct_symmetries_with_inverses():
+    from tilesegment.cli.options import tta_option
+    from tilesegment.geometry import TTA_MODES, tta_symmetries
+
+    assert list(TTA_MODES) == ["none", "flips", "d4"]
+    assert set(TTA_MODES["flips"]) < set(TTA_MODES["d4"]) and TTA_MODES["d4"][0] == Symmetry()
+    a = np.arange(5 * 5).reshape(5, 5)
+    seen = set()
+    for s in tta_symmetries("d4"):
+        b = np.flip(a, s.flip_axes)
+        b = b.T if s.transpose else b
+        seen.add(b.tobytes())
+        back = np.flip(b.T if s.transpose else b, s.flip_axes)  # inverse: transpose, then flip
+        assert np.array_equal(back, a), s
+    assert len(seen) == 8  # the whole dihedral group of the square
+    choices = tta_option()(lambda tta: tta).__click_params__[0].type.choices
+    assert list(choices) == list(TTA_MODES)  # the CLI offers exactly these

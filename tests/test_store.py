@@ -423,3 +423,100 @@ def test_class_map_is_numpys_argmax_with_first_class_winning_ties(classes):
     got = class_map(p)
     assert got.dtype == np.uint8 and got.shape == (67, 45)
     np.testing.assert_array_equal(got, np.argmax(p, axis=0))
+
+
+# --- NGFF 0.5: sharded Zarr v3 --------------------------------------------------------------
+
+SHARD = (3 * CHUNK[0], 2 * CHUNK[1])  # 1152 x 1024: 2 x 3 shards, cut by the image edges
+
+
+def sharded_store(path: Path, **kwargs) -> OutputStore:
+    args = {"image_shape": SHAPE, "classes": CLASSES, "chunk_shape": CHUNK, "mpp": MPP}
+    return OutputStore.create(
+        path, format="ngff-0.5", shard_shape=SHARD, attrs={"model": "unet-test"}, **args, **kwargs
+    )
+
+
+def write_by_shard(store: OutputStore, keep=lambda box: True) -> None:
+    """Write every chunk of ``store`` (those ``keep`` accepts) through one ShardBuffer per
+    shard, shards in shuffled order."""
+    from tilesegment.store.shards import ShardBuffer
+
+    shards: dict[Box, list[Box]] = {}
+    for box in store.chunk_boxes():
+        if keep(box):
+            shards.setdefault(store.shard_box(box), []).append(box)
+    order = list(shards)
+    np.random.default_rng(2).shuffle(order)
+    for shard in order:
+        buffer = ShardBuffer(store, shard)
+        for box in shards[shard]:
+            buffer.write_chunk(box, chunk_probabilities(box))
+        buffer.flush()
+
+
+def test_ngff_05_holds_the_arrays_of_ngff_04_in_whole_shards(finished, tmp_path):
+    from ome_zarr_models.v05 import Image, ImageLabel
+
+    path = tmp_path / "out.zarr"
+    store = sharded_store(path)
+    assert store.format == "ngff-0.5" and store.sharded and store.shard_shape == SHARD
+    write_by_shard(store)
+    store.finalize()
+    reference = OutputStore.open(finished[0])
+    for name in (None, "mask"):
+        got, want = store.pyramid(name), reference.pyramid(name)
+        assert len(got) == len(want) == 3
+        for a, b in zip(got, want, strict=True):
+            # Shards of the level-0 size, clipped to the (clipped) chunks covering the level.
+            chunks = [min(c, n) for c, n in zip(CHUNK, a.shape[-2:], strict=True)]
+            assert a.shards[-2:] == tuple(
+                min(s, -(-n // c) * c) for s, c, n in zip(SHARD, chunks, a.shape[-2:], strict=True)
+            )
+            np.testing.assert_array_equal(a[:], b[:])
+    # One file per shard: 2 x 3 at level 0 instead of 4 x 5 chunk files.
+    assert sorted(p.relative_to(path / "0").as_posix() for p in (path / "0").rglob("c/*/*/*")) == [
+        f"c/0/{i}/{j}" for i in range(2) for j in range(3)
+    ]
+    files = store.chunk_files.files(path, (3, 4), tissue=False)
+    assert files == (path / "0/c/0/1/2", path / "labels/mask/0/c/1/2")
+    assert all(f.is_file() for f in files)
+    root = zarr.open_group(str(path), mode="r")
+    Image.from_zarr(root)
+    ImageLabel.from_zarr(root["labels/mask"])
+    assert root.attrs["tilesegment"]["model"] == "unet-test" and is_complete(path)
+
+
+def test_a_shard_written_again_keeps_the_chunks_not_rewritten(finished, tmp_path):
+    """A shard whose chunks come in two writes (a resumed run) ends whole; chunks never written
+    stay 0; single chunks written directly (read-modify-write) land too."""
+    store = sharded_store(tmp_path / "again.zarr")
+    write_by_shard(store, keep=lambda box: (box.y // CHUNK[0] + box.x // CHUNK[1]) % 2 == 0)
+    write_by_shard(store, keep=lambda box: (box.y // CHUNK[0] + box.x // CHUNK[1]) % 2 == 1)
+    np.testing.assert_array_equal(
+        store.probabilities[:], OutputStore.open(finished[0]).probabilities[:]
+    )
+    direct = sharded_store(tmp_path / "direct.zarr")
+    direct.write_chunk(Box(384, 512, *CHUNK), chunk_probabilities(Box(384, 512, *CHUNK)))
+    direct.write_chunk(Box(0, 0, *CHUNK), chunk_probabilities(Box(0, 0, *CHUNK)))
+    got = direct.probabilities[:]
+    assert got[:, :384, :512].any() and got[:, 384:768, 512:1024].any()
+    assert not got[:, :384, 512:1024].any() and not got[:, 768:].any()
+
+
+def test_shard_options_are_checked(tmp_path):
+    args = {"image_shape": SHAPE, "classes": CLASSES, "chunk_shape": CHUNK, "mpp": MPP}
+    with pytest.raises(ConfigError, match=r"`shard_shape` needs format 'ngff-0\.5'"):
+        OutputStore.create(tmp_path / "a.zarr", **args, shard_shape=SHARD)
+    with pytest.raises(ConfigError, match="whole number of chunks"):
+        OutputStore.create(tmp_path / "b.zarr", **args, format="ngff-0.5", shard_shape=(500, 1024))
+    with pytest.raises(ConfigError, match="`format`"):
+        OutputStore.create(tmp_path / "c.zarr", **args, format="ngff-0.6")
+    from tilesegment.store.shards import ShardBuffer
+
+    store = sharded_store(tmp_path / "d.zarr")
+    buffer = ShardBuffer(store, store.shard_box(Box(0, 0, *CHUNK)))
+    with pytest.raises(StoreError, match="outside the shard"):
+        buffer.write_chunk(Box(0, 1024, *CHUNK), chunk_probabilities(Box(0, 1024, *CHUNK)))
+    with pytest.raises(StoreError, match="not chunk-aligned"):
+        buffer.write_chunk(Box(0, 10, *CHUNK), chunk_probabilities(Box(0, 10, *CHUNK)))

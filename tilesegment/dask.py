@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from tilesegment.errors import ConfigError
-from tilesegment.geometry import PAD_MODE
+from tilesegment.geometry import PAD_MODE, tta_symmetries
 
 if TYPE_CHECKING:
     import dask.array
@@ -131,13 +131,19 @@ def _crop_or_pad(n: int, depth: int, g: BlockGeometry) -> tuple[slice, tuple[int
 
 
 def _predict_block(
-    block: np.ndarray, *, model: str, device: str, precision: str, geometry: BlockGeometry
+    block: np.ndarray,
+    *,
+    model: str,
+    device: str,
+    precision: str,
+    tta: str,
+    geometry: BlockGeometry,
 ) -> np.ndarray:
     """(C, core_h, core_w) float32 probabilities of one overlapped (h, w, c) uint8 block."""
     from tilesegment.infer.executors.cache import cached_predictor
     from tilesegment.infer.predict import to_model_channels
 
-    predictor = cached_predictor(model, device, precision)
+    predictor = cached_predictor(model, device, precision, tta=tta)
     (sy, py, ly), (sx, px, lx) = (
         _crop_or_pad(n, d, geometry) for n, d in zip(block.shape[:2], geometry.depth, strict=True)
     )
@@ -216,6 +222,7 @@ def segment(
     tile_size: int | None = None,
     precision: str = "auto",
     device: str = "cpu",
+    tta: str = "none",
 ) -> dask.array.Array | tuple[dask.array.Array, dask.array.Array]:
     """Lazily segment an image with a valid U-Net: nothing runs until you compute.
 
@@ -243,6 +250,9 @@ def segment(
         on other CPUs (pass ``"fp32"`` for the reference arithmetic).
     device : str
         Torch device every worker runs the model on, e.g. ``"cpu"`` or ``"cuda:0"``.
+    tta : {"none", "flips", "d4"}
+        Test-time augmentation, as ``tilesegment run --tta`` (each block's padded input is
+        transformed; :data:`tilesegment.geometry.TTA_MODES` says why blocks still agree).
 
     Returns
     -------
@@ -277,6 +287,7 @@ def segment(
     if dtype not in _DTYPES:
         raise ConfigError(f"`dtype` ({dtype!r}) must be float32 or uint8")
     resolve_precision(precision, device)  # validates; each worker resolves for itself
+    tta_symmetries(tta)  # validates
     h, w, _ = _check_image(image)
     path = resolve_model(model)
     spec, halo, pooling, residue, tile_size = _model_geometry(path, tile_size)
@@ -300,6 +311,7 @@ def segment(
         model=str(path),
         device=device,
         precision=precision,
+        tta=tta,
         geometry=geometry,
     )
     mask = None

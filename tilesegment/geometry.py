@@ -357,6 +357,30 @@ class UNetGeometry:
         self.check_input_size(input_size)
         return input_size - 2 * self.halo
 
+    def pooling_margins(self, input_size: int) -> list[tuple[int, int]]:
+        """Per pooling level, the px of a valid input before its first and after its last
+        2x2 pooling window (the pixels whose features that level's pooling leaves out).
+
+        A level-``l`` feature (0-based) stands for ``2**l`` input px; the two valid
+        convolutions before each pooling take one feature off each side. Both margins are
+        equal: every pooled map of a valid input has an even size, so the windows cover it
+        exactly from either end, and a tile read reversed (or transposed) is pooled in the same
+        cells as read forwards (see :data:`TTA_MODES`).
+
+        >>> g = UNetGeometry.of(depth=4)
+        >>> g.pooling_margins(188)
+        [(2, 2), (6, 6), (14, 14), (30, 30)]
+        >>> g.pooling_margins(572)[-1], 572 - 2 * 30
+        ((30, 30), 512)
+        """
+        self.check_input_size(input_size)
+        margins, start, n = [], 0, input_size
+        for level in range(self.depth):
+            start, n = start + 2 * 2**level, n - 4  # two 3x3 valid convolutions
+            margins.append((start, input_size - start - n * 2**level))
+            n //= 2
+        return margins
+
     def input_size(self, output_size: int) -> int:
         """Input size along an axis that yields ``output_size`` (which must be reachable)."""
         n = output_size + 2 * self.halo
@@ -367,3 +391,74 @@ class UNetGeometry:
                 f"{lo} + {self.pooling}k)"
             )
         return n
+
+
+# ---------------------------------------------------------------------------------------------
+# test-time augmentation: the dihedral group D4 on (y, x)
+
+
+@dataclass(frozen=True, slots=True)
+class Symmetry:
+    """One element of the dihedral group D4 acting on the last two axes (y, x) of an array:
+    reverse the rows if ``flip_y``, the columns if ``flip_x``, then swap y and x if
+    ``transpose``. Its inverse undoes the transpose first, then the flips.
+
+    The four without ``transpose`` are the identity, the two mirrors and the 180° rotation; the
+    four with it are the two diagonal mirrors and the 90° and 270° rotations.
+    """
+
+    flip_y: bool = False
+    """Reverse the rows (axis -2)."""
+    flip_x: bool = False
+    """Reverse the columns (axis -1)."""
+    transpose: bool = False
+    """Swap axes -2 and -1, after the flips."""
+
+    @property
+    def flip_axes(self) -> tuple[int, ...]:
+        """The axes to reverse: a subset of ``(-2, -1)``."""
+        return tuple(a for a, on in ((-2, self.flip_y), (-1, self.flip_x)) if on)
+
+
+#: Test-time augmentation: the symmetries a predictor averages its softmax probabilities over,
+#: by name (``--tta``), the identity first. ``flips``: identity, mirrors, 180° rotation (4
+#: forward passes); ``d4``: those and their transposes, i.e. every flip and 90° rotation (8).
+#:
+#: Why the tiled output stays identical to a whole-image pass. A tile's input starts at a
+#: multiple of the pooling factor ``2**depth`` in the whole image's padded frame, and its size
+#: is valid: every pooled map is of even size, so the 2x2 windows of level ``l`` cover the
+#: input from ``m_l = 2**(l + 1) - 2`` px after its start to ``m_l`` px before its end
+#: (:meth:`UNetGeometry.pooling_margins`; 2, 6, 14, 30 px at depth 4, so 572 = 30 + 32 * 16 +
+#: 30). Reversing the tile maps those windows onto themselves: the network run on a flipped
+#: tile pools exactly the cells of the global pooling grid that the unflipped tile pools, only
+#: visited from the other end; no padding or cropping is needed and no cell depends on the
+#: tile's size or position. A transpose swaps the axes, and both axes keep the grid (origins
+#: and sizes obey the same rules along y and x). So each ``g^-1(f(g(tile)))`` equals
+#: ``g^-1(f(g(padded image)))`` on the tile's output, for every tile size, engine and the
+#: whole-image reference (:func:`~tilesegment.infer.predict.predict_image`), and so does their
+#: average, summed in this fixed order.
+#:
+#: The transform is applied to the *mirror-padded* input (the tile, or the whole image padded
+#: by :func:`whole_image_padding`), not to the image before padding: flipping an image whose
+#: size is not ``residue`` mod ``pooling`` and padding it afterwards would put the extra
+#: bottom/right padding on the other side and shift the grid.
+TTA_MODES: dict[str, tuple[Symmetry, ...]] = {
+    "none": (Symmetry(),),
+    "flips": tuple(Symmetry(fy, fx) for fy in (False, True) for fx in (False, True)),
+    "d4": tuple(
+        Symmetry(fy, fx, t) for t in (False, True) for fy in (False, True) for fx in (False, True)
+    ),
+}
+
+
+def tta_symmetries(mode: str) -> tuple[Symmetry, ...]:
+    """The symmetries of test-time augmentation ``mode`` (a key of :data:`TTA_MODES`).
+
+    >>> [len(tta_symmetries(m)) for m in ("none", "flips", "d4")]
+    [1, 4, 8]
+    """
+    try:
+        return TTA_MODES[mode]
+    except (KeyError, TypeError):
+        names = ", ".join(TTA_MODES)
+        raise ConfigError(f"--tta {mode!r} must be one of {names}") from None

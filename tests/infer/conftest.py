@@ -1,8 +1,10 @@
-"""Shared fixtures for the run-executor tests: a tiny model, a synthetic slide, subprocess runs
-of the real command line, and a byte-for-byte comparison of two outputs."""
+"""Shared fixtures for the run-executor tests: a tiny model, a synthetic slide, a seeded model
+with interior/boundary classes and crops of the real CMU-1-Small-Region, subprocess runs of
+the real command line, and a byte-for-byte comparison of two outputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 import zarr
 
+from tilesegment.instances import InstanceSpec
 from tilesegment.store.layout import DONE_LOG, state_dir
 
 #: Options every run in these tests shares (the output must not depend on anything else).
@@ -22,6 +25,36 @@ RUN_ARGS = ("--tile-size", "572", "--no-preview", "--no-progress")
 #: In-process, as the references these runs are compared with (``--workers auto`` also runs
 #: slides this small in-process, but the number of torch threads may round a value by 1).
 IN_PROCESS = ("--workers", "1")
+
+#: The seeded growth the seeded model declares.
+SEEDED_SPEC = InstanceSpec(max_growth_px=6, min_seed_px=4)
+
+
+@pytest.fixture(scope="session")
+def seeded_model(tmp_path_factory) -> Path:
+    """A random 3-class U-Net declaring seeded instances (:data:`SEEDED_SPEC`); its weights
+    (seed 8) give ~40 % interior and ~40 % boundary on H&E."""
+    from tilesegment.model import ModelSpec, UNetConfig, new_model, save_checkpoint
+
+    spec = ModelSpec.default(UNetConfig(depth=4, base_channels=4, classes=3), name="seeded")
+    spec = dataclasses.replace(spec, instances=SEEDED_SPEC)
+    path = tmp_path_factory.mktemp("model") / "seeded"
+    save_checkpoint(new_model(spec, seed=8), spec, path)
+    return path
+
+
+def write_cmu_crop(path: Path, h: int, w: int) -> np.ndarray:
+    """Write the (h, w) px of CMU-1-Small-Region from (1100, 700) as a tiled TIFF at ``path``;
+    its pixels."""
+    import tifffile
+
+    from tests.conftest import data_path
+    from tilesegment.io import open_slide
+
+    with open_slide(data_path("slides", "CMU-1-Small-Region.svs")) as reader:
+        pixels = reader.read_region(0, 1100, 700, h, w)
+    tifffile.imwrite(path, pixels, tile=(256, 256), photometric="rgb", compression="zlib")
+    return pixels
 
 
 @pytest.fixture(scope="session")

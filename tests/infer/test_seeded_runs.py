@@ -7,45 +7,29 @@ model a seeded random 3-class U-Net whose class map has many interiors and bound
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 from scipy import ndimage
 
+from tests.infer.conftest import SEEDED_SPEC, write_cmu_crop
 from tilesegment.infer.options import RunOptions
 from tilesegment.infer.run import run_slide
-from tilesegment.model import InstanceSpec, ModelSpec, UNetConfig, new_model, save_checkpoint
 from tilesegment.postprocess import postprocess_output
 from tilesegment.postprocess.seeded import seeded_instances
 from tilesegment.store import OutputStore
+from tilesegment.testing.instances import instances_agree_away_from
 
 COMMON = {"tissue": "none", "precision": "fp32", "preview": False, "progress": False}
-SPEC = InstanceSpec(max_growth_px=6, min_seed_px=4)
-
-
-@pytest.fixture(scope="module")
-def seeded_model(tmp_path_factory) -> Path:
-    """Random weights (seed 8) that give ~40 % interior and ~40 % boundary on H&E."""
-    spec = ModelSpec.default(UNetConfig(depth=4, base_channels=4, classes=3), name="seeded")
-    spec = dataclasses.replace(spec, instances=SPEC)
-    path = tmp_path_factory.mktemp("model") / "seeded"
-    save_checkpoint(new_model(spec, seed=8), spec, path)
-    return path
+SPEC = SEEDED_SPEC
 
 
 @pytest.fixture(scope="module")
 def crop_slide(tmp_path_factory) -> Path:
-    from tests.conftest import data_path
-    from tilesegment.io import open_slide
-
-    with open_slide(data_path("slides", "CMU-1-Small-Region.svs")) as reader:
-        pixels = reader.read_region(0, 1100, 700, 640, 832)
     path = tmp_path_factory.mktemp("slide") / "crop.tif"
-    tifffile.imwrite(path, pixels, tile=(256, 256), photometric="rgb", compression="zlib")
+    write_cmu_crop(path, 640, 832)
     return path
 
 
@@ -125,14 +109,9 @@ def test_tile_sizes_give_the_same_nuclei_wherever_the_class_maps_agree(runs):
         mask, nuclei = arrays(runs[name])
         differ = mask != ref_mask
         assert differ.mean() < 1e-4, name
-        near = ndimage.binary_dilation(differ, iterations=SPEC.halo_px) if differ.any() else differ
-        touched = np.unique(np.concatenate([ref[near], nuclei[near]]))
-        keep = ~np.isin(ref, touched) & (ref > 0)
-        pairs = np.unique(np.stack([ref[keep], nuclei[keep]]), axis=1)
-        assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1], name
-        areas = np.bincount(ref.ravel())[pairs[0]], np.bincount(nuclei.ravel())[pairs[1]]
-        assert np.array_equal(*areas), name  # same sets, not just overlapping ones
-        assert pairs.shape[1] > 0.9 * ref.max(), name
+        agree, matched = instances_agree_away_from(ref, nuclei, differ, SPEC.halo_px)
+        assert agree, name  # same sets, not just overlapping ones
+        assert matched > 0.9 * ref.max(), name
 
 
 def test_export_method_option(runs, tmp_path):

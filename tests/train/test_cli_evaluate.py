@@ -146,6 +146,21 @@ def test_mpp_predicts_at_the_models_resolution_and_scores_on_the_image_grid(tnbc
     assert doc["aggregate"]["aji"] == pytest.approx(tnbc_json["aggregate"]["aji"], abs=0.06)
 
 
+def test_tta_is_applied_and_reported(tnbc_20x):
+    """``--tta flips`` reaches the predictor (other scores, same shapes) and is reported; the
+    20x copies without --mpp keep it cheap (256 px images)."""
+    base = ["evaluate", "--model", "nuclei-he", "--images", tnbc_20x[0], "--labels", tnbc_20x[1]]
+    plain = json.loads(invoke(*base, "--json").output)
+    result = invoke(*base, "--tta", "flips", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert plain["tta"] == "none" and doc["tta"] == "flips"
+    assert [r["predicted_shape"] for r in doc["images"]] == [[256, 256]] * 3
+    for a, b in zip(plain["images"], doc["images"], strict=True):
+        assert a["confusion"] != b["confusion"], a["name"]  # other pixels, not just other ids
+    assert "test-time augmentation flips" in invoke(*base, "--tta", "flips").output.splitlines()[0]
+
+
 def test_images_are_resampled_exactly_as_run_reads_them():
     path = data_path("tnbc", "images", f"{TNBC_NAMES[0]}.png")
     with ImageReader(path) as reader:
@@ -239,3 +254,20 @@ def _names(folder: Path, names) -> Path:
     path = folder / "names.txt"
     path.write_text("".join(f"{n}\n" for n in names))
     return path
+
+
+def test_instances_components_compares_the_post_processing(tnbc, tnbc_json):
+    """`--instances components` scores the components of the nucleus class of the same
+    prediction instead of the seeded instances the model declares (and `run` makes)."""
+    assert tnbc_json["instances"] == "seeded"
+    result = invoke("evaluate", "--model", "nuclei-he", "--images", tnbc[0], "--labels", tnbc[1],
+                    "--instances", "components", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["instances"] == "components"
+    assert doc["mean"]["foreground_dice"] == pytest.approx(
+        tnbc_json["mean"]["foreground_dice"], abs=0.02
+    )
+    seeded = [row["object_tp"] + row["object_fp"] for row in tnbc_json["images"]]
+    components = [row["object_tp"] + row["object_fp"] for row in doc["images"]]
+    assert seeded != components  # other objects from the same probabilities

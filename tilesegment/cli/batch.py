@@ -261,8 +261,10 @@ def _expected_params(model: Path, opts: RunOptions) -> dict[str, Any]:
     Loads the model once, which also refuses a bad checkpoint or tile size before the first
     slide instead of once per slide.
     """
+    from tilesegment.infer.options import tta_param
     from tilesegment.infer.plan import resolve_tile_size
     from tilesegment.model.checkpoint import checkpoint_paths, file_sha256, load_checkpoint
+    from tilesegment.store.layout import NGFF_04
 
     net, _ = load_checkpoint(model, device="cpu")
     tile_size = resolve_tile_size(net.geometry, opts.tile_size)
@@ -270,6 +272,9 @@ def _expected_params(model: Path, opts: RunOptions) -> dict[str, Any]:
         "model_sha256": file_sha256(checkpoint_paths(model)[0]),
         "dtype": opts.dtype,
         "tissue": opts.tissue,
+        "tta": tta_param(opts.tta),  # None: recorded as absent
+        # Recorded for NGFF 0.5 only (records of 0.4 outputs have no "format").
+        "format": None if opts.format == NGFF_04 else opts.format,
     }
     if opts.tile_size is not None:  # the default shrinks to fit small images
         expected["tile_size"] = [tile_size, tile_size]

@@ -24,6 +24,7 @@ from tilesegment.cli.options import (
     set_threads,
     single_device,
     threads_option,
+    tta_option,
 )
 
 
@@ -44,6 +45,16 @@ from tilesegment.cli.options import (
     type=click.IntRange(0),
     help="Instances: drop smaller objects (px at the model's µm/px).",
 )
+@click.option(
+    "--instances",
+    "instance_method",
+    type=click.Choice(["model", "components"]),
+    default="model",
+    show_default=True,
+    help="Instances: as the model declares (`run`'s: seeded interiors grown into the "
+    "boundary class, or components) or, to compare, the 4-connected components of the "
+    "nucleus class with boundary pixels given back to them.",
+)
 @mpp_option(
     "µm/px of the images. When it differs from the model's, each image is resampled to the "
     "model's µm/px as `run` does, predicted, and scored on its own grid. Default: the model's."
@@ -63,6 +74,7 @@ from tilesegment.cli.options import (
 )
 @device_option(several=False)
 @precision_option(auto=True, default="fp32")
+@tta_option()
 @threads_option()
 @json_option()
 def evaluate(
@@ -73,11 +85,13 @@ def evaluate(
     label_kind: str | None,
     name_list: Path | None,
     min_object_size: int | None,
+    instance_method: str,
     mpp: float | None,
     figure: Path | None,
     figure_n: int,
     device: str,
     precision: str,
+    tta: str,
     threads: int | None,
     as_json: bool,
 ) -> None:
@@ -103,9 +117,11 @@ def evaluate(
         label_kind=label_kind,  # type: ignore[arg-type]
         device=device,
         precision=precision,
+        tta=tta,
         min_object_size=min_object_size,
         image_mpp=mpp,
         keep_examples=figure is not None,
+        seeded=instance_method == "model",
     )
     rows = None
     if figure is not None:
@@ -113,18 +129,29 @@ def evaluate(
 
         rows = write_figure(report, figure, n=figure_n, colours=spec.class_colours)
     if as_json:
-        doc = {"model": str(model_path), "name": spec.name, **report.to_json()}
+        doc = {"model": str(model_path), "name": spec.name, "tta": tta, **report.to_json()}
+        if report.kind == "instances":
+            doc["instances"] = _instance_method(instance_method, spec)
         if figure is not None:
             doc["figure"] = {"path": str(figure), "rows": rows}
         click.echo(json.dumps(doc, indent=2))
         return
     click.echo(f"model {spec.name} ({model_path}), {report.kind} labels, {len(report.per_image)}"
-               f" image(s){_mpp_note(mpp, spec.mpp)}")  # fmt: skip
+               f" image(s){_mpp_note(mpp, spec.mpp)}{_tta_note(tta)}")  # fmt: skip
     click.echo(report.table())
     if figure is not None:
         click.echo(
             f"figure: {figure} ({len(rows or [])} rows, worst and best by {report.headline})"
         )
+
+
+def _instance_method(choice: str, spec) -> str:
+    """What made the scored instances: ``seeded`` or ``components``."""
+    return "seeded" if choice == "model" and spec.instances is not None else "components"
+
+
+def _tta_note(tta: str) -> str:
+    return "" if tta == "none" else f", test-time augmentation {tta}"
 
 
 def _mpp_note(image_mpp: float | None, model_mpp: float | None) -> str:

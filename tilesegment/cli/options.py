@@ -115,6 +115,19 @@ def dtype_option() -> Callable[[F], F]:
     )
 
 
+def tta_option() -> Callable[[F], F]:
+    """``--tta``: test-time augmentation (see :data:`tilesegment.geometry.TTA_MODES`)."""
+    return click.option(
+        "--tta",
+        type=click.Choice(["none", "flips", "d4"]),
+        default="none",
+        show_default=True,
+        help="Test-time augmentation: average the class probabilities over flips (4 forward "
+        "passes: identity, both mirrors, 180° rotation) or d4 (8: every flip and 90° rotation). "
+        "Costs 4x or 8x the compute; the output still does not depend on the tile size.",
+    )
+
+
 def threads_option() -> Callable[[F], F]:
     """``--threads``: torch CPU threads of the process."""
     return click.option("--threads", type=click.IntRange(1), help="torch CPU threads per process.")

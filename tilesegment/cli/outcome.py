@@ -23,13 +23,14 @@ def echo_summary(summary: RunSummary) -> None:
     if x.get("tissue_found") is False:
         tissue += " (NO TISSUE FOUND)"
     resumed = f", {x['tiles_resumed']} done before" if x["tiles_resumed"] else ""
+    tta = "" if x.get("tta", "none") == "none" else f", test-time augmentation {x['tta']}"
     # The rate is over the pixels computed, never the image's: skipped tiles cost nothing.
     rate = summary.mpx_per_s
     speed = "no tile computed" if rate is None else f"{rate:.2f} Mpx/s computed"
     click.echo(
         f"done: {summary.output} ({h} x {w} px at {mpp} from level {x['level']}; "
         f"{x['tiles_processed']} of {summary.tiles} tiles of {summary.tile_size[0]} px processed, "
-        f"{x['tiles_skipped']} skipped{tissue}{resumed}; {summary.seconds:.1f} s, {speed})",
+        f"{x['tiles_skipped']} skipped{tissue}{resumed}{tta}; {summary.seconds:.1f} s, {speed})",
         err=True,
     )
     if x.get("workers"):

@@ -41,6 +41,7 @@ from tilesegment.cli.options import (
     single_device,
     threads_option,
     tile_size_option,
+    tta_option,
 )
 from tilesegment.cli.outcome import sigterm_interrupts
 from tilesegment.errors import ConfigError
@@ -220,6 +221,7 @@ def image_writers(
 @click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True)
 @device_option(several=False)
 @precision_option(auto=True, default="auto")
+@tta_option()
 @threads_option()
 @overwrite_option("output files")
 @progress_option()
@@ -236,6 +238,7 @@ def predict(
     batch_size: int,
     device: str,
     precision: str,
+    tta: str,
     threads: int | None,
     overwrite: bool,
     progress: bool | None,
@@ -274,6 +277,7 @@ def predict(
         mpp=mpp,
         device=single_device(device),
         precision=precision,
+        tta=tta,
         progress=show_progress(progress),
     )
     segmenter = ImageSegmenter(model_path, opts)

@@ -19,9 +19,11 @@ from tilesegment.cli.options import (
     progress_option,
     show_progress,
     tile_size_option,
+    tta_option,
 )
 from tilesegment.cli.outcome import echo_summary, export_instances, sigterm_interrupts
 from tilesegment.infer.capacity import AUTO_MIN_MPX_PER_WORKER, WORKER_RSS_MB
+from tilesegment.store.layout import FORMATS
 
 
 class WorkersType(click.ParamType):
@@ -85,6 +87,18 @@ def _auto_side() -> int:
     "with several slides a folder (may be OUTDIR) for <stem>.geojson.",
 )
 @dtype_option()
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(FORMATS),
+    default=FORMATS[0],
+    show_default=True,
+    help="ngff-0.4: OME-Zarr 0.4 (Zarr v2), a file per chunk; what QuPath reads. ngff-0.5: "
+    "OME-Zarr 0.5 (Zarr v3), the same arrays in shards of ~8192 px, a file per shard (a "
+    "100000² px slide: ~730 files instead of ~30500), for very large outputs and cluster "
+    "filesystems; each worker then holds one shard of stored values in memory (~260 MB with "
+    "2 classes) and records its chunks once the whole shard is written.",
+)
 @device_option(several=True)
 @click.option(
     "--workers",
@@ -101,6 +115,7 @@ def _auto_side() -> int:
     "memory, with a warning. GPU devices ignore it (one worker per device).",
 )
 @precision_option(auto=True, default="auto")
+@tta_option()
 @click.option(
     "--compile/--no-compile",
     "compile_model",
@@ -152,9 +167,11 @@ def run(
     preview: bool,
     geojson: Path | None,
     dtype: str,
+    output_format: str,
     device: str,
     workers: int | None,
     precision: str,
+    tta: str,
     compile_model: bool | None,
     read_threads: int | None,
     overwrite: bool,
@@ -202,9 +219,11 @@ def run(
         preview=preview,
         overwrite=overwrite,
         dtype=dtype,
+        format=output_format,
         device=device,
         workers=workers,
         precision=precision,
+        tta=tta,
         compile=compile_model,
         read_threads=read_threads,
         resume=resume,

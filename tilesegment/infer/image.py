@@ -85,9 +85,9 @@ class ImageSegmenter:
     model : path
         Checkpoint path (``NAME``, ``NAME.json`` or ``NAME.safetensors``), loaded once here.
     options : RunOptions
-        ``tile_size``, ``batch_size``, ``mpp``, ``device`` (one device), ``precision`` and
-        ``read_threads`` apply as in ``tilesegment run``; tissue detection does not (every
-        pixel of an image is segmented), nor do the store and worker options.
+        ``tile_size``, ``batch_size``, ``mpp``, ``device`` (one device), ``precision``,
+        ``tta`` and ``read_threads`` apply as in ``tilesegment run``; tissue detection does
+        not (every pixel of an image is segmented), nor do the store and worker options.
     """
 
     def __init__(self, model: str | Path, options: RunOptions) -> None:
@@ -101,7 +101,7 @@ class ImageSegmenter:
         self.tile_size = resolve_tile_size(net.geometry, options.tile_size)
         threads = options.read_threads or default_read_threads(usable_cores())
         self.options = replace(options, tissue="none", level=None, read_threads=threads)
-        self.predictor = make_predictor(net, spec, self.device, self.precision)
+        self.predictor = make_predictor(net, spec, self.device, self.precision, tta=options.tta)
 
     def segment(self, path: str | Path) -> ImagePrediction:
         """Probabilities and class map of the image at ``path``, on its own level-0 grid.

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from tilesegment.errors import ConfigError
+from tilesegment.geometry import tta_symmetries
+from tilesegment.store.layout import FORMATS, NGFF_04
 
 #: Default input tile edge: the paper's 572 px (or the nearest valid size for other depths).
 DEFAULT_TILE_SIZE = 572
@@ -40,6 +42,13 @@ class RunOptions:
     """Continue an interrupted output (skipping its finished chunks), or start it if absent."""
     dtype: str = "uint8"
     """Stored probability dtype: ``"uint8"`` (0–255) or ``"float32"``."""
+    format: str = NGFF_04
+    """Output format: ``"ngff-0.4"`` (Zarr v2, a file per chunk; what QuPath reads) or
+    ``"ngff-0.5"`` (Zarr v3, a file per shard of many chunks)."""
+    shard_target_px: int = 8192
+    """NGFF 0.5: aim for shards of about this edge, a whole number of chunks. Each worker
+    gathers one shard of stored values before writing it (``(C + 2) * edge**2`` bytes for
+    uint8 probabilities, the mask and the tissue label)."""
     device: str = "cpu"
     """Device(s): ``"cpu"``, ``"cuda:0"``, ``"cuda:0,cuda:1"`` (one worker process each) or
     ``"auto"`` (every visible GPU, else the CPU)."""
@@ -56,6 +65,10 @@ class RunOptions:
     :data:`COMPILE_MIN_TILES` tiles, enough to repay the compilation (see
     benchmarks/RESULTS.md). A model that fails to compile
     (no C++ compiler, an unsupported op) runs eagerly, with a warning."""
+    tta: str = "none"
+    """Test-time augmentation: ``"none"``, ``"flips"`` (average over the identity, both mirrors
+    and the 180° rotation: 4x the compute) or ``"d4"`` (all flips and 90° rotations: 8x); see
+    :data:`tilesegment.geometry.TTA_MODES`. The output stays independent of the tile size."""
     read_threads: int | None = None
     """Threads that read, decode and mirror-pad tiles, split between worker processes (at least
     one each). None (auto): a quarter of the usable cores, at least 2
@@ -85,6 +98,10 @@ class RunOptions:
 def check_options(opts: RunOptions) -> None:
     if opts.batch_size < 1:
         raise ConfigError(f"`batch_size` ({opts.batch_size}) must be >= 1")
+    if opts.format not in FORMATS:
+        raise ConfigError(f"--format {opts.format!r} must be one of {', '.join(FORMATS)}")
+    if opts.shard_target_px < 1:
+        raise ConfigError(f"`shard_target_px` ({opts.shard_target_px}) must be >= 1")
     if opts.tissue not in ("auto", "none") and not Path(opts.tissue).exists():
         raise ConfigError(f"--tissue {opts.tissue}: no such mask file; use auto, none or a path")
     if opts.resume and opts.overwrite:
@@ -97,6 +114,7 @@ def check_options(opts: RunOptions) -> None:
         raise ConfigError(f"`max_retries` ({opts.max_retries}) must be >= 0")
     if opts.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision {opts.precision!r} must be auto, fp32, bf16 or fp16")
+    tta_symmetries(opts.tta)  # a ConfigError naming the modes
     if opts.scheduler is not None or opts.dask_workers is not None:
         _check_dask(opts)
 
@@ -126,6 +144,12 @@ def require_distributed() -> Any:
             f"({exc}); install it with: {INSTALL_HINT}"
         ) from exc
     return distributed
+
+
+def tta_param(tta: str) -> str | None:
+    """``tta`` as a run records it in its parameters: None (not recorded) without augmentation,
+    so outputs made before ``--tta`` existed resume as before."""
+    return None if tta == "none" else tta
 
 
 def resolve_compile(compile: bool | None, tiles: int) -> bool:

@@ -1,5 +1,11 @@
 """The plan of a run: tile size, tile grid, output chunks (whole tile cores, one writer each)
-grouped into units (a block of neighbouring chunks read together; the unit of dispatch and retry).
+grouped into units (neighbouring chunks; the unit of dispatch and retry) made of read blocks
+(chunks whose pixels are read together).
+
+With one file per chunk (NGFF 0.4) a unit is one read block of about ``read_block_px``. In a
+sharded store (NGFF 0.5) a unit is every chunk of one shard still to compute, read block by
+block: whoever computes the unit is the only writer of its shard, and writes it whole
+(:mod:`tilesegment.store.shards`).
 
 Pure arithmetic on shapes (:mod:`tilesegment.geometry`): planning needs no model weights.
 """
@@ -11,7 +17,7 @@ from dataclasses import dataclass
 from tilesegment.errors import ConfigError
 from tilesegment.geometry import Box, TileGrid, UNetGeometry, tile_grid
 from tilesegment.infer.options import DEFAULT_TILE_SIZE, RunOptions
-from tilesegment.store.layout import ChunkKey
+from tilesegment.store.layout import NGFF_04, ChunkKey
 
 
 def resolve_tile_size(geometry: UNetGeometry, tile_size: int | None) -> int:
@@ -60,10 +66,30 @@ class ChunkTask:
     tiles: tuple[tuple[int, int], ...]
     """Grid indices of the tiles to compute; their cores tile ``box`` exactly, except tiles
     skipped for lack of tissue, whose cores stay 0."""
+    block: int = 0
+    """Index of the read block the chunk belongs to (the chunks of a unit are in block order;
+    a unit is one block unless its store is sharded)."""
 
 
 Unit = tuple[ChunkTask, ...]
-"""A block of neighbouring chunks read together; the unit of dispatch and retry."""
+"""Neighbouring chunks, the unit of dispatch and retry: one read block, or one shard."""
+
+
+def shard_chunks(opts: RunOptions, chunk_shape: tuple[int, int]) -> tuple[int, int]:
+    """Chunks per shard along (y, x): (1, 1) for NGFF 0.4, else about ``shard_target_px``."""
+    if opts.format == NGFF_04:
+        return 1, 1
+    return tuple(max(1, round(opts.shard_target_px / c)) for c in chunk_shape)  # type: ignore[return-value]
+
+
+def read_blocks(unit: Unit) -> list[Unit]:
+    """The read blocks of ``unit``, in order."""
+    blocks: list[list[ChunkTask]] = []
+    for task in unit:
+        if not blocks or blocks[-1][-1].block != task.block:
+            blocks.append([])
+        blocks[-1].append(task)
+    return [tuple(b) for b in blocks]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,62 +118,96 @@ def plan_work(
     *,
     tissue=None,
     done: set[ChunkKey] | frozenset[ChunkKey] = frozenset(),
+    shards: tuple[int, int] = (1, 1),
 ) -> WorkPlan:
     """Chunks to compute (minus ``done`` ones and tissue-free tiles), grouped into units.
 
-    Tiles are built one at a time and kept only as indices, so planning an 80k² slide needs
-    memory for the chunks that have tissue only.
+    ``shards``: chunks per shard of the store along (y, x); with more than one, each unit is
+    the chunks of one shard. Tiles are built one at a time and kept only as indices, so
+    planning an 80k² slide needs memory for the chunks that have tissue only.
     """
     ky, kx = tiles_per_chunk(grid, opts.chunk_target_px)
-    gy, gx = grid.grid_shape
     cy, cx = ky * grid.stride[0], kx * grid.stride[1]
     h, w = grid.image_shape
-    nrows, ncols = -(-gy // ky), -(-gx // kx)
-    # Read blocks of whole chunks, about read_block_px on a side.
-    by = max(1, round(opts.read_block_px / cy))
-    bx = max(1, round(opts.read_block_px / cx))
+    # Read blocks of whole chunks, about read_block_px on a side; units of a shard or a block.
+    block = (max(1, round(opts.read_block_px / cy)), max(1, round(opts.read_block_px / cx)))
+    unit_shape = block if shards == (1, 1) else shards
+    counts = _Counts()
     units: list[Unit] = []
-    no_tissue = done_tiles = done_chunks = work = work_px = 0
-    sy, sx = grid.stride
-    for r0 in range(0, nrows, by):
-        for c0 in range(0, ncols, bx):
-            unit: list[ChunkTask] = []
-            for r in range(r0, min(r0 + by, nrows)):
-                for c in range(c0, min(c0 + bx, ncols)):
-                    rows = range(r * ky, min((r + 1) * ky, gy))
-                    cols = range(c * kx, min((c + 1) * kx, gx))
-                    keep = tuple(
-                        (i, j)
-                        for i in rows
-                        for j in cols
-                        if tissue is None or tissue.any_in(grid.tile(i, j).read)
-                    )
-                    work += len(keep)
-                    # a tile's core is a stride, clipped at the bottom and right edges
-                    work_px += sum(min(sy, h - i * sy) * min(sx, w - j * sx) for i, j in keep)
-                    if (r, c) in done:
-                        done_chunks += 1
-                        done_tiles += len(rows) * len(cols)
-                        continue
-                    no_tissue += len(rows) * len(cols) - len(keep)
+    for r0, c0, rows, cols in _blocks((0, 0, *grid_chunks(grid, ky, kx)), unit_shape):
+        unit: list[ChunkTask] = []
+        for b0, d0, brows, bcols in _blocks((r0, c0, rows, cols), block):
+            counts.blocks += 1
+            for r in range(b0, b0 + brows):
+                for c in range(d0, d0 + bcols):
+                    keep = counts.chunk(grid, (r, c), (ky, kx), tissue, done)
                     if keep:
                         y, x = r * cy, c * cx
                         box = Box(y, x, min(cy, h - y), min(cx, w - x))
-                        unit.append(ChunkTask(len(units), (r, c), box, keep))
-            if unit:
-                units.append(tuple(unit))
+                        unit.append(ChunkTask(len(units), (r, c), box, keep, counts.blocks))
+        if unit:
+            units.append(tuple(unit))
     return WorkPlan(
         grid=grid,
         chunk_shape=(min(cy, h), min(cx, w)),
         tiles_per_chunk=(ky, kx),
         units=units,
         tiles_total=len(grid),
-        tiles_no_tissue=no_tissue,
-        tiles_done_before=done_tiles,
-        chunks_done_before=done_chunks,
-        tiles_with_tissue=work,
-        work_px=work_px,
+        tiles_no_tissue=counts.no_tissue,
+        tiles_done_before=counts.done_tiles,
+        chunks_done_before=counts.done_chunks,
+        tiles_with_tissue=counts.work,
+        work_px=counts.work_px,
     )
+
+
+def grid_chunks(grid: TileGrid, ky: int, kx: int) -> tuple[int, int]:
+    """Rows and columns of the chunk grid, for chunks of ``ky x kx`` tiles."""
+    gy, gx = grid.grid_shape
+    return -(-gy // ky), -(-gx // kx)
+
+
+def _blocks(area: tuple[int, int, int, int], step: tuple[int, int]):
+    """(row, col, rows, cols) of the blocks of ``step`` chunks covering ``area`` (row, col,
+    rows, cols), row-major, aligned to the area's origin and clipped to it."""
+    r0, c0, rows, cols = area
+    for r in range(r0, r0 + rows, step[0]):
+        for c in range(c0, c0 + cols, step[1]):
+            yield r, c, min(step[0], r0 + rows - r), min(step[1], c0 + cols - c)
+
+
+@dataclass(slots=True)
+class _Counts:
+    """What :func:`plan_work` has counted so far."""
+
+    no_tissue: int = 0
+    done_tiles: int = 0
+    done_chunks: int = 0
+    work: int = 0
+    work_px: int = 0
+    """Output px of the tiles with tissue (their cores, clipped at the image edges)."""
+    blocks: int = 0
+
+    def chunk(self, grid, key, tiles_per_chunk, tissue, done) -> tuple[tuple[int, int], ...]:
+        """Count chunk ``key``; the tiles it still has to compute (none when done)."""
+        (ky, kx), (gy, gx) = tiles_per_chunk, grid.grid_shape
+        rows = range(key[0] * ky, min((key[0] + 1) * ky, gy))
+        cols = range(key[1] * kx, min((key[1] + 1) * kx, gx))
+        keep = tuple(
+            (i, j)
+            for i in rows
+            for j in cols
+            if tissue is None or tissue.any_in(grid.tile(i, j).read)
+        )
+        self.work += len(keep)
+        (sy, sx), (h, w) = grid.stride, grid.image_shape
+        self.work_px += sum(min(sy, h - i * sy) * min(sx, w - j * sx) for i, j in keep)
+        if key in done:
+            self.done_chunks += 1
+            self.done_tiles += len(rows) * len(cols)
+            return ()
+        self.no_tissue += len(rows) * len(cols) - len(keep)
+        return keep
 
 
 def core_px(grid: TileGrid, task: ChunkTask) -> int:

@@ -2,7 +2,11 @@
 
 A :class:`Predictor` owns one model copy on one device. It is not thread-safe (one caller per
 predictor); every worker makes its own with :func:`make_predictor` (channels-last, pinned
-staging on CUDA, ``torch.compile`` with an eager fallback).
+staging on CUDA, ``torch.compile`` with an eager fallback). With test-time augmentation
+(``tta``) it averages the softmax probabilities of each tile over flips and 90° rotations
+(:data:`~tilesegment.geometry.TTA_MODES`, where the argument that tiles still equal the
+whole-image pass is written down); every path that predicts (in-process, worker pool, dask,
+``predict``, ``evaluate``) goes through it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 import torch
 
 from tilesegment.errors import ConfigError, ModelError
-from tilesegment.geometry import PAD_MODE, whole_image_padding
+from tilesegment.geometry import PAD_MODE, Symmetry, tta_symmetries, whole_image_padding
 from tilesegment.model.checkpoint import ModelSpec
 from tilesegment.model.unet import UNet
 
@@ -57,6 +61,11 @@ class Predictor:
         Autocast dtype for the forward pass; fp32 disables autocast. fp16 is CUDA-only.
     channels_last : bool
         Use the channels-last memory format (faster convolutions on CPU and tensor cores).
+    tta : {"none", "flips", "d4"}
+        Test-time augmentation: average the probabilities of 1, 4 or 8 forward passes of each
+        batch, transformed by the symmetries of :data:`~tilesegment.geometry.TTA_MODES` and
+        transformed back, summed in that order (so the same on every path), then divided by
+        their number (a power of two: exact).
     """
 
     def __init__(
@@ -67,6 +76,7 @@ class Predictor:
         device: str | torch.device = "cpu",
         precision: Precision = "fp32",
         channels_last: bool = True,
+        tta: str = "none",
     ) -> None:
         self.device = torch.device(device)
         if precision == "fp16" and self.device.type != "cuda":
@@ -74,6 +84,8 @@ class Predictor:
         self.precision = precision
         self.channels_last = channels_last
         self.spec = spec
+        self.tta = tta
+        self.symmetries = tta_symmetries(tta)
         self.model = model.to(self.device).eval()
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -114,11 +126,11 @@ class Predictor:
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().mul_(1.0 / 255.0)
         x = (x - self._mean) * self._inv_std
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            logits = self.model(x)
-        probs = torch.softmax(logits.float(), dim=1).contiguous()
+        probs = self._softmax(x, self.symmetries[0])
+        for symmetry in self.symmetries[1:]:
+            probs += self._softmax(x, symmetry)
+        if len(self.symmetries) > 1:
+            probs /= len(self.symmetries)
         # Softmax values lie in [0, 1] or are NaN (inf logits give NaN), so the sum is finite
         # unless one is NaN: one reduction, 0.04 ms against ~700 ms for a 572 px fp32 forward pass
         # of the default model on the 2-core CPU.
@@ -130,10 +142,31 @@ class Predictor:
             )
         return probs
 
+    def _softmax(self, x: torch.Tensor, symmetry: Symmetry) -> torch.Tensor:
+        """Softmax of the model on ``x`` transformed by ``symmetry``, transformed back."""
+        if symmetry.flip_axes:
+            x = torch.flip(x, symmetry.flip_axes)
+        if symmetry.transpose:
+            x = x.transpose(-2, -1)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            logits = self.model(x)
+        probs = torch.softmax(logits.float(), dim=1)
+        if symmetry.transpose:
+            probs = probs.transpose(-2, -1)
+        if symmetry.flip_axes:
+            probs = torch.flip(probs, symmetry.flip_axes)
+        return probs.contiguous()
+
 
 def predict_image(image: np.ndarray, predictor: Predictor) -> np.ndarray:
     """Whole-image pass: mirror-pad by the halo (plus bottom/right to a valid size), run the
     network once and crop back. The reference every tiled path must reproduce.
+
+    With a test-time augmenting ``predictor`` each symmetry transforms the whole *padded*
+    image, as it transforms each tile on the tiled paths (the definition of
+    :data:`~tilesegment.geometry.TTA_MODES`).
 
     Parameters
     ----------
@@ -182,8 +215,11 @@ class PinnedPredictor(Predictor):
         return out
 
 
-def make_predictor(net, spec, device: str, precision: str, *, compile: bool = False) -> Predictor:
-    """The predictor a worker uses on ``device`` (channels-last; pinned staging on CUDA)."""
+def make_predictor(
+    net, spec, device: str, precision: str, *, compile: bool = False, tta: str = "none"
+) -> Predictor:
+    """The predictor a worker uses on ``device`` (channels-last; pinned staging on CUDA), with
+    test-time augmentation ``tta`` (see :class:`Predictor`)."""
     import torch
 
     if device.startswith("cuda"):
@@ -191,7 +227,7 @@ def make_predictor(net, spec, device: str, precision: str, *, compile: bool = Fa
         # (not to cuda:0 in every worker).
         torch.cuda.set_device(device)
     cls = PinnedPredictor if device.startswith("cuda") else Predictor
-    predictor = cls(net, spec, device=device, precision=precision, channels_last=True)
+    predictor = cls(net, spec, device=device, precision=precision, channels_last=True, tta=tta)
     if compile:
         predictor.model = CompiledOrEager(predictor.model)
     return predictor

@@ -16,7 +16,7 @@ from typing import Any
 
 from tilesegment.geometry import TileGrid
 from tilesegment.infer.plan import ChunkTask, core_px
-from tilesegment.store.layout import chunk_files
+from tilesegment.store.layout import ChunkFiles
 from tilesegment.store.resume import DoneLog
 
 
@@ -52,11 +52,14 @@ class Recorder:
         tissue: bool,
         total_tiles: int,
         progress: bool,
+        files: ChunkFiles | None = None,
     ) -> None:
         self.output = output
         self.grid = grid
         self.done_log = done_log
         self.tissue = tissue
+        self.files = files or ChunkFiles()
+        """Which files hold a chunk (its shard's in NGFF 0.5): made durable before its record."""
         self.tiles = 0
         """Tiles computed by this run (not counting those done before a resume)."""
         self.core_px = 0
@@ -95,6 +98,6 @@ class Recorder:
         """
         if not counted:
             self.progress(len(task.tiles), core_px(self.grid, task))
-        self.done_log.add(task.key, chunk_files(self.output, task.key, tissue=self.tissue))
+        self.done_log.add(task.key, self.files.files(self.output, task.key, tissue=self.tissue))
         with self._lock:
             self.chunks += 1

@@ -61,6 +61,8 @@ class RunRecord:
     """``time.perf_counter()`` at the start."""
     resumed: bool = False
     compiled: bool = False
+    tta: str = "none"
+    """Test-time augmentation of the run (``--tta``)."""
     tiles_processed: int = 0
     core_px: int = 0
     chunks_written: int = 0
@@ -147,6 +149,7 @@ class RunRecord:
             "params": params,
             "options": {k: v for k, v in asdict(opts).items() if k != "command"},
             "compiled": self.compiled,
+            "tta": self.tta,
             "tiles": {
                 "total": plan.tiles_total,
                 "processed": self.tiles_processed,
@@ -212,6 +215,7 @@ class RunRecord:
                 "workers": None if self.workers is None else self.workers.describe(),
                 "resumed": self.resumed,
                 "compiled": self.compiled,
+                "tta": self.tta,
                 "processed_megapixels": self.core_px / 1e6,
                 "processed_mpx_per_s": self.processed_rate(),
                 "peak_rss_mb": self.peak_rss(),

@@ -35,12 +35,14 @@ from tilesegment.infer.options import (
     check_options,
     default_read_threads,
     resolve_compile,
+    tta_param,
 )
 from tilesegment.infer.plan import (
     WorkPlan,
     plan_grid,
     plan_work,
     resolve_tile_size,
+    shard_chunks,
     tiles_per_chunk,
     tiles_to_compute,
 )
@@ -52,7 +54,7 @@ from tilesegment.machine import available_memory_mb, usable_cores
 from tilesegment.model.checkpoint import ModelSpec, checkpoint_paths, file_sha256, load_checkpoint
 from tilesegment.model.unet import UNet
 from tilesegment.store import ClassSpec, OutputStore, is_complete
-from tilesegment.store.layout import TISSUE, sidecar_path
+from tilesegment.store.layout import NGFF_04, TISSUE, sidecar_path
 from tilesegment.store.resume import (
     DoneLog,
     RunLock,
@@ -107,6 +109,7 @@ def run_slide(
     tune_malloc()  # flat peak RSS whatever the slide size (see the function)
     reset_peak_rss()  # the report's peak is this run's, not an earlier run's in this process
     run = RunRecord.start()
+    run.tta = opts.tta
     net, spec = load_checkpoint(model, device="cpu")
     tile_size = resolve_tile_size(net.geometry, opts.tile_size)
     devices = resolve_devices(opts.device, opts.workers)
@@ -178,6 +181,11 @@ def _run_params(
         "dtype": opts.dtype,
         "precision": ",".join(job.precisions),
     }
+    if opts.format != NGFF_04:  # absent from records of 0.4 runs (and of older versions)
+        params["format"] = opts.format
+        params["shard_chunks"] = list(shard_chunks(opts, chunk_shape))
+    if (tta := tta_param(opts.tta)) is not None:  # absent without it, as before --tta existed
+        params["tta"] = tta
     attrs = {
         "tilesegment_version": __version__,
         "slide": str(job.slide.resolve()),
@@ -190,6 +198,8 @@ def _run_params(
         "halo": grid.halo,
         "tissue": opts.tissue,
     }
+    if tta is not None:
+        attrs["tta"] = tta
     if job.spec.instances is not None:  # how postprocess makes instances (seeded growth)
         attrs["instances"] = job.spec.instances.to_json()
     info = {
@@ -220,7 +230,8 @@ def _run_locked(job: _Job, run: RunRecord) -> RunSummary:
         return summary
     run.resumed = opts.resume
     with DoneLog(output, fsync=opts.fsync) as done_log:
-        plan = plan_work(grid, opts, tissue=tissue, done=done_log.done)
+        files = store.chunk_files
+        plan = plan_work(grid, opts, tissue=tissue, done=done_log.done, shards=files.shard_chunks)
         # Decided on the run's whole work, done or not, so that a resumed run compiles (or not)
         # like the interrupted one and writes the same bytes.
         run.compiled = resolve_compile(opts.compile, plan.tiles_with_tissue)
@@ -246,6 +257,7 @@ def _run_locked(job: _Job, run: RunRecord) -> RunSummary:
             tissue=tissue is not None,
             total_tiles=tiles_to_compute(plan),
             progress=opts.progress,
+            files=files,
         )
         _execute(_executor(job, context, choice), plan, recorder, run, opts, params)
     t_final = time.perf_counter()
@@ -407,6 +419,8 @@ def _open_output(
         dtype=opts.dtype,
         overwrite=opts.overwrite or opts.resume,
         attrs=attrs,
+        format=opts.format,
+        shard_shape=_shard_shape(opts, chunk_shape),
     )
     reset_state(output)  # a new output: no done log or report of an earlier one
     if with_tissue:
@@ -414,6 +428,14 @@ def _open_output(
     # Last: the record that makes the output resumable.
     write_params(output, params, info)
     return store, False
+
+
+def _shard_shape(opts: RunOptions, chunk_shape: tuple[int, int]) -> tuple[int, int] | None:
+    """Level-0 shard size of a new output (None for NGFF 0.4)."""
+    if opts.format == NGFF_04:
+        return None
+    ky, kx = shard_chunks(opts, chunk_shape)
+    return ky * chunk_shape[0], kx * chunk_shape[1]
 
 
 def _finish_failed(

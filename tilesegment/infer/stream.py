@@ -1,10 +1,12 @@
 """What every executor runs for its units: read → batch → predict → assemble → write.
 
-:func:`stream_units` reads whole units ahead in reader threads (one ``read_region`` per unit
-when that decodes little twice), batches tiles through a predictor in the calling thread,
-assembles tile cores into whole chunks and hands finished chunks to one writer thread, which
-writes them into the store and then reports them (``on_chunk``) for recording. Memory is
-bounded by a few units, whatever the slide size.
+:func:`stream_units` reads the read blocks of its units ahead in reader threads (one
+``read_region`` per block when that decodes little twice), batches tiles through a predictor
+in the calling thread, assembles tile cores into whole chunks and hands finished chunks to one
+writer thread, which writes them into the store and then reports them (``on_chunk``) for
+recording. In a sharded store the writer gathers a unit's chunks (one shard) and writes the
+shard whole once the last is in, then reports them all. Memory is bounded by a few read
+blocks and one shard, whatever the slide size.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from tilesegment.geometry import Box, Tile, TileGrid, tile_indices
-from tilesegment.infer.plan import ChunkTask, Unit
+from tilesegment.infer.plan import ChunkTask, Unit, read_blocks
 from tilesegment.infer.predict import to_model_channels
 from tilesegment.io import SlideReader
 from tilesegment.store.layout import TISSUE
+from tilesegment.store.shards import ShardBuffer
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +135,9 @@ class ChunkAssembler:
 
 class ChunkSink(Protocol):
     """Where :func:`stream_units` writes finished chunks: an :class:`OutputStore`, or any object
-    with its ``write_chunk`` (and, when a tissue map is given, ``write_label_chunk``)."""
+    with its ``write_chunk`` (and, when a tissue map is given, ``write_label_chunk``). A sink
+    whose ``sharded`` attribute is true (a sharded OutputStore) is written one whole shard at
+    a time (its ``shard_box``, a :class:`~tilesegment.store.shards.ShardBuffer`)."""
 
     def write_chunk(self, box: Box, probabilities: np.ndarray) -> None:
         """Write the (classes, box.h, box.w) float32 probabilities of ``box``."""
@@ -162,10 +167,96 @@ class ListSource:
         return next(self._it, None)
 
 
+@dataclass(frozen=True, slots=True)
+class _Block:
+    """One read block of a unit; ``first`` for the unit's first."""
+
+    unit: Unit
+    tasks: Unit
+    first: bool
+
+
+class _Blocks:
+    """The read blocks of the units of a source, in order (a source of :class:`_Block`)."""
+
+    def __init__(self, source: UnitSource) -> None:
+        self._source = source
+        self._queue: deque[_Block] = deque()
+
+    def next(self, *, block: bool) -> _Block | None:
+        if not self._queue:
+            unit = self._source.next(block=block)
+            if unit is None:
+                return None
+            parts = read_blocks(unit)
+            self._queue.extend(_Block(unit, p, i == 0) for i, p in enumerate(parts))
+        return self._queue.popleft()
+
+
+class _ChunkWriter:
+    """Writes finished chunks from the writer thread, then reports them (``on_chunk``).
+
+    A sharded store's chunks are gathered per shard (a :class:`ShardBuffer`); the shard is
+    written, then its chunks reported, once the last chunk expected of it is in (or when the
+    stream ends, with the chunks it has: a stopped stream still writes what it finished).
+    """
+
+    def __init__(self, store: ChunkSink, tissue, on_chunk) -> None:
+        self.store, self.tissue, self.on_chunk = store, tissue, on_chunk
+        self.sharded = bool(getattr(store, "sharded", False))
+        self._expected: dict[Box, int] = {}
+        self._open: dict[Box, tuple[ShardBuffer, list[ChunkTask]]] = {}
+        self._lock = threading.Lock()
+
+    def expect(self, unit: Unit) -> None:
+        """Count the chunks of ``unit`` its shards wait for (calling thread)."""
+        if not self.sharded:
+            return
+        with self._lock:
+            for task in unit:
+                shard = self.store.shard_box(task.box)  # type: ignore[attr-defined]
+                self._expected[shard] = self._expected.get(shard, 0) + 1
+
+    def write(self, task: ChunkTask, probabilities: np.ndarray) -> None:
+        """Write (or gather) a finished chunk (writer thread)."""
+        if not self.sharded:
+            write_chunk(self.store, task, probabilities, self.tissue)
+            self._report([task])
+            return
+        shard = self.store.shard_box(task.box)  # type: ignore[attr-defined]
+        if shard not in self._open:
+            self._open[shard] = (ShardBuffer(self.store, shard), [])  # type: ignore[arg-type]
+        buffer, gathered = self._open[shard]
+        write_chunk(buffer, task, probabilities, self.tissue)
+        gathered.append(task)
+        with self._lock:
+            self._expected[shard] -= 1
+            complete = self._expected[shard] == 0
+        if complete:
+            self._flush(shard)
+
+    def _flush(self, shard: Box) -> None:
+        buffer, gathered = self._open.pop(shard)
+        buffer.flush()
+        with self._lock:
+            self._expected.pop(shard, None)
+        self._report(gathered)
+
+    def _report(self, tasks: list[ChunkTask]) -> None:
+        if self.on_chunk is not None:
+            for task in tasks:
+                self.on_chunk(task)
+
+    def close(self) -> None:
+        """Write the shards still gathering (a stopped or failed stream); no writes pending."""
+        for shard in list(self._open):
+            self._flush(shard)
+
+
 def _prefetch(
-    source: UnitSource, load: Callable[[Unit], Any], pool: ThreadPoolExecutor, window: int
-) -> Iterator[tuple[Unit, Any]]:
-    """``(unit, load(unit))`` in order with at most ``window`` loads in flight.
+    source: Any, load: Callable[[Any], Any], pool: ThreadPoolExecutor, window: int
+) -> Iterator[tuple[Any, Any]]:
+    """``(item, load(item))`` of a source's items in order, at most ``window`` loads in flight.
 
     Tops up without blocking, so a worker whose next unit has not arrived yet keeps
     computing the ones it has; blocks only when nothing is pending.
@@ -250,12 +341,13 @@ def stream_units(
 ) -> StreamStats:
     """Compute and write every chunk of the units ``source`` yields.
 
-    Reader threads read whole units ahead (at most ``read_threads + 1``); the calling thread
+    Reader threads read read blocks ahead (at most ``read_threads + 1``); the calling thread
     runs the predictor; one writer thread writes finished chunks and then calls
-    ``on_chunk(task)`` (from the writer thread). ``on_unit(unit)`` is called when the
-    computation of a unit starts, ``on_batch(tiles, core_px)`` after each forward pass,
-    ``on_tile`` before a tile enters a batch (a test hook). When ``stop``
-    is set the stream ends after the current batch: finished chunks are written, partial ones
+    ``on_chunk(task)`` (from the writer thread; in a sharded store once the chunk's shard is
+    written). ``on_unit(unit)`` is called when the computation of a unit starts,
+    ``on_batch(tiles, core_px)`` after each forward pass, ``on_tile`` before a tile enters a
+    batch (a test hook). When ``stop`` is set the stream ends after the current batch:
+    finished chunks are written (with the shards they are in), partial ones
     dropped. An exception stops the stream the same way, then propagates.
     """
     assembler = ChunkAssembler((), classes)
@@ -263,13 +355,10 @@ def stream_units(
     sizer = BatchSize(batch_size)
     stats = StreamStats(batch_size=batch_size)
 
-    def load(unit: Unit) -> list[tuple[Tile, np.ndarray]]:
-        return read_unit(reader, level, grid, unit, channels)
+    def load(item: _Block) -> list[tuple[Tile, np.ndarray]]:
+        return read_unit(reader, level, grid, item.tasks, channels)
 
-    def write(task: ChunkTask, probs: np.ndarray) -> None:
-        write_chunk(store, task, probs, tissue)
-        if on_chunk is not None:
-            on_chunk(task)
+    chunks = _ChunkWriter(store, tissue, on_chunk)
 
     def stopped() -> bool:
         return stop is not None and stop.is_set()
@@ -279,12 +368,14 @@ def stream_units(
         ThreadPoolExecutor(read_threads, thread_name_prefix="ts-read") as readers,
         ThreadPoolExecutor(1, thread_name_prefix="ts-write") as writer,
     ):
-        batch = _Batch(predictor, sizer, assembler, tasks, stats, on_batch, writer, write)
+        batch = _Batch(predictor, sizer, assembler, tasks, stats, on_batch, writer, chunks.write)
         try:
-            for unit, tiles in _prefetch(source, load, readers, read_threads + 1):
-                if on_unit is not None:
-                    on_unit(unit)
-                for task in unit:
+            for item, tiles in _prefetch(_Blocks(source), load, readers, read_threads + 1):
+                if item.first:
+                    chunks.expect(item.unit)
+                    if on_unit is not None:
+                        on_unit(item.unit)
+                for task in item.tasks:
                     assembler.expect(task.box, task.tiles)
                     tasks[task.box] = task
                 for tile, pixels in tiles:
@@ -294,7 +385,7 @@ def stream_units(
                         batch.flush()
                         if stopped():
                             raise _Stop
-                if batch.tiles:  # a unit's last chunk must not wait for the next unit
+                if batch.tiles:  # a block's last chunk must not wait for the next block
                     batch.flush()
                 if stopped():
                     raise _Stop
@@ -306,6 +397,7 @@ def stream_units(
                 log.debug("dropped %d partially computed chunks", dropped)
             # Finished chunks are written even when the stream stops or fails.
             batch.wait_for_writes(0)
+            chunks.close()
     stats.seconds = time.perf_counter() - t0
     stats.batch_size = sizer.size
     return stats

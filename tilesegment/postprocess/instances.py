@@ -25,11 +25,11 @@ from tilesegment.postprocess.common import (
     foreground_reader,
     min_area_px,
     open_finished,
-    ordered_map,
 )
 from tilesegment.postprocess.label import ChunkedLabels, label_chunked
 from tilesegment.postprocess.seeded import label_seeded, seeded_instances
 from tilesegment.store import OutputStore
+from tilesegment.store.shards import write_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -187,11 +187,10 @@ def label_instances(
     store = OutputStore.open(path, mode="r+")  # fresh: no cached handle of the old label
     store.create_label(label, dtype="uint32")
 
-    def write(box: Box) -> None:
-        store.write_label_chunk(label, box, relabel(box))
-
-    for _ in ordered_map(write, store.chunk_boxes(), nthreads):
-        pass
+    # Chunks in parallel; a sharded store one whole shard at a time (see store.shards).
+    write_chunks(
+        store.label(label), lambda box: store.label_values(label, box, relabel(box)), nthreads
+    )
     store.finalize(threads=nthreads)
     return InstanceSummary(
         path=path,

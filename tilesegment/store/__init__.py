@@ -1,8 +1,11 @@
-"""The output: an NGFF 0.4 (OME-Zarr) group written chunk by chunk, and the run state beside it.
+"""The output: an OME-Zarr group (NGFF 0.4 in Zarr v2, or NGFF 0.5 in sharded Zarr v3) written
+chunk by chunk (or shard by shard), and the run state beside it.
 
 :mod:`~tilesegment.store.layout` names every key, file and attribute; :mod:`~tilesegment.store.
-output` is the :class:`OutputStore`; :mod:`~tilesegment.store.ngff` the metadata and pyramids;
-:mod:`~tilesegment.store.resume` the run lock, parameters and done log that make a run resumable.
+output` is the :class:`OutputStore`; :mod:`~tilesegment.store.ngff` the metadata of both NGFF
+versions; :mod:`~tilesegment.store.levels` the pyramids; :mod:`~tilesegment.store.shards` the
+whole-shard writes of NGFF 0.5; :mod:`~tilesegment.store.resume` the run lock, parameters and
+done log that make a run resumable.
 """
 
 from __future__ import annotations

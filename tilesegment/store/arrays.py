@@ -15,7 +15,7 @@ import zarr
 
 from tilesegment.errors import StoreError
 from tilesegment.geometry import Box
-from tilesegment.store.layout import ATTR_KEY, read_zattrs
+from tilesegment.store.layout import ATTR_KEY, read_attrs, zarr_format_of
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,44 @@ def quantise(probabilities: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if dtype == np.uint8:
         return np.rint(np.clip(probabilities, 0.0, 1.0) * 255.0).astype(np.uint8)
     return probabilities.astype(dtype, copy=False)
+
+
+def stored_probabilities(
+    probabilities: np.ndarray, box: Box, classes: int, dtype: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(C, h, w) probabilities of ``box`` as a store keeps them, and their class map; raises
+    StoreError unless they are ``classes`` float probabilities of the box's size."""
+    expected = (classes, box.h, box.w)
+    p = np.asarray(probabilities)
+    if p.shape != expected:
+        raise StoreError(f"`probabilities` has shape {p.shape}, expected {expected} for {box}")
+    if not np.issubdtype(p.dtype, np.floating):
+        raise StoreError(f"`probabilities` must be a float array, got {p.dtype}")
+    lo, hi = float(p.min()), float(p.max())
+    if not (lo >= -1e-3 and hi <= 1 + 1e-3):  # also catches NaN
+        raise StoreError(
+            f"`probabilities` must lie in [0, 1], got values in [{lo}, {hi}] for {box}; "
+            "pass softmax outputs, not logits"
+        )
+    return quantise(p, np.dtype(dtype)), class_map(p)
+
+
+def stored_label(data: np.ndarray, box: Box, dtype: np.dtype, name: str) -> np.ndarray:
+    """(h, w) label values of ``box`` in the label's ``dtype``; raises StoreError unless they
+    are integers (or booleans) of the box's size that fit it."""
+    data = np.asarray(data)
+    if data.shape != box.shape:
+        raise StoreError(f"label data has shape {data.shape}, expected {box.shape} for {box}")
+    if data.dtype != dtype:
+        info = np.iinfo(dtype)
+        if not (np.issubdtype(data.dtype, np.integer) or data.dtype == np.bool_):
+            raise StoreError(f"label data must be integer, got {data.dtype}")
+        if data.size and (data.min() < info.min or data.max() > info.max):
+            raise StoreError(
+                f"label values in [{data.min()}, {data.max()}] do not fit {dtype} of label {name!r}"
+            )
+        data = data.astype(dtype)
+    return data
 
 
 def check_aligned(box: Box, image_shape: tuple[int, int], chunks: tuple[int, int]) -> None:
@@ -61,10 +99,10 @@ def clear_path(path: Path, overwrite: bool) -> None:
         )
     if not any(path.iterdir()):
         return
-    attrs = read_zattrs(path)
+    attrs = read_attrs(path)
     if attrs is None or not isinstance(attrs.get(ATTR_KEY), dict):
         raise StoreError(
-            f"{path} exists and is not a tilesegment output store (no Zarr v2 group with a "
+            f"{path} exists and is not a tilesegment output store (no Zarr group with a "
             f"'{ATTR_KEY}' attribute); refusing to delete it with --overwrite. "
             "Remove it yourself or choose another output path"
         )
@@ -76,11 +114,11 @@ def clear_path(path: Path, overwrite: bool) -> None:
 
 
 def open_group(path: Path, mode: Literal["r", "r+"]) -> zarr.Group:
-    """The root or a sub-group of a store, read fresh from disk."""
+    """The root or a sub-group of a store (Zarr v2 or v3), read fresh from disk."""
     try:
-        return zarr.open_group(str(path), mode=mode, zarr_format=2)
+        return zarr.open_group(str(path), mode=mode, zarr_format=zarr_format_of(path) or 2)
     except FileNotFoundError as exc:  # includes zarr's GroupNotFoundError
-        raise StoreError(f"{path} is not a Zarr v2 group") from exc
+        raise StoreError(f"{path} is not a Zarr group") from exc
 
 
 def update_attrs(path: Path, update: Mapping[str, Any]) -> None:
@@ -117,17 +155,52 @@ ZSTD_LEVEL = 1
 
 
 def create_array(
-    group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str
+    group: zarr.Group,
+    name: str,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    dtype: str,
+    *,
+    shards: tuple[int, ...] | None = None,
+    dimension_names: tuple[str, ...] | None = None,
 ) -> zarr.Array:
+    """A new array of the store with the house codec (Blosc zstd, bit-shuffled bytes), fill 0.
+
+    In a Zarr v2 group: ``/``-separated chunk keys, as NGFF 0.4 requires. In a Zarr v3 group:
+    the ``dimension_names`` NGFF 0.5 requires and, with ``shards``, one file per shard of
+    whole chunks (``shards`` is clipped to the whole chunks that cover ``shape``).
+    """
+    chunks = tuple(min(c, n) for c, n in zip(chunks, shape, strict=True))
     itemsize = np.dtype(dtype).itemsize
-    shuffle = numcodecs.Blosc.BITSHUFFLE if itemsize == 1 else numcodecs.Blosc.SHUFFLE
+    if group.metadata.zarr_format == 2:
+        shuffle = numcodecs.Blosc.BITSHUFFLE if itemsize == 1 else numcodecs.Blosc.SHUFFLE
+        return group.create_array(
+            name,
+            shape=shape,
+            chunks=chunks,
+            dtype=dtype,
+            fill_value=0,
+            compressors=numcodecs.Blosc(cname="zstd", clevel=ZSTD_LEVEL, shuffle=shuffle),
+            chunk_key_encoding={"name": "v2", "separator": "/"},
+            overwrite=True,
+        )
+    from zarr.codecs import BloscCodec
+
+    if shards is not None:
+        shards = tuple(
+            c * min(-(-s // c), -(-n // c)) for s, c, n in zip(shards, chunks, shape, strict=True)
+        )
     return group.create_array(
         name,
         shape=shape,
-        chunks=tuple(min(c, n) for c, n in zip(chunks, shape, strict=True)),
+        chunks=chunks,
+        shards=shards,
         dtype=dtype,
         fill_value=0,
-        compressors=numcodecs.Blosc(cname="zstd", clevel=ZSTD_LEVEL, shuffle=shuffle),
-        chunk_key_encoding={"name": "v2", "separator": "/"},
+        compressors=BloscCodec(
+            cname="zstd", clevel=ZSTD_LEVEL, shuffle="bitshuffle" if itemsize == 1 else "shuffle"
+        ),
+        chunk_key_encoding={"name": "default", "separator": "/"},
+        dimension_names=dimension_names,
         overwrite=True,
     )

@@ -2,7 +2,8 @@
 and attribute names of ``OUT.zarr`` and of the run state kept beside it.
 
 Layout of ``OUT.zarr`` once :meth:`OutputStore.finalize` has run (``C`` classes, image
-``H x W`` px, chunk ``cy x cx`` px; level ``k`` has shape ``ceil(H / 2**k) x ceil(W / 2**k)``)::
+``H x W`` px, chunk ``cy x cx`` px; level ``k`` has shape ``ceil(H / 2**k) x ceil(W / 2**k)``)
+in the default format, NGFF 0.4 (Zarr v2)::
 
     OUT.zarr/
       .zattrs        tilesegment: {status, store: {...}, **caller attrs}
@@ -25,6 +26,15 @@ zstd compression and fill value 0. Scales are ``mpp * 2**k`` micrometre for y/x 
 and no unit when the mpp is unknown) and 1 for c. No translation is written, like most
 NGFF writers.
 
+NGFF 0.5 (``--format ngff-0.5``) holds the same groups, arrays and values as Zarr v3: each
+group's ``zarr.json`` carries the attributes, the NGFF ones wrapped as
+``ome: {version: "0.5", multiscales, omero | labels | image-label}`` (the ``tilesegment``
+attribute stays beside ``ome``), every array names its axes (``dimension_names``) and is
+*sharded*: one file per shard of ``sy x sx`` chunks (``shard_shape`` px, the same at every
+level, clipped to whole chunks of the level), at ``ARRAY/c/[0/]ROW/COL`` (the default v3
+chunk key encoding). A shard is written whole by one writer (see
+:mod:`tilesegment.store.shards`).
+
 Beside ``OUT.zarr`` (never inside it, so that zarr, napari and ome-zarr see a clean group)::
 
     OUT.zarr.lock          while a run writes OUT.zarr (see tilesegment.store.resume.RunLock)
@@ -42,6 +52,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +72,23 @@ TISSUE = "tissue"
 
 LABELS = "labels"
 """The group holding every label."""
+
+NGFF_04 = "ngff-0.4"
+"""OME-Zarr 0.4 in Zarr v2, one file per chunk: the default (QuPath reads only this)."""
+NGFF_05 = "ngff-0.5"
+"""OME-Zarr 0.5 in Zarr v3, sharded: few files, for very large outputs and cluster filesystems."""
+FORMATS = (NGFF_04, NGFF_05)
+"""The output formats ``tilesegment run --format`` offers, the default first."""
+ZARR_FORMAT = {NGFF_04: 2, NGFF_05: 3}
+"""The Zarr format of each output format."""
+NGFF_VERSION = {NGFF_04: "0.4", NGFF_05: "0.5"}
+"""The NGFF version string each output format writes."""
+
+OME_KEY = "ome"
+"""The attribute NGFF 0.5 wraps its metadata in (``{"ome": {"version": "0.5", ...}}``)."""
+
+V2_GROUP, V2_ATTRS, V3_META = ".zgroup", ".zattrs", "zarr.json"
+"""Metadata files of a Zarr v2 group and of any Zarr v3 node."""
 
 ChunkKey = tuple[int, int]
 """(row, column) of a chunk in the level-0 chunk grid."""
@@ -110,24 +138,58 @@ def legacy_report_path(output: str | os.PathLike[str]) -> Path:
     return Path(output) / LEGACY_REPORT_NAME
 
 
-def chunk_files(output: str | os.PathLike[str], key: ChunkKey, *, tissue: bool) -> tuple[Path, ...]:
-    """The files one level-0 chunk occupies: probabilities, mask and (with ``tissue``) the
-    tissue label (Zarr v2 keys with ``/`` separators)."""
-    out = Path(output)
-    i, j = (str(v) for v in key)
-    files = [out / "0" / "0" / i / j, out / LABELS / MASK / "0" / i / j]
-    if tissue:
-        files.append(out / LABELS / TISSUE / "0" / i / j)
-    return tuple(files)
+@dataclass(frozen=True, slots=True)
+class ChunkFiles:
+    """Which files hold a level-0 chunk of a store: one file per chunk (NGFF 0.4) or one per
+    shard of ``shard_chunks`` chunks (NGFF 0.5). Picklable."""
+
+    format: str = NGFF_04
+    """One of :data:`FORMATS`."""
+    shard_chunks: tuple[int, int] = (1, 1)
+    """Chunks per shard along (y, x); (1, 1) for NGFF 0.4."""
+
+    def shard_of(self, key: ChunkKey) -> ChunkKey:
+        """(row, column) of the shard holding chunk ``key`` (the chunk itself in NGFF 0.4)."""
+        return key[0] // self.shard_chunks[0], key[1] // self.shard_chunks[1]
+
+    def files(self, output: str | os.PathLike[str], key: ChunkKey, *, tissue: bool):
+        """The files chunk ``key`` lives in: probabilities, mask and (with ``tissue``) the tissue
+        label; in NGFF 0.5 the files of its shard, which it shares with its neighbours."""
+        out = Path(output)
+        names = [MASK, TISSUE] if tissue else [MASK]
+        if self.format == NGFF_04:
+            i, j = (str(v) for v in key)
+            return (out / "0" / "0" / i / j, *(out / LABELS / n / "0" / i / j for n in names))
+        i, j = (str(v) for v in self.shard_of(key))
+        return (
+            out / "0" / "c" / "0" / i / j,
+            *(out / LABELS / n / "0" / "c" / i / j for n in names),
+        )
 
 
-def read_zattrs(path: Path) -> dict[str, Any] | None:
-    """The ``.zattrs`` of a Zarr v2 group at ``path``, or None when it is not one."""
-    if not (path / ".zgroup").is_file():
+def zarr_format_of(path: Path) -> int | None:
+    """2 or 3 for a Zarr v2 group or any Zarr v3 node at ``path``, None when it is neither."""
+    if (path / V2_GROUP).is_file():
+        return 2
+    if (path / V3_META).is_file():
+        return 3
+    return None
+
+
+def read_attrs(path: Path) -> dict[str, Any] | None:
+    """The attributes of a Zarr group at ``path`` (v2 ``.zattrs`` or v3 ``zarr.json``), or None
+    when it is not one. NGFF 0.5 metadata stays wrapped under :data:`OME_KEY`."""
+    fmt = zarr_format_of(path)
+    if fmt is None:
         return None
     try:
-        return json.loads((path / ".zattrs").read_text())
+        if fmt == 2:
+            return json.loads((path / V2_ATTRS).read_text())
+        meta = json.loads((path / V3_META).read_text())
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
         raise StoreError(f"cannot read the attributes of {path}: {exc}") from exc
+    if meta.get("node_type") != "group":
+        return None
+    return dict(meta.get("attributes") or {})

@@ -1,5 +1,9 @@
-"""NGFF 0.4 (OME-Zarr) metadata and pyramids of an output: ``multiscales``, ``omero``, the
-2 x 2 downsampling that builds each level from the one above.
+"""NGFF (OME-Zarr) 0.4 and 0.5 metadata and pyramids of an output: ``multiscales``, ``omero``,
+``image-label``, the 2 x 2 downsampling that builds each level from the one above.
+
+The two versions carry the same content. 0.4 puts it at the top level of the attributes, with
+a ``version`` in each ``multiscales`` entry, ``omero`` and ``image-label``; 0.5 wraps it as
+``{"ome": {"version": "0.5", ...}}`` (:func:`wrap`) and states the version there only.
 
 Pure functions of shapes, scales and class specs; they never open a store.
 """
@@ -14,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from tilesegment.errors import ConfigError
+from tilesegment.store.layout import OME_KEY
 
 RGBA = tuple[int, int, int, int]
 
@@ -79,6 +84,45 @@ def hex_rgb(rgba: Sequence[int]) -> str:
     return "".join(f"{int(v):02X}" for v in rgba[:3])
 
 
+VERSIONS = ("0.4", "0.5")
+
+
+def _check_version(version: str) -> None:
+    if version not in VERSIONS:
+        raise ConfigError(f"NGFF `version` ({version!r}) must be one of {VERSIONS}")
+
+
+def _versioned(doc: dict[str, Any], version: str) -> dict[str, Any]:
+    """``doc`` with its own ``version`` first (0.4), or without one (0.5 states it in ``ome``)."""
+    _check_version(version)
+    return {"version": version, **doc} if version == "0.4" else doc
+
+
+def wrap(version: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The attributes that hold NGFF ``metadata`` (``multiscales``, ``omero``, ``labels``,
+    ``image-label``): as they are in 0.4, under ``ome`` with the version in 0.5.
+
+    >>> wrap("0.5", {"labels": ["mask"]})
+    {'ome': {'version': '0.5', 'labels': ['mask']}}
+    """
+    _check_version(version)
+    if version == "0.4":
+        return dict(metadata)
+    return {OME_KEY: {"version": version, **metadata}}
+
+
+def unwrap(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The NGFF metadata of a group's attributes, whichever the version (see :func:`wrap`).
+
+    >>> unwrap({"ome": {"version": "0.5", "labels": ["mask"]}, "tilesegment": {}})
+    {'version': '0.5', 'labels': ['mask']}
+    >>> unwrap({"labels": ["mask"]})
+    {'labels': ['mask']}
+    """
+    ome = attrs.get(OME_KEY)
+    return dict(ome) if isinstance(ome, Mapping) else dict(attrs)
+
+
 def multiscales(
     name: str,
     shapes: list[tuple[int, int]],
@@ -86,6 +130,7 @@ def multiscales(
     mpp: tuple[float, float] | None,
     *,
     channel: bool,
+    version: str = "0.4",
 ) -> list[dict[str, Any]]:
     """The NGFF ``multiscales`` of one pyramid: (c,) y, x axes, a scale per level."""
     space: dict[str, Any] = {"type": "space"}
@@ -103,22 +148,23 @@ def multiscales(
         )
     if channel:
         axes = [{"name": "c", "type": "channel"}, *axes]
-    return [
-        {
-            "version": "0.4",
-            "name": name,
-            "axes": axes,
-            "datasets": datasets,
-            "type": method,
-            "metadata": {
-                "description": f"2x2 {method} downsampling by tilesegment.store",
-            },
-        }
-    ]
+    doc = {
+        "name": name,
+        "axes": axes,
+        "datasets": datasets,
+        "type": method,
+        "metadata": {"description": f"2x2 {method} downsampling by tilesegment.store"},
+    }
+    return [_versioned(doc, version)]
 
 
 def omero(
-    name: str, names: Sequence[str], colours: Sequence[Sequence[int]], dtype: str
+    name: str,
+    names: Sequence[str],
+    colours: Sequence[Sequence[int]],
+    dtype: str,
+    *,
+    version: str = "0.4",
 ) -> dict[str, Any]:
     """The ``omero`` rendering metadata: one named, coloured channel per class."""
     top = 255 if dtype == "uint8" else 1.0
@@ -134,12 +180,12 @@ def omero(
         }
         for label, rgba in zip(names, colours, strict=True)
     ]
-    return {
+    doc = {
         "name": name,
-        "version": "0.4",
         "channels": channels,
         "rdefs": {"model": "color", "defaultT": 0, "defaultZ": 0},
     }
+    return _versioned(doc, version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,10 +228,13 @@ class ClassSpec:
 
 
 def image_label(
-    colours: Mapping[int, Sequence[int]] | None, properties: Mapping[int, Mapping[str, Any]] | None
+    colours: Mapping[int, Sequence[int]] | None,
+    properties: Mapping[int, Mapping[str, Any]] | None,
+    *,
+    version: str = "0.4",
 ) -> dict[str, Any]:
     """The NGFF ``image-label`` of a label: colours and properties per label value."""
-    image_label: dict[str, Any] = {"version": "0.4", "source": {"image": "../../"}}
+    image_label = _versioned({"source": {"image": "../../"}}, version)
     if colours is not None:
         colors = []
         for value, rgba in sorted(colours.items()):

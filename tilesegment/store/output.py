@@ -1,5 +1,5 @@
-"""The stitcher's output store: an NGFF 0.4 (OME-Zarr) group in Zarr v2 format (its layout is
-described in :mod:`tilesegment.store.layout`).
+"""The stitcher's output store: an OME-Zarr group, NGFF 0.4 in Zarr v2 (the default) or NGFF 0.5
+in sharded Zarr v3 (its layout is described in :mod:`tilesegment.store.layout`).
 
 Lifecycle
 ---------
@@ -8,30 +8,23 @@ Lifecycle
    more labels with :meth:`OutputStore.create_label`.
 2. Any number of processes call ``OutputStore.open(path, mode="r+")`` and
    :meth:`OutputStore.write_chunk` / :meth:`OutputStore.write_label_chunk` on disjoint,
-   chunk-aligned boxes. A writer only ever writes whole chunk files (atomically, through
-   zarr's local store), never attributes, so writers need no locks.
+   chunk-aligned boxes. A writer only ever writes whole files (atomically, through zarr's
+   local store), never attributes, so writers need no locks. A file is a chunk (NGFF 0.4)
+   or a shard of many chunks (NGFF 0.5), whose one writer at a time gathers its chunks and
+   writes it whole (:mod:`~tilesegment.store.shards`).
 3. One process calls :meth:`OutputStore.finalize`: pyramid levels are built by reading
-   level ``k - 1`` back one chunk at a time (memory stays bounded by a few chunks), then
-   the NGFF metadata is written, and ``tilesegment.status = "complete"`` last. That status
-   is the completion marker read by :func:`is_complete`. ``finalize`` needs nothing from
-   the writers' memory: everything it uses is read from the store, so it can be re-run
-   after a crash.
-
-Until ``finalize`` the root carries no ``multiscales`` or ``omero`` metadata, so OME-Zarr
-readers do not mistake a half-written store for a finished image.
-
-Pyramids: level ``k`` is level ``k - 1`` halved (odd sizes round up), until
-``max(h, w) <= PYRAMID_MAX_PX``. Probabilities take the mean of each 2 x 2 window (of the
-pixels present at odd edges), computed in float32 (exact for uint8) from the stored level
-``k - 1`` values and, for uint8, rounded to nearest with ties to even (:func:`numpy.rint`).
-Labels take the top-left pixel of each window (``[::2, ::2]``).
+   level ``k - 1`` back (:mod:`~tilesegment.store.levels`), then the NGFF metadata is
+   written, and ``tilesegment.status = "complete"`` last: the completion marker read by
+   :func:`is_complete`. ``finalize`` reads everything it uses from the store, so it can be
+   re-run after a crash. Until then the root has no ``multiscales`` or ``omero``, so
+   OME-Zarr readers do not mistake a half-written store for a finished image.
 
 Adding a label to a complete store (a later stage writing ``labels/nuclei``) sets the status
 back to ``"incomplete"`` until ``finalize`` is called again; ``finalize`` only builds the
 pyramids and metadata of the parts not yet finalised.
 
 Thread- and process-safety: an :class:`OutputStore` may be shared by threads writing
-disjoint chunks. Do not pickle it: give workers the path and let each call
+disjoint chunks (shards). Do not pickle it: give workers the path and let each call
 :meth:`OutputStore.open`. Attribute updates (``create``, ``create_label``, ``finalize``)
 belong to a single coordinating process. Only local filesystem paths are supported.
 """
@@ -45,7 +38,6 @@ import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,15 +50,34 @@ from tilesegment.machine import cores_up_to
 from tilesegment.store import ngff
 from tilesegment.store.arrays import (
     check_aligned,
-    class_map,
     clear_path,
-    create_array,
     open_group,
-    quantise,
+    stored_label,
+    stored_probabilities,
     update_attrs,
 )
-from tilesegment.store.layout import ATTR_KEY, FORMAT_VERSION, LABELS, MASK, read_zattrs
-from tilesegment.store.ngff import DOWNSAMPLERS, ClassSpec, multiscales, omero, pyramid_shapes
+from tilesegment.store.layout import (
+    ATTR_KEY,
+    FORMAT_VERSION,
+    LABELS,
+    MASK,
+    NGFF_04,
+    NGFF_05,
+    NGFF_VERSION,
+    ZARR_FORMAT,
+    ChunkFiles,
+    read_attrs,
+)
+from tilesegment.store.levels import build_pyramid, check_shards, create_level
+from tilesegment.store.ngff import (
+    ClassSpec,
+    multiscales,
+    omero,
+    pyramid_shapes,
+    unwrap,
+    wrap,
+)
+from tilesegment.store.shards import grid_boxes, shard_step
 
 __all__ = [
     "ClassSpec",
@@ -80,14 +91,6 @@ logger = logging.getLogger(__name__)
 _DTYPES = ("uint8", "float32")
 _RESERVED_ATTRS = ("status", "store")
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-
-
-# ---------------------------------------------------------------------------------------------
-# value objects and pure helpers
-
-
-# ---------------------------------------------------------------------------------------------
-# the store
 
 
 class OutputStore:
@@ -112,6 +115,11 @@ class OutputStore:
         Micrometres per pixel of level 0 as (y, x), or None when unknown.
     dtype : {"uint8", "float32"}
         How probabilities are stored.
+    format : {"ngff-0.4", "ngff-0.5"}
+        NGFF 0.4 in Zarr v2, or NGFF 0.5 in sharded Zarr v3.
+    shard_shape : (sy, sx) tuple of int
+        Level-0 shard size in pixels, a whole number of chunks (the chunk size in NGFF 0.4,
+        where every chunk is a file).
     """
 
     def __init__(self, path: Path, mode: Literal["r", "r+"], root: zarr.Group) -> None:
@@ -141,9 +149,30 @@ class OutputStore:
         self.dtype: str = str(image.dtype)
         self.image_shape: tuple[int, int] = (int(image.shape[1]), int(image.shape[2]))
         self.chunk_shape: tuple[int, int] = (int(image.chunks[1]), int(image.chunks[2]))
+        self.format: str = NGFF_05 if root.metadata.zarr_format == 3 else NGFF_04
+        self.shard_shape: tuple[int, int] = shard_step(image) or self.chunk_shape
         self._image = image
-        self._image_final = "multiscales" in attrs
+        self._image_final = "multiscales" in unwrap(attrs)
         self._labels: dict[str, zarr.Array] = {}
+
+    @property
+    def sharded(self) -> bool:
+        """Whether a file holds several chunks (NGFF 0.5), so writers must gather shards."""
+        return self.shard_shape != self.chunk_shape
+
+    @property
+    def _grid(self) -> dict[str, Any]:
+        """Chunks and shards of every level (see :func:`~.levels.create_level`)."""
+        return {
+            "chunk_shape": self.chunk_shape,
+            "shard_shape": self.shard_shape if self.sharded else None,
+        }
+
+    @property
+    def chunk_files(self) -> ChunkFiles:
+        """Which files hold each level-0 chunk (what the done log makes durable)."""
+        (sy, sx), (cy, cx) = self.shard_shape, self.chunk_shape
+        return ChunkFiles(self.format, (sy // cy, sx // cx))
 
     def __repr__(self) -> str:
         return (
@@ -165,6 +194,8 @@ class OutputStore:
         dtype: str = "uint8",
         overwrite: bool = False,
         attrs: Mapping[str, Any] | None = None,
+        format: str = NGFF_04,
+        shard_shape: tuple[int, int] | None = None,
     ) -> OutputStore:
         """Create an empty, incomplete store with level 0 of the image and of ``labels/mask``.
 
@@ -189,6 +220,11 @@ class OutputStore:
         attrs : mapping, optional
             JSON-compatible provenance merged into the root ``tilesegment`` attribute
             (keys ``status`` and ``store`` are reserved).
+        format : {"ngff-0.4", "ngff-0.5"}
+            NGFF 0.4 in Zarr v2, one file per chunk; or NGFF 0.5 in Zarr v3, one file per
+            shard of ``shard_shape``.
+        shard_shape : (sy, sx) tuple of int, optional
+            NGFF 0.5 only: level-0 shard size, a whole number of chunks (default: one chunk).
 
         Returns
         -------
@@ -212,6 +248,7 @@ class OutputStore:
             raise ConfigError(f"`chunk_shape` ({chunk_shape}) must be positive")
         if dtype not in _DTYPES:
             raise ConfigError(f"`dtype` ({dtype!r}) must be one of {_DTYPES}")
+        shards = check_shards(format, shard_shape, (cy, cx))
         if mpp is not None:
             mpp = (float(mpp[0]), float(mpp[1]))
             if not all(math.isfinite(v) and v > 0 for v in mpp):
@@ -230,15 +267,17 @@ class OutputStore:
             "status": "incomplete",
             "store": {
                 "format": FORMAT_VERSION,
+                "ngff": NGFF_VERSION[format],
                 "classes": classes.to_json(),
                 "mpp": None if mpp is None else list(mpp),
             },
             **extra,
         }
         try:
-            root = zarr.open_group(str(path), mode="w-", zarr_format=2)
+            root = zarr.open_group(str(path), mode="w-", zarr_format=ZARR_FORMAT[format])
             root.attrs[ATTR_KEY] = meta
-            create_array(root, "0", (len(classes), h, w), (len(classes), cy, cx), dtype)
+            grid = {"chunk_shape": (cy, cx), "shard_shape": shards}
+            create_level(root, 0, (h, w), dtype, lead=(len(classes),), **grid)
             root.create_group("labels").attrs[ATTR_KEY] = {"labels": []}
         except OSError as exc:
             raise StoreError(f"cannot create the output store {path}: {exc}") from exc
@@ -266,8 +305,8 @@ class OutputStore:
         if mode not in ("r", "r+"):
             raise ConfigError(f"`mode` ({mode!r}) must be 'r' or 'r+'")
         path = Path(path)
-        if read_zattrs(path) is None:
-            raise StoreError(f"{path} is not a tilesegment output store (no Zarr v2 group)")
+        if read_attrs(path) is None:
+            raise StoreError(f"{path} is not a tilesegment output store (no Zarr group)")
         return cls(path, mode, open_group(path, mode))
 
     # -- reading -----------------------------------------------------------------------------
@@ -294,7 +333,7 @@ class OutputStore:
     @property
     def label_names(self) -> tuple[str, ...]:
         """Names of all labels, finalised or not, in creation order."""
-        attrs = read_zattrs(self.path / "labels") or {}
+        attrs = read_attrs(self.path / LABELS) or {}
         return tuple(attrs.get(ATTR_KEY, {}).get("labels", []))
 
     def pyramid(self, name: str | None = None) -> list[zarr.Array]:
@@ -319,22 +358,25 @@ class OutputStore:
 
     def chunk_boxes(self) -> Iterator[Box]:
         """Every level-0 chunk as a box, row-major; the boxes :meth:`write_chunk` accepts."""
-        (h, w), (cy, cx) = self.image_shape, self.chunk_shape
-        for y in range(0, h, cy):
-            for x in range(0, w, cx):
-                yield Box(y, x, min(cy, h - y), min(cx, w - x))
+        return grid_boxes(self.image_shape, self.chunk_shape)
+
+    def shard_box(self, box: Box) -> Box:
+        """The level-0 shard (clipped to the image) holding the chunk at ``box``'s origin."""
+        (h, w), (sy, sx) = self.image_shape, self.shard_shape
+        y, x = box.y // sy * sy, box.x // sx * sx
+        return Box(y, x, min(sy, h - y), min(sx, w - x))
 
     def label_state(self, name: str) -> str:
         """``"missing"``, ``"pending"`` (created, not finalised) or ``"final"`` (read now)."""
-        attrs = read_zattrs(self.path / LABELS / name)
+        attrs = read_attrs(self.path / LABELS / name)
         if attrs is None:
             return "missing"
-        return "final" if "multiscales" in attrs else "pending"
+        return "final" if "multiscales" in unwrap(attrs) else "pending"
 
     @property
     def image_finalised(self) -> bool:
         """Whether the probability image has its pyramid and NGFF metadata (read now)."""
-        return "multiscales" in (read_zattrs(self.path) or {})
+        return "multiscales" in unwrap(read_attrs(self.path) or {})
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -360,28 +402,28 @@ class OutputStore:
         StoreError
             The box is not chunk-aligned, the array does not match it, the values are not
             probabilities, or the store is read-only or already finalised.
+
+        Notes
+        -----
+        In a sharded store, a box smaller than its shard makes zarr read, merge and rewrite
+        the shard: give each shard one writer at a time, and gather its chunks in a
+        :class:`~tilesegment.store.shards.ShardBuffer` to write each shard once.
         """
+        stored, mask = self.chunk_values(box, probabilities)
+        ys, xs = box.slices
+        self.probabilities[:, ys, xs] = stored
+        self.mask[ys, xs] = mask
+
+    def chunk_values(self, box: Box, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(stored probabilities, class map) of ``box`` as :meth:`write_chunk` writes them,
+        after its checks (raising the same errors)."""
         self._check_writable("probabilities")
         if self._image_final:
             raise StoreError(
                 f"{self.path} is finalised; its probabilities can no longer be written"
             )
         check_aligned(box, self.image_shape, self.chunk_shape)
-        expected = (len(self.classes), box.h, box.w)
-        p = np.asarray(probabilities)
-        if p.shape != expected:
-            raise StoreError(f"`probabilities` has shape {p.shape}, expected {expected} for {box}")
-        if not np.issubdtype(p.dtype, np.floating):
-            raise StoreError(f"`probabilities` must be a float array, got {p.dtype}")
-        lo, hi = float(p.min()), float(p.max())
-        if not (lo >= -1e-3 and hi <= 1 + 1e-3):  # also catches NaN
-            raise StoreError(
-                f"`probabilities` must lie in [0, 1], got values in [{lo}, {hi}] for {box}; "
-                "pass softmax outputs, not logits"
-            )
-        ys, xs = box.slices
-        self.probabilities[:, ys, xs] = quantise(p, np.dtype(self.dtype))
-        self.mask[ys, xs] = class_map(p)
+        return stored_probabilities(probabilities, box, len(self.classes), self.dtype)
 
     def create_label(
         self,
@@ -421,12 +463,12 @@ class OutputStore:
             raise ConfigError(f"label `dtype` ({dtype!r}) must be an integer type")
         if name in self.label_names:
             raise StoreError(f"{self.path} already has a label {name!r}")
-        image_label = ngff.image_label(colours, properties)
+        image_label = ngff.image_label(colours, properties, version=NGFF_VERSION[self.format])
 
         labels = open_group(self.path / "labels", "r+")
         group = labels.create_group(name, overwrite=True)
         group.attrs[ATTR_KEY] = {"image-label": image_label}
-        array = create_array(group, "0", self.image_shape, self.chunk_shape, dt.name)
+        array = create_level(group, 0, self.image_shape, dt.name, **self._grid)
         update_attrs(self.path / "labels", {ATTR_KEY: {"labels": [*self.label_names, name]}})
         if is_complete(self.path):
             self._set_status("incomplete")
@@ -444,25 +486,16 @@ class OutputStore:
         StoreError
             As :meth:`write_chunk`, or the values do not fit the label's dtype.
         """
+        self.label(name)[box.slices] = self.label_values(name, box, data)
+
+    def label_values(self, name: str, box: Box, data: np.ndarray) -> np.ndarray:
+        """``data`` as :meth:`write_label_chunk` writes it, after its checks."""
         self._check_writable(f"label {name!r}")
         array = self.label(name)
-        if "multiscales" in (read_zattrs(self.path / "labels" / name) or {}):
+        if self.label_state(name) == "final":
             raise StoreError(f"label {name!r} of {self.path} is finalised and cannot be written")
         check_aligned(box, self.image_shape, self.chunk_shape)
-        data = np.asarray(data)
-        if data.shape != box.shape:
-            raise StoreError(f"label data has shape {data.shape}, expected {box.shape} for {box}")
-        if data.dtype != array.dtype:
-            info = np.iinfo(array.dtype)
-            if not (np.issubdtype(data.dtype, np.integer) or data.dtype == np.bool_):
-                raise StoreError(f"label data must be integer, got {data.dtype}")
-            if data.size and (data.min() < info.min or data.max() > info.max):
-                raise StoreError(
-                    f"label values in [{data.min()}, {data.max()}] do not fit {array.dtype} "
-                    f"of label {name!r}"
-                )
-            data = data.astype(array.dtype)
-        array[box.slices] = data
+        return stored_label(data, box, array.dtype, name)
 
     def delete_label(self, name: str) -> None:
         """Remove ``labels/<name>`` so that it can be created afresh.
@@ -478,8 +511,11 @@ class OutputStore:
         update: dict[str, Any] = {
             ATTR_KEY: {**meta, "labels": [n for n in meta.get("labels", []) if n != name]}
         }
-        if "labels" in attrs:
-            update["labels"] = [n for n in attrs["labels"] if n != name]
+        listed = unwrap(attrs).get("labels")
+        if listed is not None:
+            update.update(
+                wrap(NGFF_VERSION[self.format], {"labels": [n for n in listed if n != name]})
+            )
         group.attrs.update(update)
         self._labels.pop(name, None)
         target = self.path / LABELS / name
@@ -508,33 +544,34 @@ class OutputStore:
         workers = threads or cores_up_to(8)
         shapes = pyramid_shapes(self.image_shape)
         names = self.label_names
+        version = NGFF_VERSION[self.format]
         for name in names:
-            group_path = self.path / "labels" / name
-            attrs = read_zattrs(group_path) or {}
-            if "multiscales" in attrs:
+            group_path = self.path / LABELS / name
+            if self.label_state(name) == "final":
                 continue
+            attrs = read_attrs(group_path) or {}
             group = open_group(group_path, "r+")
-            self._build_pyramid(group, shapes, "nearest", workers)
+            build_pyramid(group, shapes, "nearest", workers, **self._grid)
             # The pending metadata kept under ATTR_KEY becomes the NGFF metadata.
             final = {k: v for k, v in attrs.items() if k != ATTR_KEY}
-            final["image-label"] = attrs[ATTR_KEY]["image-label"]
-            final["multiscales"] = multiscales(name, shapes, "nearest", self.mpp, channel=False)
+            ms = multiscales(name, shapes, "nearest", self.mpp, channel=False, version=version)
+            image_label = attrs[ATTR_KEY]["image-label"]
+            final.update(wrap(version, {"image-label": image_label, "multiscales": ms}))
             group.attrs.put(final)
-        update_attrs(self.path / "labels", {"labels": list(names)})
+        update_attrs(self.path / LABELS, wrap(version, {"labels": list(names)}))
         # Read from disk, not self._image_final: another process may have finalised meanwhile.
-        if "multiscales" not in (read_zattrs(self.path) or {}):
-            self._build_pyramid(self._root, shapes, "mean", workers)
-            update_attrs(
-                self.path,
-                {
-                    "multiscales": multiscales(
-                        "probabilities", shapes, "mean", self.mpp, channel=True
-                    ),
-                    "omero": omero(
-                        self.path.name, self.classes.names, self.classes.colours, self.dtype
-                    ),
-                },
-            )
+        if not self.image_finalised:
+            build_pyramid(self._root, shapes, "mean", workers, **self._grid)
+            classes = self.classes
+            ngff_attrs = {
+                "multiscales": multiscales(
+                    "probabilities", shapes, "mean", self.mpp, channel=True, version=version
+                ),
+                "omero": omero(
+                    self.path.name, classes.names, classes.colours, self.dtype, version=version
+                ),
+            }
+            update_attrs(self.path, wrap(version, ngff_attrs))
             self._image_final = True
         self._set_status("complete")  # the completion marker: always last
         logger.info("finalised output store %s (%d levels)", self.path, len(shapes))
@@ -543,45 +580,13 @@ class OutputStore:
         meta = dict(open_group(self.path, "r").attrs)[ATTR_KEY]
         update_attrs(self.path, {ATTR_KEY: {**meta, "status": status}})
 
-    def _build_pyramid(
-        self,
-        group: zarr.Group,
-        shapes: list[tuple[int, int]],
-        method: Literal["mean", "nearest"],
-        workers: int,
-    ) -> None:
-        """Write levels 1.. of ``group`` from level 0, one output chunk per task."""
-        downsample = DOWNSAMPLERS[method]
-        source = group["0"]
-        lead = source.shape[:-2]
-        cy, cx = self.chunk_shape
-        for k in range(1, len(shapes)):
-            h, w = shapes[k]
-            target = create_array(group, str(k), (*lead, h, w), (*lead, cy, cx), str(source.dtype))
-            boxes = [
-                Box(y, x, min(cy, h - y), min(cx, w - x))
-                for y in range(0, h, cy)
-                for x in range(0, w, cx)
-            ]
-
-            def one(box: Box, source: zarr.Array = source, target: zarr.Array = target) -> None:
-                ys = slice(2 * box.y, 2 * (box.y + box.h))
-                xs = slice(2 * box.x, 2 * (box.x + box.w))
-                target[(..., *box.slices)] = downsample(source[..., ys, xs])
-
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                for _ in pool.map(one, boxes):
-                    pass
-            logger.debug("built %s/%s level %d: %s", self.path, group.path, k, target.shape)
-            source = target
-
 
 def is_complete(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` holds a tilesegment store whose completion marker is written.
 
     False for a missing path or any directory that is not a tilesegment store.
     """
-    attrs = read_zattrs(Path(path))
+    attrs = read_attrs(Path(path))
     if attrs is None:
         return False
     meta = attrs.get(ATTR_KEY)

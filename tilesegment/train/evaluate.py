@@ -387,6 +387,7 @@ def evaluate_items(
     with_loss: bool = True,
     image_mpp: float | None = None,
     keep_examples: bool = False,
+    seeded: bool = True,
 ) -> Report:
     """Whole-image prediction and metrics for prepared items.
 
@@ -405,6 +406,9 @@ def evaluate_items(
         (:func:`predict_at_mpp`).
     keep_examples : bool
         Keep every image, truth and prediction in :attr:`Report.examples` (for a figure).
+    seeded : bool
+        Instances as the model declares (its :class:`InstanceSpec`, as ``run`` makes them);
+        False: components of class 1 (boundary pixels given back), to compare.
     """
     spec = predictor.spec
     report = Report(kind=kind, class_names=tuple(spec.class_names))
@@ -416,7 +420,7 @@ def evaluate_items(
     for it in items:
         probs, seen = predict_at_mpp(it.image, predictor, image_mpp)
         pred = labels_from_probabilities(
-            probs, kind, min_object_size=min_object_size, seeded=spec.instances
+            probs, kind, min_object_size=min_object_size, seeded=spec.instances if seeded else None
         )
         metrics = evaluate_pair(pred, it.truth, kind, num_classes=num_classes)
         metrics.pop("kind", None)
@@ -475,6 +479,8 @@ def evaluate_model(
     min_object_size: int | None = None,
     image_mpp: float | None = None,
     keep_examples: bool = False,
+    seeded: bool = True,
+    tta: str = "none",
 ) -> tuple[Report, Any]:
     """Score the checkpoint ``model`` on image/label pairs (stacks or folders).
 
@@ -499,6 +505,11 @@ def evaluate_model(
         µm/px of the images (``--mpp``); see :func:`predict_at_mpp`.
     keep_examples : bool
         Keep images and predictions for a figure (:attr:`Report.examples`).
+    seeded : bool
+        See :func:`evaluate_items`.
+    tta : {"none", "flips", "d4"}
+        Test-time augmentation of every whole-image prediction, as ``run --tta`` applies it
+        (:data:`tilesegment.geometry.TTA_MODES`), so the scores are those of a run's output.
 
     Returns
     -------
@@ -545,7 +556,13 @@ def evaluate_model(
         )
     if min_object_size is None:
         min_object_size = int(config.get("min_object_size", 10))
-    predictor = Predictor(net, spec, device=device, precision=precision)  # type: ignore[arg-type]
+    predictor = Predictor(
+        net,
+        spec,
+        device=device,
+        precision=precision,  # type: ignore[arg-type]
+        tta=tta,
+    )
     report = evaluate_items(
         items,
         predictor,
@@ -553,5 +570,6 @@ def evaluate_model(
         min_object_size=min_object_size,
         image_mpp=image_mpp,
         keep_examples=keep_examples,
+        seeded=seeded,
     )
     return report, spec

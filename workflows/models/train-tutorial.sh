@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train the tutorial models lesion-derm (PH2) and nuclei-fluo (DSB2018) side by side on a 2-core
-# CPU, one torch thread each, beside nuclei-he's run (train.sh): about 1 h 15 min each with
+# CPU, one torch thread each, beside nuclei-he's run (train.sh): about 1 h 45 min each with
 # three runs sharing the two cores (see workflows/models/README.md).
 # Usage: bash workflows/models/train-tutorial.sh [DATA_DIR] [RUNS_DIR] [--resume]
 # Not H&E: the HED stain jitter is off (scale, intensity and blur jitter stay on).
@@ -15,14 +15,14 @@ splits=$(dirname "$0")/splits
 tilesegment train --images "$data/ph2/PH2 Dataset images" \
   --train-list "$splits/ph2-train.txt" --val-list "$splits/ph2-val.txt" \
   --label-kind binary --class-names background,lesion -o "$runs/lesion-derm" --name lesion-derm \
-  --depth 4 --base-channels 16 --tile-size 572 --batch-size 2 --epochs 10 --steps-per-epoch 50 \
+  --depth 4 --base-channels 16 --tile-size 572 --batch-size 2 --epochs 20 --steps-per-epoch 75 \
   --optimizer adam --lr 1e-3 --lr-schedule cosine --augment --elastic-sigma 10 --hed-scale 0 --hed-shift 0 \
   --select-metric foreground_dice --seed 0 --threads 1 --no-progress "$mode" &
 
 tilesegment train --images "$data/dsb2018/stage1_train" \
   --train-list "$splits/dsb2018-train.txt" --val-list "$splits/dsb2018-val.txt" \
   --label-kind instances --boundary-class --class-names background,nucleus,boundary -o "$runs/nuclei-fluo" --name nuclei-fluo \
-  --depth 4 --base-channels 16 --tile-size 316 --batch-size 4 --epochs 10 --steps-per-epoch 200 \
+  --depth 4 --base-channels 16 --tile-size 316 --batch-size 4 --epochs 18 --steps-per-epoch 200 \
   --optimizer adam --lr 1e-3 --lr-schedule cosine --augment --elastic-sigma 10 --hed-scale 0 --hed-shift 0 \
   --select-metric aji --seed 0 --threads 1 --no-progress "$mode" &
 wait

@@ -18,7 +18,7 @@ done
 tilesegment train --train-list "$lists/nuclei-he-train.txt" --val-list "$lists/nuclei-he-val.txt" \
   --label-kind instances --boundary-class --class-names background,nucleus,boundary \
   -o "$runs/nuclei-he" --name nuclei-he \
-  --depth 4 --base-channels 16 --tile-size 316 --batch-size 4 --epochs 20 --steps-per-epoch 120 \
+  --depth 4 --base-channels 16 --tile-size 316 --batch-size 4 --epochs 25 --steps-per-epoch 130 \
   --select-metric aji --seed 0 --mpp 0.25 --threads 1 --no-progress "$mode" &
 
 tilesegment train --images "$data/isbi2012/train-volume.tif" --labels "$data/isbi2012/train-labels.tif" \

@@ -49,23 +49,28 @@ def _weights_key(model: str | Path) -> tuple[str, int, int]:
 
 
 def cached_predictor(
-    model: str | Path, device: str = "cpu", precision: str = "auto", *, compile: bool = False
+    model: str | Path,
+    device: str = "cpu",
+    precision: str = "auto",
+    *,
+    compile: bool = False,
+    tta: str = "none",
 ) -> CachedPredictor:
     """The process's predictor for checkpoint ``model`` on ``device``, loaded on first use.
 
     ``model`` is a checkpoint path or a shipped model name; ``precision`` is resolved per
-    device as in ``tilesegment run``.
+    device as in ``tilesegment run``; ``tta`` is the test-time augmentation (``--tta``).
     """
     global _LOADS
     path = resolve_model(model)
     resolved = resolve_precision(precision, device)
-    key = (_weights_key(path), device, resolved, compile)
+    key = (_weights_key(path), device, resolved, compile, tta)
     with _CACHE_LOCK:
         entry = _CACHE.get(key)
         if entry is None:
             tune_malloc()  # once per process; undoes dask's malloc trimming (see the function)
             net, spec = load_checkpoint(path, device="cpu")
-            predictor = make_predictor(net, spec, device, resolved, compile=compile)
+            predictor = make_predictor(net, spec, device, resolved, compile=compile, tta=tta)
             entry = CachedPredictor(predictor, spec)
             _CACHE[key] = entry
             _LOADS += 1

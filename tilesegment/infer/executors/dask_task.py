@@ -170,7 +170,13 @@ def compute_unit(job: UnitJob, unit: Unit) -> UnitResult:
     threads = job.torch_threads or worker_threads or torch.get_num_threads()
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    predictor = cached_predictor(job.model, job.device, job.precision, compile=job.options.compile)
+    predictor = cached_predictor(
+        job.model,
+        job.device,
+        job.precision,
+        compile=job.options.compile,
+        tta=job.options.tta,
+    )
     spec = predictor.spec
     res = _job_resources(job, spec)
     keys: list[ChunkKey] = []

@@ -36,7 +36,12 @@ class LocalExecutor:
 
         ctx, opts = self.ctx, self.ctx.options
         predictor = make_predictor(
-            self.net, ctx.spec, self.device, self.precision, compile=bool(opts.compile)
+            self.net,
+            ctx.spec,
+            self.device,
+            self.precision,
+            compile=bool(opts.compile),
+            tta=opts.tta,
         )
         store = OutputStore.open(ctx.output, mode="r+")
         t0 = time.perf_counter()

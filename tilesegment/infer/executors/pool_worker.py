@@ -141,7 +141,9 @@ def worker_main(
             torch.set_num_interop_threads(1)
         net, spec = load_checkpoint(ctx.model, device="cpu")
         precision = resolve_precision(ctx.options.precision, device)
-        predictor = make_predictor(net, spec, device, precision, compile=ctx.options.compile)
+        predictor = make_predictor(
+            net, spec, device, precision, compile=ctx.options.compile, tta=ctx.options.tta
+        )
         with open_slide(ctx.slide) as reader:
             source = open_source(reader, spec, ctx.options)
             store = OutputStore.open(ctx.output, mode="r+")
