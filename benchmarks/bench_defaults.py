@@ -53,16 +53,32 @@ WORK = HERE / "_work" / "defaults"
 MONUSEG = REPO.parent / "shared" / "data" / "monuseg" / "images" / "TCGA-18-5592-01Z-00-DX1.png"
 TILE = 512  # slide tile edge
 PARTS = ("default", "small", "rss", "crossover")
+#: The rows of (b): imports, the steps of :data:`STEPS` and the interpreter's start and exit.
+SMALL_ROWS = (
+    "import_cli",
+    "import_torch",
+    "import_rest",
+    "load_model",
+    "open_source",
+    "tissue",
+    "fingerprint",
+    "open_output",
+    "stream",
+    "finalize",
+    "preview",
+    "report",
+    "exit",
+)
 
 
 # ---------------------------------------------------------------------------------- slides
 
 
-def _tissue_tiles(n: int = 16) -> list[bytes]:
-    """``n`` different all-tissue 512 px tiles, JPEG-compressed as a TIFF tile."""
+def _tissue_pixels(n: int = 16) -> list:
+    """``n`` different all-tissue 512 px RGB tiles (uint8 arrays)."""
     import numpy as np
 
-    from tilesegment.testing.synthetic import GLASS, jpeg_tile, render
+    from tilesegment.testing.synthetic import GLASS, render
 
     size = (8192, 8192)  # one ellipse of tissue around (4385, 4385) px: pick tiles near it
     tiles = []
@@ -70,31 +86,51 @@ def _tissue_tiles(n: int = 16) -> list[bytes]:
         y, x = 3000 + (k // 4) * TILE, 3000 + (k % 4) * TILE
         pixels = render(y, x, TILE, TILE, size=size, tissue_fraction=0.9, patches=1, seed=1)
         assert (pixels != GLASS.astype(np.uint8)).any(axis=-1).all(), "a tile with glass"
-        tiles.append(jpeg_tile(pixels))
+        tiles.append(pixels)
     return tiles
 
 
 def write_tissue_slide(path: Path, size: int, tissue: int) -> Path:
     """A pyramidal tiled JPEG TIFF of ``size``² px at 0.25 µm/px: glass with an all-tissue
-    square of ``tissue`` px in its centre (all tissue when ``tissue >= size``)."""
+    square of ``tissue`` px in its centre (all tissue when ``tissue >= size``).
+
+    Every level shows the square where it is (a tile that straddles its edge is tissue inside
+    and glass outside, in that level's pixels), so a thumbnail from any level finds the same
+    tissue. Tiles inside are a few rendered tissue tiles, compressed once and repeated.
+    """
     import numpy as np
     import tifffile
 
     from tilesegment.testing.synthetic import GLASS, jpeg_tile
 
-    glass = jpeg_tile(np.broadcast_to(GLASS.astype(np.uint8), (TILE, TILE, 3)).copy())
-    cells = _tissue_tiles()
+    glass_px = GLASS.astype(np.uint8)
+    glass = jpeg_tile(np.broadcast_to(glass_px, (TILE, TILE, 3)).copy())
+    pixels = _tissue_pixels()
+    cells = [jpeg_tile(p) for p in pixels]
     lo, hi = (size - tissue) // 2, (size - tissue) // 2 + tissue
     levels = 1
     while size / 2 ** (levels - 1) > 2048:
         levels += 1
 
+    def tile(ds: int, ty: int, tx: int) -> bytes:
+        """The tile at (ty, tx) of the level ``ds``; its box in level-0 px, clipped."""
+        k = (ty // TILE * 7 + tx // TILE) % len(cells)
+        (y0, y1), (x0, x1) = ((t * ds, min((t + TILE) * ds, size)) for t in (ty, tx))
+        iy0, iy1, ix0, ix1 = max(y0, lo), min(y1, hi), max(x0, lo), min(x1, hi)
+        if iy0 >= iy1 or ix0 >= ix1:
+            return glass
+        if (iy0, iy1, ix0, ix1) == (y0, y1, x0, x1):
+            return cells[k]
+        mixed = np.broadcast_to(glass_px, (TILE, TILE, 3)).copy()
+        ys = slice(-(-(iy0 - y0) // ds), -(-(iy1 - y0) // ds))
+        xs = slice(-(-(ix0 - x0) // ds), -(-(ix1 - x0) // ds))
+        mixed[ys, xs] = pixels[k][ys, xs]
+        return jpeg_tile(mixed)
+
     def tiles(ds: int, n: int):
         for ty in range(0, n, TILE):
             for tx in range(0, n, TILE):
-                inside = lo <= ty * ds and (ty + TILE) * ds <= hi
-                inside = inside and lo <= tx * ds and (tx + TILE) * ds <= hi
-                yield cells[(ty // TILE * 7 + tx // TILE) % len(cells)] if inside else glass
+                yield tile(ds, ty, tx)
 
     res = 1e4 / 0.25
     with tifffile.TiffWriter(path, bigtiff=size * size * 3 > 2**31) as tif:
@@ -119,7 +155,7 @@ def write_tissue_slide(path: Path, size: int, tissue: int) -> Path:
 
 def slide(size: int, tissue: int | None = None) -> Path:
     tissue = size if tissue is None else min(tissue, size)
-    path = WORK / f"tissue-{size}-{tissue}.tif"
+    path = WORK / f"tissue-{size}-{tissue}-v2.tif"  # v2: edge tiles of every level right
     if not path.exists():
         t0 = time.perf_counter()
         write_tissue_slide(path, size, tissue)
@@ -134,17 +170,18 @@ def _env(src: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(src), "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def run_default(src: Path, image: Path, out: Path, *extra: str) -> dict:
+def run_default(src: Path, image: Path, out: Path, *extra: str, phases: bool = False) -> dict:
     """``python -m tilesegment run IMAGE -o OUT --no-progress`` with the tree ``src`` in a
-    fresh child: wall seconds, the tree's peak RSS (``wait4``) and the run report."""
+    fresh child: wall seconds, the tree's peak RSS (``wait4``) and the run report; with
+    ``phases``, run through :func:`child_phases` and add its seconds per step."""
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out.with_suffix(".tilesegment"), ignore_errors=True)
     for suffix in (".report.json", ".preview.png"):
         out.with_suffix(suffix).unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "tilesegment", "run", str(image), "-o", str(out)]
-    cmd += ["--no-progress", *extra]
+    driver = [__file__, "child-phases"] if phases else ["-m", "tilesegment"]
+    cmd = [sys.executable, *driver, "run", str(image), "-o", str(out), "--no-progress", *extra]
     log = out.with_suffix(".stderr.txt")
     t0 = time.perf_counter()
     with log.open("w") as err:
@@ -159,6 +196,10 @@ def run_default(src: Path, image: Path, out: Path, *extra: str) -> dict:
     report = out.with_suffix(".report.json")
     if row["exit"] != 0 or not report.exists():
         raise RuntimeError(f"{' '.join(cmd)} failed: {log.read_text()[-2000:]}")
+    if phases:
+        line = next(x for x in log.read_text().splitlines() if x.startswith("PHASES "))
+        row["phases"] = json.loads(line.removeprefix("PHASES "))
+        row["phases"]["exit"] = row["wall_s"] - row["phases"].pop("until_exit")
     doc = json.loads(report.read_text())
     row.update(
         seconds=doc["seconds"],
@@ -169,6 +210,67 @@ def run_default(src: Path, image: Path, out: Path, *extra: str) -> dict:
         devices=len(doc["devices"]),
     )
     return row
+
+
+#: Steps of a run timed by :func:`child_phases`: (module, attribute, name). Private names of
+#: ``infer/run.py`` included: this measures the inside of one run, in old and new trees alike.
+STEPS = (
+    ("tilesegment.infer.run", "load_checkpoint", "load_model"),
+    ("tilesegment.infer.run", "open_source", "open_source"),
+    ("tilesegment.infer.run", "tissue_map", "tissue"),
+    ("tilesegment.infer.run", "_identify", "fingerprint"),
+    ("tilesegment.infer.run", "_open_output", "open_output"),
+    ("tilesegment.infer.run", "_execute", "stream"),
+    ("tilesegment.store.output", "OutputStore.finalize", "finalize"),
+    ("tilesegment.infer.preview", "write_preview", "preview"),
+    ("tilesegment.infer.run", "write_report", "report"),
+)
+
+
+def child_phases(argv: list[str]) -> None:
+    """In a child: the command line ``tilesegment ARGV`` with its imports and the
+    :data:`STEPS` of the run timed; prints ``PHASES {json}`` on stderr at exit (``until_exit``:
+    from the start of this function to the exit handlers)."""
+    import atexit
+    import functools
+    import importlib
+
+    t0 = time.perf_counter()
+    spent: dict[str, float] = {}
+
+    def timed(f, name):
+        @functools.wraps(f)
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+
+        return wrapper
+
+    from tilesegment.cli import main as cli
+
+    spent["import_cli"] = time.perf_counter() - t0
+    import torch  # noqa: F401  (the command would import it while parsing --model)
+
+    spent["import_torch"] = time.perf_counter() - t0 - spent["import_cli"]
+    t = time.perf_counter()
+    for module, attr, name in STEPS:
+        owner = importlib.import_module(module)
+        *path, last = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        if hasattr(owner, last):
+            setattr(owner, last, timed(getattr(owner, last), name))
+    spent["import_rest"] = time.perf_counter() - t
+
+    def report() -> None:
+        spent["until_exit"] = time.perf_counter() - t0
+        print("PHASES " + json.dumps({k: round(v, 4) for k, v in spent.items()}), file=sys.stderr)
+
+    atexit.register(report)
+    cli(argv, prog_name="tilesegment")
 
 
 def child_bare(threads: int, compile: bool, tiles: int) -> None:
@@ -280,15 +382,22 @@ def part_small(args) -> dict:
     for _ in range(args.small_repeats):
         for n, image in images.items():
             for name, src in (("new", REPO), (args.old, old)):
-                row = run_default(src, image, WORK / f"small-{name}-{n}.zarr")
+                out = WORK / f"small-{name}-{n}.zarr"
+                row = run_default(src, image, out, phases=True)
                 rows.setdefault(f"{name} {n}", []).append(row)
                 print(json.dumps({"small": f"{name} {n}", **row}), file=sys.stderr)
     out = {}
     for key, rs in rows.items():
-        phases = {
-            k: statistics.median(r["seconds"].get(k, 0.0) for r in rs) for k in rs[0]["seconds"]
-        }
-        out[key] = {"wall_s": _median(rs, "wall_s"), "seconds": phases, "n": len(rs)}
+        names = {k for r in rs for k in r["phases"]}
+        phases = {k: statistics.median(r["phases"].get(k, 0.0) for r in rs) for k in names}
+        ratio = None
+        if key.startswith("new "):
+            olds = rows[key.replace("new", args.old, 1)]
+            ratio = statistics.median(
+                a["wall_s"] / b["wall_s"] for a, b in zip(rs, olds, strict=True)
+            )
+        out[key] = {"wall_s": _median(rs, "wall_s"), "phases": phases, "n": len(rs)}
+        out[key]["paired_ratio_to_old"] = ratio
     return {"old": args.old, "results": out}
 
 
@@ -359,21 +468,32 @@ def markdown(results: dict, machine: str) -> str:
         ]
     if "small" in results:
         s = results["small"]
+        res, old = s["results"], s["old"]
+        n = next(iter(res.values()))["n"]
+        cols = [f"{old} {k}" for k in (256, 1000)] + [f"new {k}" for k in (256, 1000)]
+        cols = [cols[0], cols[2], cols[1], cols[3]]
         lines += [
-            f"(b) small images end to end (process wall s, median of "
-            f"{next(iter(s['results'].values()))['n']}), this tree vs {s['old']}",
+            f"(b) small images end to end, seconds (medians of {n}, alternating): {old} "
+            "(before) and this tree (after)",
             "",
-            "| image | before | after | after: setup / stream / finalize / preview s |",
-            "|---|---|---|---|",
+            "| step | "
+            + " | ".join(c.replace("new", "after").replace(old, "before") + "²" for c in cols)
+            + " |",
+            "|---|" + "---|" * len(cols),
+            "| **process wall** | "
+            + " | ".join(f"**{res[c]['wall_s']:.2f}**" for c in cols)
+            + " |",
         ]
-        for n in (256, 1000):
-            new, old = s["results"][f"new {n}"], s["results"][f"{s['old']} {n}"]
-            ph = new["seconds"]
-            parts = " / ".join(
-                f"{ph.get(k, 0):.2f}" for k in ("setup", "stream", "finalize", "preview")
+        for step in SMALL_ROWS:
+            lines.append(
+                f"| {step} | "
+                + " | ".join(f"{res[c]['phases'].get(step, 0):.2f}" for c in cols)
+                + " |"
             )
-            lines.append(f"| {n}² | {old['wall_s']:.2f} | {new['wall_s']:.2f} | {parts} |")
-        lines.append("")
+        ratios = ", ".join(
+            f"{k}²: {res[f'new {k}']['paired_ratio_to_old']:.2f}" for k in (256, 1000)
+        )
+        lines += ["", f"After / before, process wall (median of paired runs): {ratios}.", ""]
     if "rss" in results:
         r = results["rss"]
         lines += [
@@ -413,6 +533,9 @@ def markdown(results: dict, machine: str) -> str:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "child-bare":
         child_bare(int(sys.argv[2]), bool(int(sys.argv[3])), int(sys.argv[4]))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "child-phases":
+        child_phases(sys.argv[2:])
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", action="append", choices=PARTS, help="parts to run (default all)")

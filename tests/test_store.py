@@ -123,6 +123,55 @@ def test_pyramid_levels_match_numpy_reference(finished):
         previous = got
 
 
+@pytest.mark.parametrize(
+    "fmt, shards", [("ngff-0.4", None), ("ngff-0.5", (256, 256))], ids=["0.4", "0.5-sharded"]
+)
+def test_pyramid_over_unwritten_chunks_is_zero_and_costs_no_file(
+    tmp_path, monkeypatch, fmt, shards
+):
+    """A slide that is mostly glass has most level-0 chunks never written: the levels below
+    hold 0 there (the value downsampling gives) without a chunk computed or a file written, and
+    the written corner is downsampled as anywhere else."""
+    from tilesegment.store import levels
+    from tilesegment.store.layout import stored_blocks
+
+    computed = []
+    mean = levels.DOWNSAMPLERS["mean"]
+    monkeypatch.setitem(levels.DOWNSAMPLERS, "mean", lambda b: computed.append(1) or mean(b))
+    store = OutputStore.create(
+        tmp_path / "out.zarr",
+        image_shape=(2100, 2900),
+        classes=CLASSES,
+        chunk_shape=(128, 128),
+        mpp=MPP,
+        format=fmt,
+        shard_shape=shards,
+    )
+    corner = Box(128, 256, 128, 128)  # one chunk of tissue
+    store.write_chunk(corner, chunk_probabilities(corner))
+    store.finalize()
+    image, mask = store.pyramid(), store.pyramid("mask")
+    assert len(image) == 3  # 2100 -> 1050 -> 525
+    assert len(computed) == 2  # one chunk per level, of 9 x 12 and 5 x 6
+    # The chunk (or shard) files are listed, so empty regions are not even read.
+    block = {(1, 2)} if shards is None else {(0, 1)}
+    assert stored_blocks(store.path / "0") == block
+    assert stored_blocks(store.path / "labels" / "mask" / "0") == block
+    previous = image[0][:]
+    assert previous[:, 128:256, 256:384].any() and not previous[:, :128].any()
+    for k in range(1, len(image)):
+        got = image[k][:]
+        np.testing.assert_array_equal(got, np.rint(reference_mean(previous)).astype(np.uint8))
+        np.testing.assert_array_equal(mask[k][:], mask[0][:: 2**k, :: 2**k])
+        previous = got
+        # One chunk (or shard) file: the corner's; every other one reads as the fill, 0.
+        level = store.path / str(k)
+        stored = [
+            f for f in level.rglob("*") if f.is_file() and not f.name.startswith((".", "zarr"))
+        ]
+        assert len(stored) == 1, stored
+
+
 def test_pyramid_shapes_stop_at_1024():
     assert pyramid_shapes((1024, 1024)) == [(1024, 1024)]
     assert pyramid_shapes((1025, 3)) == [(1025, 3), (513, 2)]

@@ -167,6 +167,27 @@ class ChunkFiles:
         )
 
 
+def stored_blocks(array_dir: Path) -> set[ChunkKey] | None:
+    """(row, column) of every chunk file (NGFF 0.4) or shard file (NGFF 0.5) an array of an
+    output holds, from one walk of its folder; None when a file there is not laid out as this
+    module writes (callers then read the array to find out).
+
+    Chunk files end in ``ROW/COLUMN`` below the array's folder in both formats (``0/ROW/COL``
+    for the probabilities in 0.4, ``c/0/ROW/COL`` in 0.5, ``ROW/COL`` and ``c/ROW/COL`` for
+    labels): the metadata files aside, the last two parts of every path are the block.
+    """
+    blocks: set[ChunkKey] = set()
+    for folder, _, names in os.walk(array_dir):
+        for name in names:
+            if name in (V2_ATTRS, ".zarray", V3_META) or name.startswith("."):
+                continue
+            parts = Path(folder, name).relative_to(array_dir).parts
+            if len(parts) < 2 or not (parts[-2].isdigit() and parts[-1].isdigit()):
+                return None
+            blocks.add((int(parts[-2]), int(parts[-1])))
+    return blocks
+
+
 def zarr_format_of(path: Path) -> int | None:
     """2 or 3 for a Zarr v2 group or any Zarr v3 node at ``path``, None when it is neither."""
     if (path / V2_GROUP).is_file():

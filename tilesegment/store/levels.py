@@ -7,12 +7,15 @@ pixels present at odd edges), computed in float32 (exact for uint8) from the sto
 ``k - 1`` values and, for uint8, rounded to nearest with ties to even (:func:`numpy.rint`).
 Labels take the top-left pixel of each window (``[::2, ::2]``). Each output chunk reads its
 2 x 2 chunks of the level above; a sharded level is written one whole shard at a time
-(:func:`~tilesegment.store.shards.write_chunks`).
+(:func:`~tilesegment.store.shards.write_chunks`). Where the level above is all 0 (no tissue
+was computed there) nothing is computed or written: the chunk stays absent, which reads as 0,
+the value downsampling would give.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -21,9 +24,9 @@ import zarr
 from tilesegment.errors import ConfigError
 from tilesegment.geometry import Box
 from tilesegment.store.arrays import create_array
-from tilesegment.store.layout import FORMATS, NGFF_04, NGFF_05
+from tilesegment.store.layout import FORMATS, NGFF_04, NGFF_05, stored_blocks
 from tilesegment.store.ngff import DOWNSAMPLERS
-from tilesegment.store.shards import write_chunks
+from tilesegment.store.shards import shard_step, write_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +75,24 @@ def create_level(
     )
 
 
+def _stored(array: zarr.Array):
+    """``has(ys, xs)``: whether any chunk (or shard) file of ``array`` overlaps those slices
+    of its last two axes; None when its files cannot be listed (not a local folder, or laid
+    out otherwise), where the caller reads instead."""
+    root = getattr(array.store_path.store, "root", None)
+    blocks = None if root is None else stored_blocks(Path(root) / array.store_path.path)
+    if blocks is None:
+        return None
+    by, bx = shard_step(array) or (int(array.chunks[-2]), int(array.chunks[-1]))
+
+    def has(ys: slice, xs: slice) -> bool:
+        rows = range(ys.start // by, (ys.stop - 1) // by + 1)
+        cols = range(xs.start // bx, (xs.stop - 1) // bx + 1)
+        return any((i, j) in blocks for i in rows for j in cols)
+
+    return has
+
+
 def build_pyramid(
     group: zarr.Group,
     shapes: list[tuple[int, int]],
@@ -96,10 +117,17 @@ def build_pyramid(
             lead=lead,
         )
 
-        def one(box: Box, source: zarr.Array = source) -> np.ndarray:
+        stored = _stored(source)
+
+        def one(box: Box, source: zarr.Array = source, stored=stored) -> np.ndarray | None:
             ys = slice(2 * box.y, 2 * (box.y + box.h))
             xs = slice(2 * box.x, 2 * (box.x + box.w))
-            return downsample(source[..., ys, xs])
+            # Nothing stored there (glass: no tissue computed) reads as 0 and downsamples to
+            # 0, which the store holds without a write: the pyramid costs what was computed.
+            if stored is not None and not stored(ys, xs):
+                return None
+            block = source[..., ys, xs]
+            return downsample(block) if block.any() else None
 
         write_chunks(target, one, workers)
         logger.debug("built %s level %d: %s", group.path or "/", k, target.shape)

@@ -115,12 +115,16 @@ class ArrayShard:
         self._values = np.empty((0,) * self._values.ndim, dtype=self._values.dtype)  # freed
 
 
-def write_chunks(array: zarr.Array, compute: Callable[[Box], np.ndarray], threads: int) -> None:
-    """Write ``compute(box)`` into every chunk ``box`` of ``array`` (last two axes).
+def write_chunks(
+    array: zarr.Array, compute: Callable[[Box], np.ndarray | None], threads: int
+) -> None:
+    """Write ``compute(box)`` into every chunk ``box`` of ``array`` (last two axes); a chunk
+    for which it returns None keeps what the store holds (nothing is written).
 
     Without shards, chunks are computed and written in parallel on ``threads`` threads. With
     shards, one shard at a time: its chunks are computed in parallel into an
-    :class:`ArrayShard`, which is then written whole (memory: one shard).
+    :class:`ArrayShard`, which is then written whole (memory: one shard); a shard none of
+    whose chunks was computed is not written at all.
     """
     shape = (int(array.shape[-2]), int(array.shape[-1]))
     chunk = (int(array.chunks[-2]), int(array.chunks[-1]))
@@ -129,7 +133,9 @@ def write_chunks(array: zarr.Array, compute: Callable[[Box], np.ndarray], thread
         if step is None:
 
             def direct(box: Box) -> None:
-                array[(..., *box.slices)] = compute(box)
+                values = compute(box)
+                if values is not None:
+                    array[(..., *box.slices)] = values
 
             for _ in pool.map(direct, grid_boxes(shape, chunk)):
                 pass
@@ -137,12 +143,14 @@ def write_chunks(array: zarr.Array, compute: Callable[[Box], np.ndarray], thread
         for shard_box in grid_boxes(shape, step):
             shard = ArrayShard(array, shard_box)
 
-            def gather(box: Box, shard: ArrayShard = shard) -> None:
-                shard.put(box, compute(box))
+            def gather(box: Box, shard: ArrayShard = shard) -> bool:
+                values = compute(box)
+                if values is not None:
+                    shard.put(box, values)
+                return values is not None
 
-            for _ in pool.map(gather, grid_boxes(shape, chunk, within=shard_box)):
-                pass
-            shard.flush()
+            if any(list(pool.map(gather, grid_boxes(shape, chunk, within=shard_box)))):
+                shard.flush()
 
 
 class ShardBuffer:
