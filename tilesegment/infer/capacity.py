@@ -13,9 +13,11 @@ from tilesegment.machine import available_memory_mb, usable_cores
 log = logging.getLogger(__name__)
 
 
-#: Peak RSS of one CPU worker process with the default model, in MB: 389-404 MB eager and
-#: 511-522 MB compiled (benchmarks/RESULTS.md). Used to cap ``--workers`` by free memory.
-WORKER_RSS_MB = 520
+#: Peak RSS of one CPU worker process with the default model, in MB: 457 MB eager and
+#: 576 MB compiled in a 20000² default run of the shipped 3-class nuclei-he (389-404 and
+#: 511-522 with the earlier 2-class model; benchmarks/RESULTS.md). Caps ``--workers`` by free
+#: memory and is the per-worker cost of ``--workers auto``.
+WORKER_RSS_MB = 580
 
 
 def cap_cpu_workers(workers: int) -> int:
@@ -93,7 +95,7 @@ def auto_workers(work_mpx: float, *, cores: int, memory_mb: float | None) -> Wor
     'workers auto: in-process (4.0 Mpx of tissue, under 25 Mpx per worker for 2 workers)'
     >>> auto_workers(400.0, cores=2, memory_mb=8000).processes
     2
-    >>> auto_workers(400.0, cores=2, memory_mb=1200).processes  # 2 workers + 1 need 1560 MB
+    >>> auto_workers(400.0, cores=2, memory_mb=1700).processes  # 2 workers + 1 need 1740 MB
     0
     """
     workers = cores
