@@ -3,6 +3,7 @@ writing one output of ``tilesegment run``'s geometry, each format in a fresh chi
 
     python benchmarks/bench_formats.py write --size 20000 --repeats 3
     python benchmarks/bench_formats.py count --sizes 20000 100000
+    python benchmarks/bench_formats.py run --size 8192 --repeats 2
 
 write  Every level-0 chunk of a 2-class output with a tissue label is written through the writer
        a run uses (0.4: ``OutputStore.write_chunk`` and ``write_label_chunk`` per chunk; 0.5: a
@@ -15,6 +16,10 @@ write  Every level-0 chunk of a 2-class output with a tissue label is written th
        ``--repeats``.
 count  The chunk or shard files of every array and level of such an output (every chunk
        holding data: an all-tissue slide), from the chunk and shard grids alone.
+run    ``tilesegment run`` end to end (the command line, default model and options,
+       ``--tissue none``) on a synthetic pyramidal JPEG slide at the model's 0.25 um/px, with
+       each ``--format``, alternating: files, stream and total seconds and peak RSS from the
+       run report, and whether every array of the two outputs is equal.
 
 Geometry: the default model at its default tile (572 px in, 388 out, stride 384) gives chunks
 of 3 strides (1152 px) and, with ``--format ngff-0.5``, shards of 7 chunks (8064 px).
@@ -136,6 +141,58 @@ def count(size: int) -> dict[str, int]:
     return result
 
 
+def _run(slide: Path, fmt: str) -> dict:
+    """``tilesegment run`` of ``slide`` in ``fmt`` in a child process; what its report says."""
+    out = WORK / f"run-{fmt}.zarr"
+    cmd = [sys.executable, "-m", "tilesegment", "run", str(slide), "-o", str(out), "--format"]
+    cmd += [fmt, "--tissue", "none", "--no-preview", "--no-progress", "--overwrite"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    report = json.loads(out.with_name(f"run-{fmt}.report.json").read_text())
+    return {
+        "format": fmt,
+        "files": sum(1 for f in out.rglob("*") if f.is_file()),
+        "stream_s": report["seconds"]["stream"],
+        "total_s": report["seconds"]["total"],
+        "peak_rss_mb": report["peak_rss_mb"]["main"],
+    }
+
+
+def _equal_outputs(a: Path, b: Path) -> bool:
+    import numpy as np
+    import zarr
+
+    def arrays(path: Path) -> dict:
+        members = zarr.open_group(path, mode="r").members(max_depth=None)
+        return {k: v for k, v in members if isinstance(v, zarr.Array)}
+
+    x, y = arrays(a), arrays(b)
+    return sorted(x) == sorted(y) and all(np.array_equal(x[k][:], y[k][:]) for k in x)
+
+
+def run(size: int, repeats: int) -> None:
+    from tilesegment.testing.synthetic import write_slide
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    slide = WORK / f"synthetic-{size}.tif"
+    if not slide.exists():
+        write_slide(slide, (size, size), tissue_fraction=0.6, mpp=0.25)
+    results: dict[str, list[dict]] = {f: [] for f in FORMATS}
+    for _ in range(repeats):
+        for fmt in FORMATS:
+            results[fmt].append(_run(slide, fmt))
+            print(json.dumps(results[fmt][-1]), flush=True)
+    same = _equal_outputs(WORK / "run-ngff-0.4.zarr", WORK / "run-ngff-0.5.zarr")
+    print(f"\n`tilesegment run` of a {size}² slide, --tissue none, medians of {repeats}:")
+    print("format    files  stream s  total s  peak RSS MB")
+    for fmt, rs in results.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "format"}
+        print(
+            f"{fmt}  {med['files']:6.0f}  {med['stream_s']:8.1f}  {med['total_s']:7.1f}  "
+            f"{med['peak_rss_mb']:11.0f}"
+        )
+    print(f"every array equal: {same}")
+
+
 def _child(fmt: str, size: int, path: Path) -> dict:
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]);"
@@ -159,7 +216,13 @@ def main() -> None:
     w.add_argument("--repeats", type=int, default=3)
     c = sub.add_parser("count")
     c.add_argument("--sizes", type=int, nargs="+", default=[20000, 100000])
+    r = sub.add_parser("run")
+    r.add_argument("--size", type=int, default=8192)
+    r.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    if args.mode == "run":
+        run(args.size, args.repeats)
+        return
     if args.mode == "count":
         for size in args.sizes:
             print(json.dumps({"size": size, "data_files": count(size)}))
