@@ -89,9 +89,10 @@ class Predictor:
         self.model = model.to(self.device).eval()
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        c = spec.unet.in_channels
-        self._mean = torch.tensor(spec.mean, device=self.device).view(1, c, 1, 1)
-        self._inv_std = (1.0 / torch.tensor(spec.std, device=self.device)).view(1, c, 1, 1)
+        # (C,): broadcast over the last axis of the tiles' own (N, H, W, C) layout, each op one
+        # contiguous pass (no (1, C, 1, 1) broadcast over a channels-last view); same values.
+        self._mean = torch.tensor(spec.mean, device=self.device)
+        self._inv_std = 1.0 / torch.tensor(spec.std, device=self.device)
 
     @property
     def halo(self) -> int:
@@ -124,8 +125,8 @@ class Predictor:
         if batch.ndim != 4 or batch.dtype != np.uint8:
             raise ConfigError(f"batch must be (N, H, W, C) uint8, got {batch.shape} {batch.dtype}")
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float().mul_(1.0 / 255.0)
-        x = (x - self._mean) * self._inv_std
+        x = x.float().mul_(1.0 / 255.0).sub_(self._mean).mul_(self._inv_std)
+        x = x.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
         probs = self._softmax(x, self.symmetries[0])
         for symmetry in self.symmetries[1:]:
             probs += self._softmax(x, symmetry)

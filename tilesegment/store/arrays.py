@@ -134,19 +134,34 @@ def class_map(probabilities: np.ndarray) -> np.ndarray:
     """The argmax over axis 0 of (C, h, w) probabilities as uint8; the first class wins ties.
 
     Equal to ``np.argmax(p, axis=0)`` but made of contiguous element-wise passes instead of a
-    strided reduction (much faster, see docs/architecture.md, Measured choices).
+    strided reduction (much faster, see docs/architecture.md, Measured choices): per class one
+    comparison with the running maximum and one select, no masked copies (2.3 ms instead of
+    6.1 ms for a 3-class 512² chunk on one core).
     """
     c = probabilities.shape[0]
+    if c == 1:
+        return np.zeros(probabilities.shape[1:], dtype=np.uint8)
+    out = np.greater(probabilities[1], probabilities[0]).view(np.uint8)
     if c == 2:
-        return np.greater(probabilities[1], probabilities[0]).view(np.uint8)
-    out = np.zeros(probabilities.shape[1:], dtype=np.uint8)
-    best = probabilities[0].copy()
-    for k in range(1, c):
-        better = np.greater(probabilities[k], best)
-        np.copyto(out, np.uint8(k), where=better)
+        return out
+    best = np.maximum(probabilities[0], probabilities[1])
+    for k in range(2, c):
+        out = np.where(np.greater(probabilities[k], best), np.uint8(k), out)
         if k < c - 1:
             np.maximum(best, probabilities[k], out=best)
     return out
+
+
+def for_writing(array: zarr.Array) -> zarr.Array:
+    """``array`` writing every chunk it is given, without zarr's check for chunks that equal
+    the fill value.
+
+    The writers already skip what holds nothing (glass is never computed, empty pyramid blocks
+    are not written), so the check would only find the rare all-background chunk of tissue,
+    and it costs ~4 ms per 3 × 512² uint8 chunk (``np.array_equal`` against a broadcast fill
+    value) where a whole chunk's compression costs about as much.
+    """
+    return array.with_config({"write_empty_chunks": True})
 
 
 #: Blosc zstd level of every array: nearly the ratio of higher levels at a fraction of the CPU

@@ -23,7 +23,7 @@ import zarr
 
 from tilesegment.errors import ConfigError
 from tilesegment.geometry import Box
-from tilesegment.store.arrays import create_array
+from tilesegment.store.arrays import create_array, for_writing
 from tilesegment.store.layout import FORMATS, NGFF_04, NGFF_05, stored_blocks
 from tilesegment.store.ngff import DOWNSAMPLERS
 from tilesegment.store.shards import shard_step, write_chunks
@@ -129,6 +129,6 @@ def build_pyramid(
             block = source[..., ys, xs]
             return downsample(block) if block.any() else None
 
-        write_chunks(target, one, workers)
+        write_chunks(for_writing(target), one, workers)
         logger.debug("built %s level %d: %s", group.path or "/", k, target.shape)
         source = target

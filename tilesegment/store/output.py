@@ -51,6 +51,7 @@ from tilesegment.store import ngff
 from tilesegment.store.arrays import (
     check_aligned,
     clear_path,
+    for_writing,
     open_group,
     stored_label,
     stored_probabilities,
@@ -151,7 +152,7 @@ class OutputStore:
         self.chunk_shape: tuple[int, int] = (int(image.chunks[1]), int(image.chunks[2]))
         self.format: str = NGFF_05 if root.metadata.zarr_format == 3 else NGFF_04
         self.shard_shape: tuple[int, int] = shard_step(image) or self.chunk_shape
-        self._image = image
+        self._image = for_writing(image) if mode == "r+" else image
         self._image_final = "multiscales" in unwrap(attrs)
         self._labels: dict[str, zarr.Array] = {}
 
@@ -325,7 +326,8 @@ class OutputStore:
         """Level 0 of ``labels/<name>``, (H, W)."""
         if name not in self._labels:
             try:
-                self._labels[name] = self._root[f"labels/{name}/0"]
+                array = self._root[f"labels/{name}/0"]
+                self._labels[name] = for_writing(array) if self.mode == "r+" else array
             except KeyError as exc:
                 raise StoreError(f"{self.path} has no label {name!r}") from exc
         return self._labels[name]
@@ -472,7 +474,7 @@ class OutputStore:
         update_attrs(self.path / "labels", {ATTR_KEY: {"labels": [*self.label_names, name]}})
         if is_complete(self.path):
             self._set_status("incomplete")
-        self._labels[name] = array
+        self._labels[name] = array = for_writing(array)
         logger.debug("created label %s/labels/%s (%s)", self.path, name, dt.name)
         return array
 
