@@ -310,7 +310,8 @@ def _bring_back(job: _Job, store: OutputStore, tissue: Any, attrs: dict) -> Outp
     finalised and put in the output's place. Until then the output is the network grid's
     store, incomplete, so a killed run resumes (its done log has every chunk) and builds
     the new store again."""
-    from tilesegment.store.regrid import regrid_level0, staged_store_path, swap_in
+    from tilesegment.store.layout import staged_store_path
+    from tilesegment.store.regrid import regrid_level0, swap_in
     from tilesegment.tissue import TissueMap
 
     source, opts = job.source, job.opts

@@ -22,7 +22,7 @@ import numpy as np
 from tilesegment.errors import StoreError
 from tilesegment.geometry import Box
 from tilesegment.io.resample import resample_region
-from tilesegment.store.layout import TISSUE, state_dir
+from tilesegment.store.layout import TISSUE, replaced_store_path
 from tilesegment.store.output import OutputStore
 from tilesegment.store.shards import ShardBuffer, grid_boxes
 
@@ -81,19 +81,13 @@ def regrid_level0(
     )
 
 
-def staged_store_path(output: str | os.PathLike[str]) -> Path:
-    """``OUT.tilesegment/image-grid.zarr``: where the store that will replace ``OUT.zarr`` is
-    built, inside the run's state folder (so a new run at ``OUT.zarr`` clears it)."""
-    return state_dir(output) / "image-grid.zarr"
-
-
 def swap_in(staged: Path, output: str | os.PathLike[str]) -> None:
     """Put the complete store ``staged`` in the place of the store at ``output`` and delete
     the replaced one. Two renames in the state folder's file system: a crash between them
     leaves no ``output`` (a ``--resume`` then starts the run again), never a mixed store.
     """
     output = Path(output)
-    old = state_dir(output) / "network-grid.zarr"
+    old = replaced_store_path(output)
     try:
         if old.exists():
             shutil.rmtree(old)
