@@ -33,6 +33,7 @@ passes run with the same number of torch threads), on any dask scheduler.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     import dask.array
 
 __all__ = ["BlockGeometry", "block_geometry", "segment"]
+
+log = logging.getLogger(__name__)
 
 Output = Literal["probabilities", "mask", "both"]
 
@@ -231,7 +234,7 @@ def segment(
     image : (Y, X, C) or (Y, X) uint8 array
         numpy, Zarr or dask array; C is 1 or 3 (converted to the model's channels as in
         ``tilesegment run``). Pixels are taken as they are: no resampling to the model's
-        µm/px.
+        µm/px, nor shrinking by its downsample (a warning says so).
     model : str or path
         A shipped model name (see ``tilesegment models``) or a checkpoint path
         (``NAME``, ``NAME.json`` or ``NAME.safetensors``).
@@ -291,6 +294,14 @@ def segment(
     h, w, _ = _check_image(image)
     path = resolve_model(model)
     spec, halo, pooling, residue, tile_size = _model_geometry(path, tile_size)
+    if spec.downsample is not None:
+        log.warning(
+            "model %r declares downsample %g: segment() takes the pixels as they are; shrink "
+            "the image by %g first (or use `tilesegment run`/`predict`, which do)",
+            spec.name,
+            spec.downsample,
+            spec.downsample,
+        )
     geometry = block_geometry(
         (h, w), halo=halo, pooling=pooling, residue=residue, tile_size=tile_size
     )

@@ -137,7 +137,7 @@ def evaluate(
         click.echo(json.dumps(doc, indent=2))
         return
     click.echo(f"model {spec.name} ({model_path}), {report.kind} labels, {len(report.per_image)}"
-               f" image(s){_mpp_note(mpp, spec.mpp)}{_tta_note(tta)}")  # fmt: skip
+               f" image(s){_mpp_note(mpp, spec)}{_tta_note(tta)}")  # fmt: skip
     click.echo(report.table())
     if figure is not None:
         click.echo(
@@ -154,7 +154,9 @@ def _tta_note(tta: str) -> str:
     return "" if tta == "none" else f", test-time augmentation {tta}"
 
 
-def _mpp_note(image_mpp: float | None, model_mpp: float | None) -> str:
-    if image_mpp is None or model_mpp is None:
+def _mpp_note(image_mpp: float | None, spec) -> str:
+    if spec.downsample is not None:
+        return f", predicted on the images shrunk {spec.downsample:g}x, scored on their own grid"
+    if image_mpp is None or spec.mpp is None:
         return ""
-    return f", images at {image_mpp:g} µm/px, predicted at the model's {model_mpp:g} µm/px"
+    return f", images at {image_mpp:g} µm/px, predicted at the model's {spec.mpp:g} µm/px"

@@ -79,7 +79,13 @@ def models_cmd(as_json: bool) -> None:
     found = shipped_models()
     if as_json:
         doc = [
-            {"name": m.name, "path": str(m.path), "mpp": m.mpp, "classes": list(m.classes)}
+            {
+                "name": m.name,
+                "path": str(m.path),
+                "mpp": m.mpp,
+                "downsample": m.downsample,
+                "classes": list(m.classes),
+            }
             for m in found
         ]
         click.echo(json.dumps(doc, indent=2))
@@ -88,5 +94,39 @@ def models_cmd(as_json: bool) -> None:
         click.echo("no models are shipped with this installation")
     for m in found:
         mark = " (default)" if m.name == DEFAULT_MODEL else ""
-        mpp = f"{m.mpp:g} um/px" if m.mpp else "any um/px"
-        click.echo(f"{m.name}{mark}: {', '.join(m.classes)}; {mpp}. {m.summary}")
+        click.echo(f"{m.name}{mark}: {', '.join(m.classes)}; {scale_text(m.mpp, m.downsample)}. "
+                   f"{m.summary}")  # fmt: skip
+
+
+def scale_text(mpp: float | None, downsample: float | None) -> str:
+    """The scale a model declares, in words.
+
+    >>> scale_text(0.25, None), scale_text(None, 3.0), scale_text(None, None)
+    ('0.25 um/px', 'any um/px, images shrunk 3x', 'any um/px')
+    """
+    if mpp:
+        return f"{mpp:g} um/px"
+    return "any um/px" + (f", images shrunk {downsample:g}x" if downsample else "")
+
+
+@model.command("info")
+@click.argument("name_or_path", metavar="MODEL")
+@json_option()
+def model_info(name_or_path: str, as_json: bool) -> None:
+    """Show what the checkpoint MODEL (a path or a shipped name) declares: classes, input,
+    scale (um/px or downsample), geometry and training summary."""
+    from tilesegment.model.checkpoint import load_spec
+    from tilesegment.model.registry import resolve_model
+
+    spec = load_spec(resolve_model(name_or_path))
+    doc = spec.to_json()
+    if as_json:
+        doc.pop("training", None)
+        click.echo(json.dumps(doc, indent=2))
+        return
+    click.echo(
+        f"{spec.name}: {', '.join(spec.class_names)}; {scale_text(spec.mpp, spec.downsample)}\n"
+        f"  input {spec.channel_order}, depth {spec.unet.depth}, {spec.unet.base_channels} base "
+        f"channels, halo {doc['halo']} px, valid inputs {doc['valid_input_sizes']}\n"
+        f"  {spec.training.get('summary') or 'no training summary'}"
+    )

@@ -24,6 +24,9 @@ def echo_summary(summary: RunSummary) -> None:
         tissue += " (NO TISSUE FOUND)"
     resumed = f", {x['tiles_resumed']} done before" if x["tiles_resumed"] else ""
     tta = "" if x.get("tta", "none") == "none" else f", test-time augmentation {x['tta']}"
+    if down := x.get("downsample"):  # segmented on the image shrunk by the model's factor
+        tta += f", segmented at {' x '.join(map(str, down['network_grid']))} px (downsample "
+        tta += f"{down['factor']:g})"
     # The rate is over the pixels computed, never the image's: skipped tiles cost nothing.
     rate = summary.mpx_per_s
     speed = "no tile computed" if rate is None else f"{rate:.2f} Mpx/s computed"

@@ -215,7 +215,8 @@ def image_writers(
 @click.option(
     "--mpp",
     type=click.FloatRange(0, min_open=True),
-    help="The images' um/px, when the files lack it or state it wrongly.",
+    help="The images' um/px, when the files lack it or state it wrongly (a model with a "
+    "downsample shrinks images by it whatever their um/px: then this only labels the TIFFs).",
 )
 @tile_size_option(default=None, help="Input tile edge in px (a valid U-Net input size).")
 @click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True)
@@ -247,7 +248,8 @@ def predict(
 
     IMAGE is a file, a folder (its image files, searched recursively), a quoted shell-style
     pattern ('data/*.png', '**' recurses) or @LIST (a text file, one path or pattern per line).
-    The model is loaded once; each image is tiled, resampled to the model's um/px and back,
+    The model is loaded once; each image is tiled, resampled to the model's um/px (or shrunk
+    by its downsample) and back,
     and predicted exactly as `tilesegment run --tissue none` would (the mask equals the run's
     labels/mask). Two classes give 0/255 masks, more a palette PNG of class ids in the
     model's colours.

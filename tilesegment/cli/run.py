@@ -64,12 +64,15 @@ def _auto_side() -> int:
 @click.option(
     "--level",
     type=click.IntRange(0),
-    help="Pyramid level to read (default: the coarsest at or finer than the model's um/px).",
+    help="Pyramid level to read (default: the coarsest at or finer than the model's um/px, or "
+    "than level 0 shrunk by its downsample).",
 )
 @click.option(
     "--mpp",
     type=click.FloatRange(0, min_open=True),
-    help="The slide's um/px, when the file lacks it or states it wrongly.",
+    help="The slide's um/px, when the file lacks it or states it wrongly. A model with a "
+    "downsample F (`tilesegment model info`) shrinks every image by F whatever its um/px: "
+    "there --mpp only sets the um/px written with the output (said in a warning).",
 )
 @click.option(
     "--tissue",
@@ -182,6 +185,11 @@ def run(
     progress: bool | None,
 ) -> None:
     """Segment SLIDE into the OME-Zarr OUTPUT with a valid U-Net.
+
+    Resolution: a model declares the um/px it was trained at (the slide is resampled to it and
+    the output stored at it), or a downsample F for images without um/px (the network sees
+    the image shrunk by F, and the output is brought back to the image's own grid with the
+    same kernel, so OUTPUT has the image's size and equals `tilesegment predict`'s mask).
 
     Resumable: a run killed at any point continues with --resume and gives the same bytes.
     Ctrl-C (or SIGTERM) stops after writing the finished chunks (exit code 130 or 143). A JSON

@@ -200,6 +200,13 @@ def _is_main_process() -> bool:
 @precision_option(auto=False, default="fp32")
 @threads_option()
 @click.option("--mpp", type=click.FloatRange(0, min_open=True), help="um/px of the images.")
+@click.option(
+    "--downsample",
+    type=click.FloatRange(1, min_open=True),
+    help="Shrink images (area-weighted) and labels by this factor before training, e.g. 3 for "
+    "PH2's 768 x 560 -> 256 x 187; run, predict and evaluate then shrink images alike and "
+    "bring outputs back to the image's grid. For images without um/px: excludes --mpp.",
+)
 @click.option("--name", help="Model name in the checkpoints [default: RUN_DIR's name].")
 @click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR.")
 @click.option("--overwrite", is_flag=True, help="Start over in a RUN_DIR that holds a run.")

@@ -2,7 +2,8 @@
 model loaded once: what ``tilesegment predict`` runs.
 
 Not a second inference path: an image is read through :func:`~tilesegment.io.open_slide`, put at
-the model's µm/px by :func:`~tilesegment.infer.source.open_source`, cut into the tiles of
+the model's µm/px (or shrunk by its downsample) by
+:func:`~tilesegment.infer.source.open_source`, cut into the tiles of
 :func:`~tilesegment.infer.plan.plan_grid` and :func:`~tilesegment.infer.plan.plan_work` and run
 through :func:`~tilesegment.infer.stream.stream_units`, exactly as the in-process executor of
 ``tilesegment run`` does with ``--tissue none``. Only the sink differs: finished chunks land in a
@@ -28,7 +29,7 @@ from tilesegment.infer.devices import resolve_devices, resolve_precision
 from tilesegment.infer.options import RunOptions, default_read_threads
 from tilesegment.infer.plan import plan_grid, plan_work, resolve_tile_size
 from tilesegment.infer.predict import make_predictor, to_model_channels
-from tilesegment.infer.source import Source, open_source
+from tilesegment.infer.source import Source, mpp_note, open_source
 from tilesegment.infer.stream import ListSource, stream_units
 from tilesegment.io import open_slide
 from tilesegment.io.resample import resample_probabilities
@@ -70,7 +71,7 @@ class ImagePrediction:
     mpp_assumed: bool
     """True when the image had no µm/px and was taken to be at the model's."""
     model_shape: tuple[int, int]
-    """(h, w) of the image at the model's µm/px (the grid the network ran on)."""
+    """(h, w) of the image at the model's µm/px or downsample (the grid the network ran on)."""
     tiles: int
     """Tiles computed."""
     seconds: float
@@ -102,6 +103,8 @@ class ImageSegmenter:
         threads = options.read_threads or default_read_threads(usable_cores())
         self.options = replace(options, tissue="none", level=None, read_threads=threads)
         self.predictor = make_predictor(net, spec, self.device, self.precision, tta=options.tta)
+        if (note := mpp_note(spec, options.mpp)) is not None:
+            log.warning("%s", note)  # once for all the images
 
     def segment(self, path: str | Path) -> ImagePrediction:
         """Probabilities and class map of the image at ``path``, on its own level-0 grid.

@@ -48,7 +48,14 @@ from tilesegment.infer.plan import (
 )
 from tilesegment.infer.record import Recorder
 from tilesegment.infer.report import RunRecord, RunSummary, write_report
-from tilesegment.infer.source import Source, open_source, tissue_map, user_tissue_mask
+from tilesegment.infer.source import (
+    Source,
+    home_source,
+    mpp_note,
+    open_source,
+    tissue_map,
+    user_tissue_mask,
+)
 from tilesegment.io import SlideReader, open_slide
 from tilesegment.machine import available_memory_mb, usable_cores
 from tilesegment.model.checkpoint import ModelSpec, checkpoint_paths, file_sha256, load_checkpoint
@@ -118,6 +125,8 @@ def run_slide(
         raise ConfigError("several devices or workers need worker processes (in_process=False)")
     with open_slide(slide) as reader:
         source = open_source(reader, spec, opts)
+        if (note := mpp_note(spec, opts.mpp)) is not None:
+            log.warning("%s", note)
         grid = plan_grid(source.image_shape, net.geometry, tile_size)
         tissue_mask = user_tissue_mask(reader, opts.tissue)
         # Inputs are valid: take the output before reading anything slow.
@@ -186,6 +195,8 @@ def _run_params(
         params["shard_chunks"] = list(shard_chunks(opts, chunk_shape))
     if (tta := tta_param(opts.tta)) is not None:  # absent without it, as before --tta existed
         params["tta"] = tta
+    if source.downsample is not None:  # absent for other models, as before it existed
+        params["downsample"] = source.downsample
     attrs = {
         "tilesegment_version": __version__,
         "slide": str(job.slide.resolve()),
@@ -200,6 +211,8 @@ def _run_params(
     }
     if tta is not None:
         attrs["tta"] = tta
+    if source.downsample is not None:
+        attrs["downsample"] = _home_record(source)
     if job.spec.instances is not None:  # how postprocess makes instances (seeded growth)
         attrs["instances"] = job.spec.instances.to_json()
     info = {
@@ -227,7 +240,7 @@ def _run_locked(job: _Job, run: RunRecord) -> RunSummary:
     if finished:
         summary = run.summary(output, grid, source, tissue, None)
         summary.extra["already_complete"] = True
-        return summary
+        return summary if source.home_shape is None else _on_home_grid(summary, source)
     run.resumed = opts.resume
     with DoneLog(output, fsync=opts.fsync) as done_log:
         files = store.chunk_files
@@ -261,20 +274,89 @@ def _run_locked(job: _Job, run: RunRecord) -> RunSummary:
         )
         _execute(_executor(job, context, choice), plan, recorder, run, opts, params)
     t_final = time.perf_counter()
-    store.finalize()
+    if source.home_shape is None:
+        store.finalize()
+    else:
+        store = _bring_back(job, store, tissue, attrs)
     run.phase("finalize", t_final)
-    preview = None
-    if thumbnail is not None and opts.preview:
-        from tilesegment.infer.preview import write_preview
-
-        t_preview = time.perf_counter()
-        preview = write_preview(store, thumbnail, preview_path(output), source=source)
-        run.phase("preview", t_preview)
+    preview = _preview(job, run, store, thumbnail)
     summary = run.summary(output, grid, source, tissue, preview, plan=plan)
     report = run.report(output, opts, params, plan, "complete")
+    if source.home_shape is not None:  # the output is on the image's grid, not the network's
+        report["downsample"] = _home_record(source)
+        summary = _on_home_grid(summary, source)
     summary.extra["report"] = report
     summary.extra["report_path"] = str(write_report(output, report))
     return summary
+
+
+def _preview(job: _Job, run: RunRecord, store: OutputStore, thumbnail: Any) -> Path | None:
+    """Write ``OUT.preview.png`` when asked (and a thumbnail was read); its path."""
+    if thumbnail is None or not job.opts.preview:
+        return None
+    from tilesegment.infer.preview import write_preview
+
+    t_preview = time.perf_counter()
+    home = home_source(job.reader, job.source)  # the store's grid
+    preview = write_preview(store, thumbnail, preview_path(job.output), source=home)
+    run.phase("preview", t_preview)
+    return preview
+
+
+def _bring_back(job: _Job, store: OutputStore, tissue: Any, attrs: dict) -> OutputStore:
+    """The output of a downsample model moved from the network's grid onto the slide's level
+    0: a new store is built beside it (in the run's state folder) from the network grid's
+    float32 probabilities, resampled chunk by chunk with the kernel ``predict`` uses, then
+    finalised and put in the output's place. Until then the output is the network grid's
+    store, incomplete, so a killed run resumes (its done log has every chunk) and builds
+    the new store again."""
+    from tilesegment.store.layout import staged_store_path
+    from tilesegment.store.regrid import regrid_level0, swap_in
+    from tilesegment.tissue import TissueMap
+
+    source, opts = job.source, job.opts
+    home, per_px = source.home_shape, source.level0_per_px
+    assert home is not None
+    chunk = (min(home[0], round(store.chunk_shape[0] * per_px)),
+             min(home[1], round(store.chunk_shape[1] * per_px)))  # fmt: skip
+    final = OutputStore.create(
+        staged_store_path(job.output),
+        image_shape=home,
+        classes=store.classes,
+        chunk_shape=chunk,
+        mpp=source.home_mpp,
+        dtype=opts.dtype,
+        overwrite=True,
+        attrs={**attrs, "level": 0, "level0_per_px": 1.0},
+        format=opts.format,
+        shard_shape=_shard_shape(opts, chunk),
+    )
+    render = None
+    if tissue is not None:
+        final.create_label(TISSUE, dtype="uint8", colours={1: (60, 180, 75, 128)})
+        render = TissueMap(tissue.mask, home).render
+    regrid_level0(store, final, 1.0 / per_px, tissue=render)
+    final.finalize()
+    swap_in(final.path, job.output)
+    return OutputStore.open(job.output, mode="r+")
+
+
+def _on_home_grid(summary: RunSummary, source: Source) -> RunSummary:
+    """The summary of a downsample model's run, for the output it wrote (level 0's grid)."""
+    home = source.home_shape or source.image_shape
+    extra = {**summary.extra, "mpp": source.slide_mpp, "level": 0}
+    extra["downsample"] = _home_record(source)
+    return replace(summary, image_shape=home, megapixels=home[0] * home[1] / 1e6, extra=extra)
+
+
+def _home_record(source: Source) -> dict[str, Any]:
+    """How a downsample model's output was made, for its attributes and the report."""
+    return {
+        "factor": source.downsample,
+        "network_grid": list(source.image_shape),
+        "level0_per_network_px": source.level0_per_px,
+        "output_grid": list(source.home_shape or ()),
+    }
 
 
 def _choose_workers(job: _Job, plan: WorkPlan) -> WorkersChoice | None:
@@ -416,7 +498,8 @@ def _open_output(
         classes=ClassSpec(spec.class_names, spec.class_colours),
         chunk_shape=chunk_shape,
         mpp=source.mpp,
-        dtype=opts.dtype,
+        # A downsample model's network grid is resampled afterwards: keep its floats.
+        dtype=opts.dtype if source.home_shape is None else "float32",
         overwrite=opts.overwrite or opts.resume,
         attrs=attrs,
         format=opts.format,

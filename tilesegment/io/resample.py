@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -85,6 +86,45 @@ def _apply(wy: sparse.csr_array, wx: sparse.csr_array, block: np.ndarray) -> np.
     tmp = wy @ block.reshape(rows, cols * c).astype(np.float64)
     tmp = tmp.reshape(h, cols, c).transpose(1, 0, 2).reshape(cols, h * c)
     return (wx @ tmp).reshape(w, h, c).transpose(1, 0, 2)
+
+
+def resample_region(
+    read: Callable[[int, int, int, int], np.ndarray],
+    source_shape: tuple[int, int],
+    box: tuple[int, int, int, int],
+    scale: float,
+) -> np.ndarray:
+    """The (h, w, C) float64 values of output box ``(y, x, h, w)`` of a resampled array.
+
+    ``read(y, x, h, w)`` returns the (h, w, C) source block at those source coordinates (a
+    reader's level, a stored array); ``source_shape`` is the source's (H, W) and ``scale`` its
+    px per output px. Output pixel ``i`` depends only on its global index, so any box gives
+    the pixels :func:`resample_array` gives for the whole array, bit for bit.
+    """
+    y, x, h, w = box
+    y0, wy = _weights(y, h, scale, source_shape[0])
+    x0, wx = _weights(x, w, scale, source_shape[1])
+    return _apply(wy, wx, read(y0, x0, wy.shape[1], wx.shape[1]))
+
+
+def nearest_indices(start: int, n: int, scale: float, size: int) -> np.ndarray:
+    """Source indices of output positions ``start .. start + n - 1`` sampled at their centres
+    (``(i + 0.5) * scale - 0.5``, rounded half up, clamped to ``0 .. size - 1``): the point the
+    resampling kernel is centred on, for values that must not be mixed (class or object ids).
+
+    >>> nearest_indices(0, 4, 3.0, 12).tolist(), nearest_indices(0, 3, 2.0, 6).tolist()
+    ([1, 4, 7, 10], [1, 3, 5])
+    """
+    centres = (np.arange(start, start + n, dtype=np.float64) + 0.5) * scale - 0.5
+    return np.clip(np.floor(centres + 0.5).astype(np.int64), 0, size - 1)
+
+
+def nearest_array(array: np.ndarray, shape: tuple[int, int], scale: float) -> np.ndarray:
+    """``array`` (H, W[, ...]) sampled onto ``shape`` at the kernel centres of
+    :func:`resample_array` (:func:`nearest_indices`): every value is one of ``array``'s."""
+    rows = nearest_indices(0, shape[0], scale, array.shape[0])
+    cols = nearest_indices(0, shape[1], scale, array.shape[1])
+    return np.ascontiguousarray(array[np.ix_(rows, cols)])
 
 
 def to_uint8(values: np.ndarray) -> np.ndarray:
@@ -173,10 +213,10 @@ class ResampledReader(ReaderBase):
         hh, ww = self.info.level_shapes[0]
         if h < 1 or w < 1 or y < 0 or x < 0 or y + h > hh or x + w > ww:
             raise ConfigError(f"box {(y, x, h, w)} is outside the resampled image {(hh, ww)}")
-        y0, wy = _weights(y, h, self.scale, self._src_shape[0])
-        x0, wx = _weights(x, w, self.scale, self._src_shape[1])
-        block = self.reader.read_region(self.level, y0, x0, wy.shape[1], wx.shape[1])
-        return to_uint8(_apply(wy, wx, block))
+        return to_uint8(resample_region(self._read, self._src_shape, (y, x, h, w), self.scale))
+
+    def _read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        return self.reader.read_region(self.level, y, x, h, w)
 
     def close(self) -> None:
         self.reader.close()

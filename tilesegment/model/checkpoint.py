@@ -9,6 +9,7 @@ and normalisation, the µm/px the model expects and the training provenance::
       "classes": {"names": ["background", "nucleus"], "colours": [[0,0,0,0], [255,0,0,255]]},
       "input": {"channel_order": "RGB", "mean": [..], "std": [..]},
       "mpp": 0.25, "halo": 92, "valid_input_sizes": "188 + 16k",
+      "downsample": 3.0,
       "instances": {"interior": 1, "boundary": 2, "max_growth_px": 8, "min_seed_px": 4},
       "weights_sha256": "...", "training": {...}
     }
@@ -17,6 +18,13 @@ and normalisation, the µm/px the model expects and the training provenance::
 interior and a nucleus boundary class names them there, and its instances are its interior
 components grown into the nucleus region (:mod:`tilesegment.postprocess.seeded`). Without it,
 instances are the connected components of class 1.
+
+``downsample`` is optional too, for models of images without a µm/px (PNG/JPEG tutorials'
+data): ``F > 1`` means the network sees every image shrunk by ``F`` (``train --downsample``;
+``run``, ``predict`` and ``evaluate`` shrink it with the kernel of
+:mod:`tilesegment.io.resample` and bring the outputs back to the image's own grid). Absent or
+null means 1. A model declares ``mpp`` or ``downsample``, never both: the first fixes the
+scale by micrometres, the second by pixels.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,9 +88,14 @@ class ModelSpec:
     """Provenance: data, command, metrics, licence terms. Informational only."""
     instances: InstanceSpec | None = None
     """Interior and boundary classes for seeded instances; None: components of class 1."""
+    downsample: float | None = None
+    """Image px per network px (> 1) of a model without ``mpp``: the network sees images
+    shrunk by this factor and its outputs are brought back to the image's grid; None: 1."""
 
     def __post_init__(self) -> None:
         n = self.unet.classes
+        if self.downsample is not None:  # frozen: an int 3 is kept as 3.0
+            object.__setattr__(self, "downsample", _check_downsample(self))
         if (
             self.instances is not None
             and max(self.instances.interior, self.instances.boundary) >= n
@@ -153,6 +167,8 @@ class ModelSpec:
         }
         if self.instances is not None:
             doc["instances"] = self.instances.to_json()
+        if self.downsample is not None:  # absent = 1, as in configs written before it existed
+            doc["downsample"] = self.downsample
         if weights_sha256 is not None:
             doc["weights_sha256"] = weights_sha256
         return doc
@@ -187,11 +203,37 @@ class ModelSpec:
                     if doc.get("instances") is None
                     else InstanceSpec.from_json(doc["instances"], source=str(source))
                 ),
+                downsample=_downsample_from_json(doc.get("downsample"), source),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ModelError):
                 raise
             raise ModelError(f"{source}: malformed model config ({exc})") from exc
+
+
+def _check_downsample(spec: ModelSpec) -> float:
+    """``spec.downsample`` as a float, after checking it is > 1 and alone (no ``mpp``)."""
+    value = spec.downsample
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and value > 1):  # type: ignore[arg-type]
+        raise ModelError(
+            f"model {spec.name!r}: downsample ({value!r}) must be a number > 1 (or null for 1)"
+        )
+    if spec.mpp is not None:
+        raise ModelError(
+            f"model {spec.name!r} declares both mpp ({spec.mpp}) and downsample ({value}); a "
+            "model is scaled by one of them: drop one from its JSON"
+        )
+    return float(value)  # type: ignore[arg-type]
+
+
+def _downsample_from_json(value: Any, source: Path) -> float | None:
+    """``downsample`` of a config: None for absent, null or 1; else a float > 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ModelError(f"{source}: downsample ({value!r}) must be a number > 1 or null")
+    return None if value == 1 else float(value)
 
 
 def _geometry(cfg: UNetConfig) -> tuple[int, str]:

@@ -31,6 +31,8 @@ class ShippedModel:
     """One line from the config's training provenance."""
     mpp: float | None
     classes: tuple[str, ...]
+    downsample: float | None = None
+    """Image px per network px of a model without ``mpp`` (None: 1)."""
 
 
 def shipped_models() -> list[ShippedModel]:
@@ -49,6 +51,7 @@ def shipped_models() -> list[ShippedModel]:
                 summary=str(training.get("summary", "")),
                 mpp=doc.get("mpp"),
                 classes=tuple(doc["classes"]["names"]),
+                downsample=doc.get("downsample"),
             )
         )
     return out

@@ -117,6 +117,19 @@ def state_dir(output: str | os.PathLike[str]) -> Path:
     return sidecar_path(output, "tilesegment")
 
 
+def staged_store_path(output: str | os.PathLike[str]) -> Path:
+    """``OUT.tilesegment/image-grid.zarr``: where the store that will replace ``OUT.zarr`` (a
+    downsample model's output on the image's grid) is built, in the run's state folder (so a
+    new run at ``OUT.zarr`` clears it)."""
+    return state_dir(output) / "image-grid.zarr"
+
+
+def replaced_store_path(output: str | os.PathLike[str]) -> Path:
+    """``OUT.tilesegment/network-grid.zarr``: the store a staged store replaced, until it is
+    deleted."""
+    return state_dir(output) / "network-grid.zarr"
+
+
 def report_path(output: str | os.PathLike[str]) -> Path:
     """``OUT.report.json``: the run report, beside ``OUT.zarr``."""
     return sidecar_path(output, "report.json")

@@ -52,6 +52,7 @@ FROZEN_ON_RESUME = (
     "gamma",
     "blur_sigma",
     "select_metric",
+    "downsample",
 )
 
 
@@ -136,6 +137,10 @@ class TrainConfig:
     """Autocast dtype; bf16/fp16 need CUDA."""
     channels_last: bool = True
     mpp: float | None = None
+    """µm/px of the images, recorded in the model (the images are not resampled)."""
+    downsample: float | None = None
+    """Shrink every training image and label by this factor (> 1) first, and record it in the
+    model; for images without a µm/px, so it excludes ``mpp``. None: 1."""
     name: str | None = None
     """Model name in the checkpoints; default the run folder's name."""
     resume: bool = False
@@ -205,6 +210,15 @@ def check_config(cfg: TrainConfig) -> None:
             raise ConfigError(message)
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
+    if cfg.downsample is not None:
+        if cfg.mpp is not None:
+            raise ConfigError(
+                f"--mpp {cfg.mpp:g} and --downsample {cfg.downsample:g} exclude each other: a "
+                "model is scaled by µm/px (--mpp) or, for images without one, by a factor "
+                "(--downsample); give one"
+            )
+        if not (math.isfinite(cfg.downsample) and cfg.downsample > 1):
+            raise ConfigError(f"--downsample ({cfg.downsample}) must be a number > 1")
     if cfg.lr_schedule not in ("cosine", "step", "constant"):
         raise ConfigError(f"--lr-schedule {cfg.lr_schedule!r} must be cosine, step or constant")
     if cfg.optimizer not in DEFAULT_LR:

@@ -29,6 +29,7 @@ target aligned with the pixels the network sees.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import Counter
@@ -234,6 +235,59 @@ def split_pairs(
     if not train:
         raise ConfigError("no training images left after the validation split")
     return [by_name[n] for n in train], [by_name[n] for n in val]
+
+
+# ------------------------------------------------------------------------------ downsample
+def downsample_pairs(
+    pairs: Sequence[LabelledImage], factor: float, kind: LabelKind
+) -> list[LabelledImage]:
+    """The pairs as the network of a ``downsample`` model sees them: shrunk by ``factor``.
+
+    Images go through the kernel ``run`` resamples with
+    (:func:`~tilesegment.io.resample.resample_array`: triangle widened to ``factor`` px, i.e.
+    area-weighted and antialiased, at global pixel centres), onto the shape ``run`` gives
+    (``round(H / factor)``). Labels land on the same grid without mixing values:
+
+    * binary and class masks by the kernel-weighted majority (the arg-max of the one-hot
+      classes resampled with the same kernel; ties go to the lower class), which is how the
+      predicted probabilities come back to an image's grid, so the target is what a perfect
+      prediction would give;
+    * instance ids by the id at each pixel's centre (:func:`~tilesegment.io.resample.
+      nearest_array`, the point the kernel is centred on): every id is an input id and each
+      object stays one object, with no blend of two ids or of an id and background. The
+      separation of touching objects and the border weights (``sigma`` in px) are computed
+      afterwards, on the shrunk labels, i.e. in the network's pixels, as without downsampling.
+      Objects under about ``factor`` px across may vanish, as they would from the image.
+
+    The weight-map cache is keyed by the label pixels, so shrunk labels get their own entries.
+    """
+    from tilesegment.io.resample import nearest_array, resample_array, scale_and_shape, to_uint8
+
+    out = []
+    for p in pairs:
+        scale, shape = scale_and_shape(p.image.shape[:2], 1.0, factor)
+        image = to_uint8(resample_array(p.image, shape, scale))
+        if kind == "instances":
+            label = nearest_array(p.label, shape, scale)
+        else:
+            label = majority_label(p.label, shape, scale)
+        out.append(dataclasses.replace(p, image=image, label=label))
+    return out
+
+
+def majority_label(label: np.ndarray, shape: tuple[int, int], scale: float) -> np.ndarray:
+    """``label`` (H, W) moved onto ``shape`` by the kernel-weighted majority of its values.
+
+    >>> majority_label(np.array([[0, 0, 7, 7, 7, 0]]), (1, 2), 3.0).tolist()
+    [[0, 7]]
+    """
+    from tilesegment.io.resample import resample_array
+
+    values = np.unique(label)
+    if values.size == 1:
+        return np.full(shape, values[0], dtype=label.dtype)
+    onehot = (label[..., None] == values).astype(np.float32)
+    return values[resample_array(onehot, shape, scale).argmax(-1)].astype(label.dtype)
 
 
 # ------------------------------------------------------------------------------ targets

@@ -7,7 +7,8 @@ Resolution (:func:`predict_at_mpp`): when the images' µm/px is given and differ
 model's, each image is resampled to the model's µm/px exactly as ``run`` resamples a slide
 (:func:`tilesegment.io.resample.resample_array`, the kernel of ``ResampledReader``), predicted
 there, and the class probabilities are resampled back onto the image's own grid (same kernel,
-antialiased when shrinking): metrics are always computed at the image's and labels' size.
+antialiased when shrinking): metrics are always computed at the image's and labels' size. A
+model with a ``downsample`` F has every image shrunk by F the same way, whatever its µm/px.
 
 From probabilities ``(K, H, W)`` to a label image comparable with the truth
 (:func:`labels_from_probabilities`): the class map is the arg-max;
@@ -212,7 +213,8 @@ def weighted_loss_terms(
 def predict_at_mpp(
     image: np.ndarray, predictor: Any, image_mpp: float | None
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """(K, H, W) probabilities on ``image``'s grid, predicted at the model's µm/px.
+    """(K, H, W) probabilities on ``image``'s grid, predicted at the model's µm/px or
+    downsample.
 
     Parameters
     ----------
@@ -220,7 +222,9 @@ def predict_at_mpp(
     predictor : :class:`tilesegment.infer.predict.Predictor`
     image_mpp : float, optional
         µm/px of ``image``; None (or within ``MPP_TOLERANCE`` of the model's, or a model
-        without a µm/px) predicts the image as it is.
+        without a µm/px) predicts the image as it is. A model with a ``downsample`` ``F``
+        sees every image shrunk by ``F`` (a virtual µm/px of 1 resampled to ``F``, as
+        :func:`tilesegment.infer.source.open_source` does), whatever ``image_mpp``.
 
     Returns
     -------
@@ -237,6 +241,8 @@ def predict_at_mpp(
     )
 
     model_mpp = predictor.spec.mpp
+    if predictor.spec.downsample is not None:
+        image_mpp, model_mpp = 1.0, predictor.spec.downsample
     if image_mpp is None or model_mpp is None or abs(image_mpp / model_mpp - 1) <= MPP_TOLERANCE:
         return predict_image(image, predictor), image.shape[:2]
     if image.ndim == 2:
@@ -397,8 +403,8 @@ def evaluate_items(
     predictor : :class:`tilesegment.infer.predict.Predictor`
     kind : {"binary", "classes", "instances"}
     min_object_size : int
-        Instances only: predicted objects below this many px (at the model's µm/px; scaled by
-        the area ratio onto the image's grid) are dropped.
+        Instances only: predicted objects below this many px (at the model's µm/px or
+        downsample; scaled by the area ratio onto the image's grid) are dropped.
     with_loss : bool
         Also compute the weighted cross-entropy (needs matching class counts).
     image_mpp : float, optional
@@ -413,6 +419,9 @@ def evaluate_items(
     spec = predictor.spec
     report = Report(kind=kind, class_names=tuple(spec.class_names))
     report.mpp = {"image": image_mpp, "model": spec.mpp}
+    if spec.downsample is not None:  # predicted on images shrunk by it, scored on their grid
+        report.mpp["downsample"] = spec.downsample
+        min_object_size = round(min_object_size * spec.downsample**2)
     num_classes = spec.unet.classes if kind == "classes" else None
     if image_mpp is not None and spec.mpp is not None:
         min_object_size = round(min_object_size * (spec.mpp / image_mpp) ** 2)
@@ -522,9 +531,10 @@ def evaluate_model(
 
     net, spec = load_checkpoint(model, device=device)
     if image_mpp is not None and spec.mpp is None:
+        how = "" if spec.downsample is None else f" (it shrinks images by {spec.downsample:g})"
         raise ConfigError(
-            f"--mpp {image_mpp}: model {spec.name!r} declares no µm/px, so there is nothing to "
-            "resample to; drop --mpp (or train the model with --mpp)"
+            f"--mpp {image_mpp}: model {spec.name!r} declares no µm/px{how}, so there is "
+            "nothing to resample to; drop --mpp (or train the model with --mpp)"
         )
     trained = spec.training or {}
     config = trained.get("config") or {}

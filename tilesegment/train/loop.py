@@ -219,6 +219,7 @@ class _Trainer:
             mean=self.data.mean,
             std=self.data.std,
             instances=seeded,
+            downsample=cfg.downsample,
         )
 
     def _make_loader(self) -> torch.utils.data.DataLoader:

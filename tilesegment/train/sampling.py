@@ -288,6 +288,8 @@ def prepare_run_data(cfg: TrainConfig, geometry: UNetGeometry, *, main: bool) ->
     else:
         names = _default_class_names(kind, n_classes, cfg.boundary_class)
     channels = 3 if any(p.image.shape[-1] == 3 for p in pairs) else 1
+    if cfg.downsample is not None:
+        train_pairs = _shrink(train_pairs, cfg.downsample, kind, main=main)
     cache = cfg.run_dir / "cache" if cfg.w0 > 0 else None
     options = D.WeightOptions(w0=cfg.w0, sigma=cfg.sigma, cache_dir=cache)
     common = {
@@ -318,6 +320,30 @@ def prepare_run_data(cfg: TrainConfig, geometry: UNetGeometry, *, main: bool) ->
             [round(s, 4) for s in std],
         )
     return RunData(kind, names, train, val, channels, mean, std)
+
+
+def _shrink(
+    pairs: list[D.LabelledImage], factor: float, kind: LabelKind, *, main: bool
+) -> list[D.LabelledImage]:
+    """The training pairs shrunk by ``factor`` (:func:`~tilesegment.train.data.
+    downsample_pairs`); validation images stay whole: they are predicted as ``evaluate``
+    predicts them (shrunk, then brought back) and scored on their own grid."""
+    shrunk = D.downsample_pairs(pairs, factor, kind)
+    if main and shrunk:
+        (h, w), (sh, sw) = pairs[0].image.shape[:2], shrunk[0].image.shape[:2]
+        how = "centre ids" if kind == "instances" else "kernel-weighted majority"
+        log.info(
+            "--downsample %g: training images shrunk (e.g. %s %d x %d -> %d x %d px, labels "
+            "by %s); validation scored on the images' own grid",
+            factor,
+            pairs[0].name,
+            h,
+            w,
+            sh,
+            sw,
+            how,
+        )
+    return shrunk
 
 
 def _drop_small_images(items: list[TrainItem], tile: int, net: UNetGeometry) -> list[TrainItem]:

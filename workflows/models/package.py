@@ -63,8 +63,9 @@ CARDS = {
         "masks (Mendonca et al., EMBC 2013); split by case, 8 cases held out "
         "(workflows/models/splits/ph2-val.txt).",
         "terms": "PH2 is for research use: so are these weights. Cite Mendonca et al. 2013.",
-        "use": "Class 1 = lesion. No declared resolution: images are used at their own pixel "
-        "size, as in PH2.",
+        "use": "Class 1 = lesion. No declared um/px: the resolution is the one under "
+        "Architecture (trained at a third of PH2's pixel size, `--downsample 3`, since the "
+        "full-size model's 184 px receptive field was smaller than the lesions).",
         "metrics": ["foreground_dice", "foreground_iou", "pixel_error"],
         "note": "**Limits, seen on the held-out cases**: at PH2's full resolution the network "
         "sees 184 px of context around each output pixel while lesions span 300-700 px, so on "
@@ -108,8 +109,16 @@ def _augmentation(cfg: dict) -> str:
     return ", ".join(parts)
 
 
-def _resolution(mpp: float | None) -> str:
-    return "images at their own pixel size (no declared um/px)" if mpp is None else f"{mpp} um/px"
+def _resolution(mpp: float | None, downsample: float | None = None) -> str:
+    if mpp is not None:
+        return f"{mpp} um/px"
+    if downsample is not None:
+        return (
+            f"images shrunk {downsample:g}x (no declared um/px; `downsample` {downsample:g}: "
+            "run, predict and evaluate shrink every image by it and bring the outputs back to "
+            "the image's own grid)"
+        )
+    return "images at their own pixel size (no declared um/px)"
 
 
 def _stopped(t: dict, cfg: dict, run_dir: Path) -> str:
@@ -216,7 +225,7 @@ def main() -> None:  # long: one card template
 
 **Architecture**: valid-convolution U-Net, depth {cfg["depth"]}, {cfg["base_channels"]} base
 channels, halo {best["halo"]} px, valid inputs {best["valid_input_sizes"]}; expects
-{_resolution(best["mpp"])}, input {best["input"]["channel_order"]}.
+{_resolution(best["mpp"], best.get("downsample"))}, input {best["input"]["channel_order"]}.
 
 **Data**: {card["data"]}
 
