@@ -18,7 +18,7 @@ splits=$(dirname "$0")/splits
 tilesegment train --images "$data/ph2/PH2 Dataset images" \
   --train-list "$splits/ph2-train.txt" --val-list "$splits/ph2-val.txt" \
   --label-kind binary --class-names background,lesion -o "$runs/lesion-derm" --name lesion-derm \
-  --depth 4 --base-channels 16 --downsample 3 --tile-size 364 --batch-size 4 --epochs 20 --steps-per-epoch 75 \
+  --depth 4 --base-channels 16 --downsample 3 --tile-size 364 --batch-size 4 --epochs 14 --steps-per-epoch 75 \
   --optimizer adam --lr 1e-3 --lr-schedule cosine --augment --elastic-sigma 10 --hed-scale 0 --hed-shift 0 \
   --select-metric foreground_dice --seed 0 --threads 1 --no-progress "$mode" &
 
