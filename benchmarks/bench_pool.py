@@ -79,7 +79,7 @@ def _bare_model(predictor, tiles, out_px: int, repeats: int) -> float:
         x = (x - predictor._mean) * predictor._inv_std
         xs.append(x.contiguous(memory_format=torch.channels_last))
     times = []
-    with torch.inference_mode(), predictor._autocast():
+    with torch.inference_mode(), predictor.forward.autocast():
         for x in xs[:2]:
             predictor.model(x)
         for _ in range(repeats):

@@ -362,7 +362,7 @@ def bench_forward(sizes: Sizes, precision: str) -> list[dict]:
 
                     @torch.inference_mode()
                     def forward(x=x, p=p, model=model) -> None:
-                        with p._autocast():
+                        with p.forward.autocast():
                             model(x)
 
                     s = _time(forward, sizes.device, sizes.repeats)

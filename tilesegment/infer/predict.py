@@ -89,20 +89,14 @@ class Predictor:
         self.model = model.to(self.device).eval()
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        # (C,): broadcast over the last axis of the tiles' own (N, H, W, C) layout, each op one
-        # contiguous pass (no (1, C, 1, 1) broadcast over a channels-last view); same values.
-        self._mean = torch.tensor(spec.mean, device=self.device)
-        self._inv_std = 1.0 / torch.tensor(spec.std, device=self.device)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        #: uint8 (N, H, W, C) tiles -> (N, classes, h, w) float32 softmax: what ``make_predictor``
+        #: compiles, so normalisation and softmax fuse with the network's first and last ops.
+        self.forward = TileNetwork(self.model, spec.mean, spec.std, self.device, dtype)
 
     @property
     def halo(self) -> int:
         return self.model.halo
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities for a batch.
@@ -125,8 +119,6 @@ class Predictor:
         if batch.ndim != 4 or batch.dtype != np.uint8:
             raise ConfigError(f"batch must be (N, H, W, C) uint8, got {batch.shape} {batch.dtype}")
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
-        x = x.float().mul_(1.0 / 255.0).sub_(self._mean).mul_(self._inv_std)
-        x = x.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
         probs = self._softmax(x, self.symmetries[0])
         for symmetry in self.symmetries[1:]:
             probs += self._softmax(x, symmetry)
@@ -144,21 +136,52 @@ class Predictor:
         return probs
 
     def _softmax(self, x: torch.Tensor, symmetry: Symmetry) -> torch.Tensor:
-        """Softmax of the model on ``x`` transformed by ``symmetry``, transformed back."""
-        if symmetry.flip_axes:
-            x = torch.flip(x, symmetry.flip_axes)
-        if symmetry.transpose:
-            x = x.transpose(-2, -1)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            logits = self.model(x)
-        probs = torch.softmax(logits.float(), dim=1)
+        """Softmax of the model on uint8 (N, H, W, C) ``x`` transformed by ``symmetry``,
+        transformed back to (N, classes, h, w)."""
+        if symmetry.flip_axes or symmetry.transpose:  # on the uint8 tiles: 4x less to move
+            if symmetry.flip_axes:  # (N, C, H, W) axes -2, -1 are (N, H, W, C) axes 1, 2
+                x = torch.flip(x, [a - 1 for a in symmetry.flip_axes])
+            if symmetry.transpose:
+                x = x.transpose(1, 2)
+            x = x.contiguous()
+        probs = self.forward(x)
         if symmetry.transpose:
             probs = probs.transpose(-2, -1)
         if symmetry.flip_axes:
             probs = torch.flip(probs, symmetry.flip_axes)
         return probs.contiguous()
+
+
+class TileNetwork(torch.nn.Module):
+    """The network between uint8 tiles and class probabilities: scale to [0, 1], normalise
+    per channel, run ``model`` (under autocast when ``dtype`` is given), softmax in float32.
+
+    Normalisation happens in the tiles' own (N, H, W, C) layout (each op one contiguous pass,
+    the channels broadcast over the last axis) and the (N, C, H, W) view of that memory is
+    already channels-last. As one module it compiles into one graph, so the element-wise ops
+    fuse instead of costing a pass each (~8 % of a worker's time on a CPU when they did not).
+    """
+
+    def __init__(self, model, mean, std, device: torch.device, dtype) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, device=device), persistent=False)
+        self.register_buffer("inv_std", 1.0 / torch.tensor(std, device=device), persistent=False)
+        self.device_type = device.type
+        self.dtype = dtype
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of the forward pass (none in fp32)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().mul_(1.0 / 255.0).sub_(self.mean).mul_(self.inv_std)
+        x = x.permute(0, 3, 1, 2)  # (N, C, H, W) view of channels-last memory
+        with self.autocast():
+            logits = self.model(x)
+        return torch.softmax(logits.float(), dim=1)
 
 
 def predict_image(image: np.ndarray, predictor: Predictor) -> np.ndarray:
@@ -230,7 +253,7 @@ def make_predictor(
     cls = PinnedPredictor if device.startswith("cuda") else Predictor
     predictor = cls(net, spec, device=device, precision=precision, channels_last=True, tta=tta)
     if compile:
-        predictor.model = CompiledOrEager(predictor.model)
+        predictor.forward = CompiledOrEager(predictor.forward)
     return predictor
 
 
