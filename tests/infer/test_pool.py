@@ -19,6 +19,7 @@ import torch
 import zarr
 
 from tests.infer.conftest import (
+    IN_PROCESS,
     RUN_ARGS,
     assert_identical,
     descendants,
@@ -230,6 +231,20 @@ def pool_clean(tiny_model, slide, tmp_path_factory):
     assert result.exit_code == 0, result.output
     assert f"worker 0: cpu {AUTO_CPU} x1 threads" in result.output
     return out
+
+
+def test_the_pool_equals_the_in_process_run_on_a_detected_tissue_map(
+    tiny_model, slide, pool_clean, tmp_path
+):
+    """The workers skip and render tissue from the map they unpickled (bit-packed, see
+    ``TissueMap``) exactly as the in-process run does from the parent's."""
+    report = json.loads(report_path(pool_clean).read_text())
+    assert report["tissue"]["how"].startswith("detected")
+    assert report["tiles"]["skipped_no_tissue"] > 0
+    out = tmp_path / "out.zarr"
+    result = invoke("run", slide, "-o", out, "--model", tiny_model, *RUN_ARGS, *IN_PROCESS)
+    assert result.exit_code == 0, result.output
+    assert_identical(out, pool_clean)
 
 
 def test_injected_worker_crash_is_retried_into_identical_output(
