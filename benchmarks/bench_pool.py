@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -365,26 +366,18 @@ def _compare(a: Path, b: Path) -> dict:
     }
 
 
-def rss(args) -> dict:
+def _per_size(args, benchmark: str, measure: Callable[[Path, Path], dict]) -> dict:
+    """Run ``measure(slide, model)`` (one fresh child process) on a mostly-glass synthetic
+    slide of each ``--sizes``, smallest first as given; one row per size."""
     model = _model(args)
     rows = []
     for size in args.sizes:
         slide = _slide(size, 0.05, patches=args.patches)
-        r = _child(
-            "run",
-            str(slide),
-            str(model),
-            str(args.tile_size),
-            str(WORK / "rss.zarr"),
-            "in-process",
-            "auto",
-            args.compile,
-        )
-        r["slide_px"] = size
+        r = {"slide_px": size, **measure(slide, model)}
         print(json.dumps(r), file=sys.stderr)
         rows.append(r)
     return {
-        "benchmark": "rss",
+        "benchmark": benchmark,
         "machine": _machine(),
         "model": _model_name(args),
         "tile_size": args.tile_size,
@@ -392,13 +385,24 @@ def rss(args) -> dict:
     }
 
 
+def rss(args) -> dict:
+    """Peak RSS of ``run_slide`` (in-process, ``--tissue auto``) in a fresh child per size."""
+
+    def measure(slide: Path, model: Path) -> dict:
+        out = WORK / "rss.zarr"
+        tile = str(args.tile_size)
+        return _child(
+            "run", str(slide), str(model), tile, str(out), "in-process", "auto", args.compile
+        )
+
+    return _per_size(args, "rss", measure)
+
+
 def rss_geojson(args) -> dict:
     """Peak RSS of the whole CLI job ``tilesegment run SLIDE -o OUT --geojson G`` (run, seeded
     or component instances, GeoJSON and table export) in a fresh process per slide size."""
-    model = _model(args)
-    rows = []
-    for size in args.sizes:
-        slide = _slide(size, 0.05, patches=args.patches)
+
+    def measure(slide: Path, model: Path) -> dict:
         out, geojson = WORK / "rss-geojson.zarr", WORK / "rss.geojson"
         cmd = [
             sys.executable, "-c", "import sys; from tilesegment.cli import main; "
@@ -416,8 +420,7 @@ def rss_geojson(args) -> dict:
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         with open(geojson) as fh:
             nuclei = sum(1 for _ in json.load(fh)["features"])
-        r = {
-            "slide_px": size,
+        return {
             "wall_s": round(wall, 1),
             "nuclei": nuclei,
             "geojson_mb": round(geojson.stat().st_size / 1e6, 1),
@@ -425,15 +428,8 @@ def rss_geojson(args) -> dict:
             # workers); sizes run smallest first.
             "peak_rss_mb": round(max(peak, before) / 1024, 1),
         }
-        print(json.dumps(r), file=sys.stderr)
-        rows.append(r)
-    return {
-        "benchmark": "rss-geojson",
-        "machine": _machine(),
-        "model": _model_name(args),
-        "tile_size": args.tile_size,
-        "results": rows,
-    }
+
+    return _per_size(args, "rss-geojson", measure)
 
 
 def workers(args) -> dict:

@@ -19,9 +19,11 @@ keep its samples; others are read in blocks of at most :data:`THUMBNAIL_BLOCK_PX
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -191,15 +193,44 @@ def load_tissue_mask(path: Path, slide: SlideInfo) -> np.ndarray:
 
 
 class TissueMap:
-    """A tissue mask registered to the image being segmented, by the ratio of their shapes."""
+    """A tissue mask registered to the image being segmented, by the ratio of their shapes.
+
+    Picklable in a compact form: the mask 8 pixels a byte and the two shapes. The summed-area
+    table behind :meth:`any_in` (8 bytes a mask pixel) is built on its first use, so neither
+    the pickle nor a process that only renders (a pool worker) carries it. The pool sends the
+    map to every worker at start-up: for an 80000² slide (a 2000² thumbnail mask) that is
+    0.5 MB instead of 36 MB.
+    """
 
     def __init__(self, mask: np.ndarray, image_shape: tuple[int, int]) -> None:
         self.mask = mask.astype(bool)
         self.image_shape = image_shape
         self._fy = mask.shape[0] / image_shape[0]
         self._fx = mask.shape[1] / image_shape[1]
-        # Summed-area table: any tissue in a window is one O(1) lookup.
-        self._sat = np.pad(self.mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+
+    @functools.cached_property
+    def _sat(self) -> np.ndarray:
+        """Summed-area table of the mask: any tissue in a window is one O(1) lookup."""
+        return np.pad(self.mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+
+    def __reduce__(self) -> tuple[Any, tuple[np.ndarray, tuple[int, int], tuple[int, int]]]:
+        h, w = self.mask.shape
+        return TissueMap.unpack, (np.packbits(self.mask, axis=None), (h, w), self.image_shape)
+
+    @classmethod
+    def unpack(
+        cls, bits: np.ndarray, mask_shape: tuple[int, int], image_shape: tuple[int, int]
+    ) -> TissueMap:
+        """The map of a mask of ``mask_shape`` packed by ``np.packbits(mask, axis=None)``.
+
+        >>> import pickle
+        >>> tmap = TissueMap(np.eye(3, dtype=bool), (300, 300))
+        >>> back = pickle.loads(pickle.dumps(tmap))
+        >>> back.mask.tolist() == tmap.mask.tolist(), back.image_shape
+        (True, (300, 300))
+        """
+        h, w = mask_shape
+        return cls(np.unpackbits(bits, count=h * w).reshape(h, w).astype(bool), image_shape)
 
     @property
     def fraction(self) -> float:

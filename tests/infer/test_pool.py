@@ -6,21 +6,26 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import signal
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 import zarr
 
 from tests.infer.conftest import (
+    IN_PROCESS,
     RUN_ARGS,
     assert_identical,
     descendants,
     done_records,
     invoke,
+    run_cli,
     start_cli,
     wait_for_records,
     wait_gone,
@@ -30,10 +35,12 @@ from tilesegment.infer.capacity import WORKER_RSS_MB, cap_cpu_workers
 from tilesegment.infer.devices import cpu_has_native_bf16, resolve_devices, resolve_precision
 from tilesegment.infer.executors.faults import FAULT_ENV, FaultInjector, FaultSpec
 from tilesegment.infer.stream import BatchSize
+from tilesegment.io import open_slide
 from tilesegment.machine import available_memory_mb, cgroup_limit, usable_cores
 from tilesegment.store import is_complete
 from tilesegment.store.layout import report_path
 from tilesegment.store.resume import lock_path
+from tilesegment.tissue import TissueMap, load_tissue_mask
 
 POOL_ARGS = ("--workers", "2", *RUN_ARGS)
 #: What ``--precision auto`` is on this machine's CPU.
@@ -90,6 +97,13 @@ def test_fault_hook_grammar_and_targeting():
     hook.chunk_written()
     with pytest.raises(RuntimeError, match="injected fault in worker 0 generation 0 after 2"):
         hook.chunk_written()
+    start = FaultSpec.parse("at=start,mode=raise")
+    assert start.at_start and start.fails and start.mode == "raise"
+    hook = FaultInjector(start, slot=0, generation=0)
+    hook.chunk_written()  # a start-up fault never fires later
+    with pytest.raises(RuntimeError, match="before reading its start-up arguments"):
+        hook.arguments_requested()
+    FaultInjector(FaultSpec(after=1), slot=0, generation=0).arguments_requested()  # inert
 
 
 def test_worker_cap_reads_cgroup_limits_and_logs_the_cap(tmp_path, caplog):
@@ -156,6 +170,43 @@ def test_sigterm_during_worker_start_up_ends_the_process_tree_promptly(tiny_mode
     assert done_records(out) == 0 and not is_complete(out)
 
 
+@pytest.mark.parametrize(
+    ("mode", "retries", "death"),
+    [("exit", 2, "exited with code 86"), ("kill", 0, "was killed by signal 9")],
+)
+def test_worker_dying_at_start_up_fails_the_run_fast_naming_it(
+    tiny_model, slide, tmp_path, mode, retries, death
+):
+    """Every worker dies as it starts, after asking for its start-up arguments (over 64 KiB
+    here: a full-resolution --tissue mask) and before reading them. The run ends within
+    seconds, exit 1, with one line naming the worker and how it died. The arguments used to go
+    with ``Process.start()``, whose write into the spawn pipe blocks for good once the pipe is
+    full and the child is dead (the parent holds the pipe's read end until the write ends)."""
+    mask = tmp_path / "mask.tif"
+    tifffile.imwrite(mask, np.full((3000, 3000), 255, np.uint8))
+    with open_slide(mask) as reader:
+        arguments = pickle.dumps(TissueMap(load_tissue_mask(mask, reader.info), (3000, 3000)))
+    assert len(arguments) > 64 * 1024
+    out = tmp_path / "out.zarr"
+    args = ("run", slide, "-o", out, "--model", tiny_model, *POOL_ARGS, "--tissue", mask,
+            "--max-retries", retries)  # fmt: skip
+    t0 = time.monotonic()
+    done = run_cli(*args, env={FAULT_ENV: f"at=start,gen=all,mode={mode}"}, timeout=120)
+    took = time.monotonic() - t0
+    assert done.returncode == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, done.stderr
+    assert "tiles failed with no worker left to compute them" in errors[0]
+    assert re.search(
+        rf"last error: worker [01] \(cpu, pid \d+\) {death} during start-up;", errors[0]
+    )
+    assert "Traceback" not in done.stderr and took < 60, f"took {took:.1f} s"
+    report = json.loads(report_path(out).read_text())
+    assert report["status"] == "failed"
+    deaths = [e for e in report["errors"] if re.fullmatch(rf"worker .* {death} during start-up", e)]
+    assert len(deaths) == 2 * (retries + 1)  # each worker, then every respawn allowed
+
+
 def _workers(pid: int) -> list[int]:
     """The pool workers among the descendants of ``pid`` (not multiprocessing's tracker)."""
     found = []
@@ -180,6 +231,20 @@ def pool_clean(tiny_model, slide, tmp_path_factory):
     assert result.exit_code == 0, result.output
     assert f"worker 0: cpu {AUTO_CPU} x1 threads" in result.output
     return out
+
+
+def test_the_pool_equals_the_in_process_run_on_a_detected_tissue_map(
+    tiny_model, slide, pool_clean, tmp_path
+):
+    """The workers skip and render tissue from the map they unpickled (bit-packed, see
+    ``TissueMap``) exactly as the in-process run does from the parent's."""
+    report = json.loads(report_path(pool_clean).read_text())
+    assert report["tissue"]["how"].startswith("detected")
+    assert report["tiles"]["skipped_no_tissue"] > 0
+    out = tmp_path / "out.zarr"
+    result = invoke("run", slide, "-o", out, "--model", tiny_model, *RUN_ARGS, *IN_PROCESS)
+    assert result.exit_code == 0, result.output
+    assert_identical(out, pool_clean)
 
 
 def test_injected_worker_crash_is_retried_into_identical_output(

@@ -19,6 +19,7 @@ from tests.train.conftest import write_folder
 from tilesegment.cli import main
 from tilesegment.io.image import ImageReader
 from tilesegment.io.resample import ResampledReader, resample_array, scale_and_shape, to_uint8
+from tilesegment.model import load_checkpoint
 from tilesegment.train.evaluate import Report
 from tilesegment.train.figure import (
     FN_RGB,
@@ -120,6 +121,7 @@ def test_table_names_the_metrics_and_the_pooled_row(tnbc, tnbc_json):
     result = invoke("evaluate", "--model", "nuclei-he", "--images", tnbc[0], "--labels", tnbc[1],
                     "--list", _names(tnbc[0].parent, TNBC_NAMES[:1]))  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert "instances labels (instances: seeded), 1 image(s)" in result.output.splitlines()[0]
     header = result.output.splitlines()[1].split()
     assert header == ["image", "AJI", "AJI+", "PQ", "DQ", "SQ", "Dice", "F1@0.5"]
     row = next(line for line in result.output.splitlines() if line.startswith(TNBC_NAMES[0]))
@@ -229,6 +231,7 @@ def test_classes_get_dice_and_iou_per_class_and_a_figure(tiny_model, tmp_path):
     for column in ("mean Dice", "Dice background", "Dice class2", "IoU class1"):
         assert column in header
     doc = json.loads(invoke(*args, "--json").output)
+    assert "instances" not in doc and "instances" not in result.output.splitlines()[0]
     assert len(doc["aggregate"]["dice_per_class"]) == 3
     assert len(doc["images"][0]["iou_per_class"]) == 3
     with Image.open(grid) as image:
@@ -271,3 +274,17 @@ def test_instances_components_compares_the_post_processing(tnbc, tnbc_json):
     seeded = [row["object_tp"] + row["object_fp"] for row in tnbc_json["images"]]
     components = [row["object_tp"] + row["object_fp"] for row in doc["images"]]
     assert seeded != components  # other objects from the same probabilities
+
+
+def test_a_model_without_instance_spec_scores_components(tiny_model, tmp_path):
+    """The method reported is the one evaluation used: `--instances model` on a model that
+    declares no instances falls back to components, and says so."""
+    assert load_checkpoint(tiny_model)[1].instances is None
+    images, labels = write_folder(tmp_path / "data", 2, shape=(64, 64))
+    base = ["evaluate", "--model", tiny_model, "--images", images, "--labels", labels,
+            "--label-kind", "instances", "--instances", "model"]  # fmt: skip
+    doc = json.loads(invoke(*base, "--json").output)
+    assert doc["kind"] == "instances" and doc["instances"] == "components"
+    result = invoke(*base)
+    assert result.exit_code == 0, result.output
+    assert "instances labels (instances: components)" in result.output.splitlines()[0]

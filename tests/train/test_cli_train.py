@@ -129,7 +129,7 @@ def test_train_then_evaluate_and_run(tmp_path):
 
     table = invoke("evaluate", "--model", out / "best", "--images", images, "--labels", labels)
     assert table.exit_code == 0, table.output
-    assert "instances labels, 4 image(s)" in table.output
+    assert "instances labels (instances: components), 4 image(s)" in table.output
     assert "img3" in table.output and "mean" in table.output and "AJI" in table.output
     doc = json.loads(
         invoke(

@@ -130,14 +130,13 @@ def evaluate(
         rows = write_figure(report, figure, n=figure_n, colours=spec.class_colours)
     if as_json:
         doc = {"model": str(model_path), "name": spec.name, "tta": tta, **report.to_json()}
-        if report.kind == "instances":
-            doc["instances"] = _instance_method(instance_method, spec)
         if figure is not None:
             doc["figure"] = {"path": str(figure), "rows": rows}
         click.echo(json.dumps(doc, indent=2))
         return
-    click.echo(f"model {spec.name} ({model_path}), {report.kind} labels, {len(report.per_image)}"
-               f" image(s){_mpp_note(mpp, spec)}{_tta_note(tta)}")  # fmt: skip
+    kind = f"{report.kind} labels{_instances_note(report.instance_method)}"
+    notes = f"{_mpp_note(mpp, spec)}{_tta_note(tta)}"
+    click.echo(f"model {spec.name} ({model_path}), {kind}, {len(report.per_image)} image(s){notes}")
     click.echo(report.table())
     if figure is not None:
         click.echo(
@@ -145,9 +144,8 @@ def evaluate(
         )
 
 
-def _instance_method(choice: str, spec) -> str:
-    """What made the scored instances: ``seeded`` or ``components``."""
-    return "seeded" if choice == "model" and spec.instances is not None else "components"
+def _instances_note(method: str | None) -> str:
+    return "" if method is None else f" (instances: {method})"
 
 
 def _tta_note(tta: str) -> str:

@@ -280,6 +280,10 @@ class Report:
     """``image`` and ``model`` µm/px (None when unknown)."""
     examples: dict[str, Example] = field(default_factory=dict, repr=False)
     """Image, truth and prediction by name, when kept for a figure."""
+    instance_method: str | None = None
+    """Instance labels only: what made the scored instances, ``"seeded"`` (the model's
+    :class:`InstanceSpec`, as ``run`` makes them) or ``"components"`` (the components of class
+    1, boundary pixels given back); None for the other kinds."""
 
     @property
     def headline(self) -> str:
@@ -309,7 +313,9 @@ class Report:
         return sorted(self.per_image, key=order)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """Every number, JSON-safe (NaN as None); ``instances``: the :attr:`instance_method`,
+        for instance labels only."""
+        doc = {
             "kind": self.kind,
             "headline": self.headline,
             "class_names": list(self.class_names),
@@ -319,6 +325,9 @@ class Report:
             "aggregate": _json_values(self.pooled),
             "images": [_json_values(row) for row in self.per_image],
         }
+        if self.instance_method is not None:
+            doc["instances"] = self.instance_method
+        return doc
 
     def table(self) -> str:
         """A fixed-width text table: one row per image, the mean, and the pooled scores."""
@@ -422,6 +431,9 @@ def evaluate_items(
     if spec.downsample is not None:  # predicted on images shrunk by it, scored on their grid
         report.mpp["downsample"] = spec.downsample
         min_object_size = round(min_object_size * spec.downsample**2)
+    instance_spec = spec.instances if seeded else None
+    if kind == "instances":
+        report.instance_method = "components" if instance_spec is None else "seeded"
     num_classes = spec.unet.classes if kind == "classes" else None
     if image_mpp is not None and spec.mpp is not None:
         min_object_size = round(min_object_size * (spec.mpp / image_mpp) ** 2)
@@ -429,7 +441,7 @@ def evaluate_items(
     for it in items:
         probs, seen = predict_at_mpp(it.image, predictor, image_mpp)
         pred = labels_from_probabilities(
-            probs, kind, min_object_size=min_object_size, seeded=spec.instances if seeded else None
+            probs, kind, min_object_size=min_object_size, seeded=instance_spec
         )
         metrics = evaluate_pair(pred, it.truth, kind, num_classes=num_classes)
         metrics.pop("kind", None)

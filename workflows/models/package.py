@@ -121,10 +121,15 @@ def _resolution(mpp: float | None, downsample: float | None = None) -> str:
     return "images at their own pixel size (no declared um/px)"
 
 
-def _stopped(t: dict, cfg: dict, run_dir: Path) -> str:
+def log_rows(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of the run's ``log.csv``, one per epoch (training and validation), as read."""
+    with (run_dir / "log.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _stopped(rows: list[dict[str, str]], cfg: dict) -> str:
     """A sentence when the run ended before its planned epochs (e.g. at the end of a session)."""
-    with (run_dir / "log.csv").open() as fh:
-        last = max(int(r["epoch"]) for r in csv.DictReader(fh))
+    last = max(int(r["epoch"]) for r in rows)
     if last >= cfg["epochs"]:
         return ""
     return (
@@ -157,10 +162,9 @@ def forward_mpx_per_s(checkpoint: Path, tile: int = 572, batch: int = 4) -> floa
     return batch * out * out / statistics.median(seconds[1:]) / 1e6
 
 
-def training_hours(run_dir: Path) -> float:
-    """Wall time of the run's epochs (training and validation) from its ``log.csv``."""
-    with (run_dir / "log.csv").open() as fh:
-        return sum(float(r["seconds"] or 0) for r in csv.DictReader(fh)) / 3600
+def training_hours(rows: list[dict[str, str]]) -> float:
+    """Wall time of the run's epochs (training and validation) from its ``log_rows``."""
+    return sum(float(r["seconds"] or 0) for r in rows) / 3600
 
 
 def _evaluate(args: argparse.Namespace, held_out: list[str]) -> dict:
@@ -190,9 +194,10 @@ def main() -> None:  # long: one card template
     held_out = best["training"]["data"]["validation"]
     result = _evaluate(args, held_out)
     speed = forward_mpx_per_s(args.run_dir / "best")
-    hours = training_hours(args.run_dir)
+    epochs = log_rows(args.run_dir)
+    hours = training_hours(epochs)
     card = CARDS[args.name]
-    stopped = _stopped(best["training"], best["training"]["config"], args.run_dir)
+    stopped = _stopped(epochs, best["training"]["config"])
     mean = result["mean"]
     summary = " ".join(
         f"{k} {mean[k]:.3f}" for k in card["metrics"] if isinstance(mean.get(k), float)

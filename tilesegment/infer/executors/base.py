@@ -99,15 +99,20 @@ def failed_tiles_error(
     max_retries: int,
     last_error: str,
     where: str = "",
+    *,
+    why: str | None = None,
 ) -> WorkerError:
-    """Note the tiles of ``tasks`` as failed in ``stats``; the WorkerError that names them."""
+    """Note the tiles of ``tasks`` as failed in ``stats``; the WorkerError that names them
+    and why they failed (default: after ``max_retries`` retries)."""
     stats.failed_tiles = sorted(ij for task in tasks for ij in task.tiles)
     shown = ", ".join(f"({i}, {j})" for i, j in stats.failed_tiles[:8])
     more = f" and {len(stats.failed_tiles) - 8} more" if len(stats.failed_tiles) > 8 else ""
-    attempts = "1 attempt" if max_retries == 0 else f"{max_retries + 1} attempts"
+    if why is None:
+        attempts = "1 attempt" if max_retries == 0 else f"{max_retries + 1} attempts"
+        why = f"after {attempts}{where}"
     return WorkerError(
-        f"{len(stats.failed_tiles)} tiles failed after {attempts}{where} "
-        f"(tiles {shown}{more}); last error: {last_error}"
+        f"{len(stats.failed_tiles)} tiles failed {why} (tiles {shown}{more}); "
+        f"last error: {last_error}"
     )
 
 

@@ -8,7 +8,9 @@ the parent or the in-process path) makes worker slot 0 fail after writing 3 chun
 (``RuntimeError``), ``gen`` = ``first`` (default: only the first process of the slot, so the
 respawned worker succeeds) or ``all``; ``startup=SECONDS`` makes the worker sleep that long
 before loading the model (a slow start-up, to test signals during it; no fault then unless
-``after``, ``tile`` or ``mode`` is also given). It exists to test fault tolerance and is not a
+``after``, ``tile`` or ``mode`` is also given); ``at=start`` fails at start-up instead, once the
+worker has asked the parent for its start-up arguments and before it reads them (a worker that
+dies while its parent sends it the run). It exists to test fault tolerance and is not a
 feature.
 """
 
@@ -38,6 +40,8 @@ class FaultSpec:
     mode: str = "exit"
     every_generation: bool = False
     startup_s: float = 0.0
+    at_start: bool = False
+    """Fail before reading the start-up arguments (``at=start``), not at a tile or chunk."""
     fails: bool = True
     """False when the spec only slows the start-up down."""
 
@@ -60,11 +64,14 @@ class FaultSpec:
                     values["every_generation"] = value == "all"
                 elif key == "startup":
                     values["startup_s"] = float(value)
+                elif key == "at" and value == "start":
+                    values["at_start"] = True
                 else:
                     raise ValueError(part)
         except ValueError as exc:
             raise ConfigError(f"{FAULT_ENV}={text!r}: cannot parse {exc}") from exc
-        values["fails"] = bool(set(values) & {"after", "tile", "mode"}) or "startup_s" not in values
+        fault = {"after", "tile", "mode", "at_start"}
+        values["fails"] = bool(set(values) & fault) or "startup_s" not in values
         return cls(**values)
 
 
@@ -78,6 +85,8 @@ class FaultInjector:
             and spec.worker in (None, slot)
             and (spec.every_generation or generation == 0)
         )
+        self._in_stream = self.active and spec.fails and not spec.at_start
+        """Whether the fault fires at a tile or after chunks (not at start-up, not never)."""
         self._chunks = 0
         self._where = f"worker {slot} generation {generation}"
 
@@ -92,14 +101,19 @@ class FaultInjector:
             log.warning("slowing the start-up of %s by %g s", self._where, self.spec.startup_s)
             time.sleep(self.spec.startup_s)
 
+    def arguments_requested(self) -> None:
+        """Fire an ``at=start`` fault: the worker has asked for its arguments, not read them."""
+        if self.active and self.spec.at_start:
+            self._fire("before reading its start-up arguments")
+
     def tile_started(self, tile) -> None:
-        if not self.active or not self.spec.fails:
+        if not self._in_stream:
             return
         if self.spec.tile == tile.index or (self.spec.tile is None and self.spec.after == 0):
             self._fire(f"at tile {tile.index}")
 
     def chunk_written(self) -> None:
-        if not self.active or not self.spec.fails or self.spec.tile is not None:
+        if not self._in_stream or self.spec.tile is not None:
             return
         self._chunks += 1
         if self._chunks == self.spec.after:

@@ -48,6 +48,8 @@ class _Slot:
     generation: int = -1
     process: Any = None
     conn: Any = None
+    arguments: bytes | None = None
+    """The worker's pickled start-up arguments until it asks for them (``hello``)."""
     ready: bool = False
     inflight: dict[int, None] = field(default_factory=dict)
     current: int | None = None
@@ -69,6 +71,9 @@ class PoolResult:
     """What the pool could not do: failed units with their unfinished chunks."""
 
     failed: dict[int, tuple[ChunkTask, ...]]
+    no_worker_left: str | None = None
+    """The last worker's error when the pool ran out of workers (then nothing computes the
+    failed units), else None."""
 
 
 class PoolExecutor:
@@ -102,7 +107,8 @@ class PoolExecutor:
                 self._stats,
                 [task for uid in result.failed for task in result.failed[uid]],
                 self.ctx.options.max_retries,
-                pool.errors[-1] if pool.errors else "unknown",
+                result.no_worker_left or (pool.errors[-1] if pool.errors else "unknown"),
+                why="with no worker left to compute them" if result.no_worker_left else None,
             )
 
 
@@ -153,10 +159,13 @@ class WorkerPool:
         pending: deque[int] = deque(range(len(units)))
         attempts = Attempts(self.max_retries)
         failed: dict[int, tuple[ChunkTask, ...]] = {}
+        no_worker_left = None
         self._t0 = time.perf_counter()
         try:
-            for s in self._slots:
+            for i, s in enumerate(self._slots):
                 self._spawn(s)
+                for started in self._slots[:i]:  # their arguments, so they load in parallel
+                    self._drain(started)
             while True:
                 live = [s for s in self._slots if s.process is not None]
                 if not pending and not any(s.inflight for s in live):
@@ -164,6 +173,7 @@ class WorkerPool:
                 if not live:
                     for uid in pending:
                         failed[uid] = self._unfinished(uid)
+                    no_worker_left = self.errors[-1] if self.errors else "unknown"
                     self.errors.append("no worker left to run the remaining tiles")
                     break
                 self._dispatch(pending)
@@ -187,7 +197,7 @@ class WorkerPool:
             raise
         finally:
             self._kill_all()
-        return PoolResult(failed)
+        return PoolResult(failed, no_worker_left)
 
     def _spawn(self, s: _Slot) -> None:
         parent, child = self._mp.Pipe(duplex=True)
@@ -198,10 +208,8 @@ class WorkerPool:
         s.inflight = {}
         s.current = None
         s.t_ready = s.t_last = None
-        payload = pickle.dumps(
+        s.arguments = pickle.dumps(
             (
-                s.slot,
-                s.generation,
                 os.getpid(),
                 self.ctx,
                 self.plan.grid,
@@ -211,15 +219,17 @@ class WorkerPool:
                 logging.getLogger("tilesegment").getEffectiveLevel(),
             )
         )
+        # Only small arguments go with start(): the start-up arguments follow over the
+        # connection when the worker asks (see tilesegment.infer.executors.spawn).
         process = self._mp.Process(
             target=run_worker,
-            args=(payload, child),  # the pipe end travels the way multiprocessing passes it
-            name=f"tilesegment-worker-{s.slot}",
+            args=(s.slot, s.generation, child),  # the connection travels as multiprocessing
+            name=f"tilesegment-worker-{s.slot}",  # passes it (an inherited file descriptor)
             daemon=True,
         )
-        # A signal inside start() would cut the payload short; hold it back until the child
-        # has read it (a fraction of a second: see tilesegment.infer.executors.spawn). The
-        # worker imports torch with WORKER_ENV; the parent's environment is restored.
+        # A signal inside start() would cut the spawn data short; hold it back until the child
+        # has read it (a fraction of a second). The worker imports torch with WORKER_ENV; the
+        # parent's environment is restored.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         try:
             with spawn_env():
@@ -227,7 +237,7 @@ class WorkerPool:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         s.process = process
-        child.close()
+        child.close()  # the worker's end lives only in the worker: its death breaks the pipe
         s.conn = parent
         log.info("started worker %d on %s (pid %d)", s.slot, s.device, s.process.pid)
 
@@ -250,6 +260,15 @@ class WorkerPool:
                 s.inflight[uid] = None
                 progress = True
 
+    def _send_arguments(self, s: _Slot) -> None:
+        """Send the worker that said hello its start-up arguments. The parent holds no copy of
+        the worker's end of the connection, so if the worker dies first or meanwhile the send
+        fails instead of blocking; the worker's sentinel then reports the death."""
+        arguments, s.arguments = s.arguments, None
+        if arguments is not None:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                s.conn.send_bytes(arguments)
+
     def _unfinished(self, uid: int) -> tuple[ChunkTask, ...]:
         return tuple(t for t in self.plan.units[uid] if t.key in self._remaining[uid])
 
@@ -264,7 +283,9 @@ class WorkerPool:
                 return
             kind = msg[0]
             now = time.perf_counter()
-            if kind == "ready":
+            if kind == "hello":
+                self._send_arguments(s)
+            elif kind == "ready":
                 s.ready = True
                 s.t_ready = s.t_last = now
                 s.precision = msg[1]["precision"]
@@ -314,9 +335,11 @@ class WorkerPool:
             reason = f"was killed by signal {-code}"
         else:
             reason = f"exited with code {code}"
-        message = f"worker {s.slot} ({s.device}, pid {s.process.pid}) {reason}"
+        when = "" if s.ready else " during start-up"
+        message = f"worker {s.slot} ({s.device}, pid {s.process.pid}) {reason}{when}"
         self.errors.append(message)
-        log.warning("%s; re-queuing its %d units of work", message, len(s.inflight))
+        requeue = f"; re-queuing its {len(s.inflight)} units of work" if s.inflight else ""
+        log.warning("%s%s", message, requeue)
         # Only the unit being computed counts an attempt; the ones queued behind it are
         # innocent and go back first.
         for uid in reversed(s.inflight):
