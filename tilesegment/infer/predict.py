@@ -82,7 +82,6 @@ class Predictor:
         if precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("`precision` fp16 needs a CUDA device; use bf16 or fp32 on CPU")
         self.precision = precision
-        self.channels_last = channels_last
         self.spec = spec
         self.tta = tta
         self.symmetries = tta_symmetries(tta)
