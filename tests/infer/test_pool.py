@@ -104,6 +104,13 @@ def test_fault_hook_grammar_and_targeting():
     with pytest.raises(RuntimeError, match="before reading its start-up arguments"):
         hook.arguments_requested()
     FaultInjector(FaultSpec(after=1), slot=0, generation=0).arguments_requested()  # inert
+    end = FaultSpec.parse("at=exit")
+    assert end.at_exit and end.fails and end.mode == "exit"
+    hook = FaultInjector(FaultSpec(at_exit=True, mode="raise"), slot=0, generation=0)
+    hook.tile_started(None)  # an exit fault never fires in the stream
+    hook.chunk_written()
+    with pytest.raises(RuntimeError, match="after its goodbye"):
+        hook.finished()
 
 
 def test_worker_cap_reads_cgroup_limits_and_logs_the_cap(tmp_path, caplog):
@@ -265,6 +272,29 @@ def test_injected_worker_crash_is_retried_into_identical_output(
     assert [d["restarts"] for d in report["devices"]] == [1, 0]
     assert sum(d["tiles"] for d in report["devices"]) == report["tiles"]["processed"]
     assert "exited with code 86" in report["errors"][0]
+
+
+def test_worker_failing_after_its_goodbye_is_reported_and_the_output_stands(
+    tiny_model, slide, pool_clean, tmp_path, monkeypatch, caplog
+):
+    """Both workers write and report every chunk, say goodbye, then exit 86: the output is
+    whole and identical, and the report and the log say how each worker ended (it used to be
+    silent: only a worker's own error message was reported at the stop)."""
+    out = tmp_path / "out.zarr"
+    monkeypatch.setenv(FAULT_ENV, "at=exit,mode=exit")
+    result = invoke("run", slide, "-o", out, "--model", tiny_model, *POOL_ARGS)
+    assert result.exit_code == 0, result.output
+    assert_identical(out, pool_clean)
+    report = json.loads(report_path(out).read_text())
+    assert report["status"] == "complete"
+    assert [d["restarts"] for d in report["devices"]] == [0, 0]
+    pattern = (
+        r"worker [01] \(cpu, pid \d+\) exited with code 86 after its goodbye once asked to "
+        r"stop; the chunks it reported are written"
+    )
+    assert sorted(e[:8] for e in report["errors"]) == ["worker 0", "worker 1"], report["errors"]
+    assert all(re.fullmatch(pattern, e) for e in report["errors"]), report["errors"]
+    assert "after its goodbye" in caplog.text
 
 
 def test_persistent_failure_stops_with_the_failed_tiles_and_resumes(

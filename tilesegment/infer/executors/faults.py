@@ -10,8 +10,9 @@ respawned worker succeeds) or ``all``; ``startup=SECONDS`` makes the worker slee
 before loading the model (a slow start-up, to test signals during it; no fault then unless
 ``after``, ``tile`` or ``mode`` is also given); ``at=start`` fails at start-up instead, once the
 worker has asked the parent for its start-up arguments and before it reads them (a worker that
-dies while its parent sends it the run). It exists to test fault tolerance and is not a
-feature.
+dies while its parent sends it the run); ``at=exit`` fails once the worker has said goodbye
+(every chunk written and reported: a worker whose exit alone says something went wrong). It
+exists to test fault tolerance and is not a feature.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class FaultSpec:
     startup_s: float = 0.0
     at_start: bool = False
     """Fail before reading the start-up arguments (``at=start``), not at a tile or chunk."""
+    at_exit: bool = False
+    """Fail after the goodbye message (``at=exit``), not at a tile or chunk."""
     fails: bool = True
     """False when the spec only slows the start-up down."""
 
@@ -64,13 +67,13 @@ class FaultSpec:
                     values["every_generation"] = value == "all"
                 elif key == "startup":
                     values["startup_s"] = float(value)
-                elif key == "at" and value == "start":
-                    values["at_start"] = True
+                elif key == "at" and value in ("start", "exit"):
+                    values[f"at_{value}"] = True
                 else:
                     raise ValueError(part)
         except ValueError as exc:
             raise ConfigError(f"{FAULT_ENV}={text!r}: cannot parse {exc}") from exc
-        fault = {"after", "tile", "mode", "at_start"}
+        fault = {"after", "tile", "mode", "at_start", "at_exit"}
         values["fails"] = bool(set(values) & fault) or "startup_s" not in values
         return cls(**values)
 
@@ -85,7 +88,7 @@ class FaultInjector:
             and spec.worker in (None, slot)
             and (spec.every_generation or generation == 0)
         )
-        self._in_stream = self.active and spec.fails and not spec.at_start
+        self._in_stream = self.active and spec.fails and not (spec.at_start or spec.at_exit)
         """Whether the fault fires at a tile or after chunks (not at start-up, not never)."""
         self._chunks = 0
         self._where = f"worker {slot} generation {generation}"
@@ -105,6 +108,11 @@ class FaultInjector:
         """Fire an ``at=start`` fault: the worker has asked for its arguments, not read them."""
         if self.active and self.spec.at_start:
             self._fire("before reading its start-up arguments")
+
+    def finished(self) -> None:
+        """Fire an ``at=exit`` fault: the worker has reported every chunk and said goodbye."""
+        if self.active and self.spec.at_exit:
+            self._fire("after its goodbye")
 
     def tile_started(self, tile) -> None:
         if not self._in_stream:

@@ -396,11 +396,33 @@ class WorkerPool:
                 if s.process.sentinel in ready:
                     self._drain(s)
                     s.process.join()
-                    if s.error is not None:
-                        self.errors.append(f"worker {s.slot} ({s.device}) raised {s.error[1]}")
+                    self._report_stop(s)
                     self._close(s)
                     s.process = None
                     live.remove(s)
+
+    def _report_stop(self, s: _Slot) -> None:
+        """Say how a worker asked to stop ended, if not cleanly. Every chunk it reported is
+        written (a chunk is reported only once stored), so the output stands; the report and
+        the log still tell, since a worker that crashes on its way out may be failing."""
+        code = s.process.exitcode
+        if s.error is not None:
+            message = f"worker {s.slot} ({s.device}) raised {s.error[1]}"
+        elif code != 0 or not s.finished:
+            how = (
+                f"was killed by signal {-code}"
+                if code is not None and code < 0
+                else (f"exited with code {code}")
+            )
+            said = "after its goodbye" if s.finished else "without saying goodbye"
+            message = (
+                f"worker {s.slot} ({s.device}, pid {s.process.pid}) {how} {said} once asked "
+                "to stop; the chunks it reported are written"
+            )
+        else:
+            return
+        self.errors.append(message)
+        log.warning("%s", message)
 
     def _kill_all(self) -> None:
         for s in self._slots:

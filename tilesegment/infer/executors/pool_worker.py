@@ -180,6 +180,7 @@ def worker_main(
                 "decode_warnings": decode_warnings,
             },
         )
+        fault.finished()
     except BaseException as exc:
         out.send("error", *pack_error(exc))
         sys.exit(1)  # a normal exit, so that finalisers release shared semaphores
