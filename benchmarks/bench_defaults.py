@@ -10,12 +10,13 @@ size, and the worker start-up behind ``--workers auto`` (issue 13, item 1).
 (a) default  A synthetic SIZE² all-tissue pyramidal JPEG TIFF (0.25 µm/px, the shipped model's
              resolution): ``python -m tilesegment run SLIDE -o OUT --no-progress`` in a fresh
              child, alternating with the bare forward pass of the shipped model (the network
-             alone on normalised channels-last 572 px tiles, batch 1, precision auto) in four
-             configurations: one process with a thread per usable core, and one single-thread
-             process per core (run at once, rates summed), each eager and compiled (compile
-             time excluded). Medians over ``--repeats``; the ratio is the default's rate
-             (computed Mpx / stream s, and / the whole process's wall time) over the fastest
-             bare configuration's.
+             alone on normalised channels-last tiles of the default size, batch 1, precision
+             auto) in four configurations: one process with a thread per usable core, and one
+             single-thread process per core (run at once, rates summed), each eager and
+             compiled (compile time excluded); and the compiled single-thread processes on 572
+             and 1084 px tiles, since the tile size is part of the configuration. Medians over
+             ``--repeats``; the ratio is the default's rate (computed Mpx / stream s, and / the
+             whole process's wall time) over the fastest bare configuration's.
 (b) small    256² and 1000² PNG crops of a MoNuSeg image, end to end (process wall time) with
              this checkout and with ``--old`` (``git archive`` into benchmarks/_work),
              alternating, medians over ``--small-repeats``; the new runs' report gives where the
@@ -29,6 +30,12 @@ size, and the worker start-up behind ``--workers auto`` (issue 13, item 1).
              against computed Mpx fit ``a + Mpx / rate`` for each; the break-even is where the
              lines cross. ``AUTO_MIN_MPX_PER_WORKER`` in ``tilesegment/infer/capacity.py``
              comes from it.
+(e) tiles    The tile size behind ``DEFAULT_TILE_SIZE``: one single-thread child per
+             precision (fp32, and bf16 where the CPU has it) and mode (eager, compiled) runs
+             the predictor a worker runs (uint8 tiles in, probabilities out) on each of
+             ``--tile-sizes`` in turn, ``--repeats`` rounds; output Mpx per CPU-second of the
+             thread (``time.thread_time``, so other jobs on the machine matter less than to
+             wall time), medians. Peak RSS of a fresh eager child per size and precision.
 
 Slides are written once into benchmarks/_work/defaults from a few pre-compressed rendered
 tissue tiles (``tilesegment.testing.synthetic``), so an 80000² slide takes seconds to write.
@@ -52,7 +59,7 @@ REPO = HERE.parent
 WORK = HERE / "_work" / "defaults"
 MONUSEG = REPO.parent / "shared" / "data" / "monuseg" / "images" / "TCGA-18-5592-01Z-00-DX1.png"
 TILE = 512  # slide tile edge
-PARTS = ("default", "small", "rss", "crossover")
+PARTS = ("default", "small", "rss", "crossover", "tiles")
 #: The rows of (b): imports, the steps of :data:`STEPS` and the interpreter's start and exit.
 SMALL_ROWS = (
     "import_cli",
@@ -273,9 +280,9 @@ def child_phases(argv: list[str]) -> None:
     cli(argv, prog_name="tilesegment")
 
 
-def child_bare(threads: int, compile: bool, tiles: int) -> None:
-    """In a child: the network alone on ``tiles`` 572 px tiles after warming up; waits for
-    ``go`` on stdin after printing ``ready`` so that parallel children overlap."""
+def child_bare(threads: int, compile: bool, tiles: int, size: int) -> None:
+    """In a child: the network alone on ``tiles`` tiles of ``size`` px after warming up; waits
+    for ``go`` on stdin after printing ``ready`` so that parallel children overlap."""
     import torch
 
     from tilesegment.infer.devices import resolve_precision
@@ -287,7 +294,7 @@ def child_bare(threads: int, compile: bool, tiles: int) -> None:
     net, spec = load_checkpoint(resolve_model("nuclei-he"))
     precision = resolve_precision("auto", "cpu")
     model = make_predictor(net, spec, "cpu", precision, compile=compile).model
-    x = torch.rand(1, 3, 572, 572).contiguous(memory_format=torch.channels_last)
+    x = torch.rand(1, 3, size, size).contiguous(memory_format=torch.channels_last)
     cast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     with torch.inference_mode(), cast:
         for _ in range(3):
@@ -298,13 +305,70 @@ def child_bare(threads: int, compile: bool, tiles: int) -> None:
         for _ in range(tiles):
             model(x)
         seconds = time.perf_counter() - t0
-    out = net.output_size(572)
+    out = net.output_size(size)
     print(json.dumps({"mpx_per_s": tiles * out * out / 1e6 / seconds, "precision": precision}))
 
 
-def bare(processes: int, threads: int, compile: bool, tiles: int) -> float:
-    """Output Mpx/s of ``processes`` children of ``threads`` threads each, run at once."""
+def child_tiles(precision: str, compile: bool, sizes: list[int], rounds: int) -> None:
+    """In a child: output Mpx per CPU-second of the worker's predictor on each tile size."""
+    import numpy as np
+    import torch
+
+    from tilesegment.infer.predict import make_predictor
+    from tilesegment.model import load_checkpoint
+    from tilesegment.model.registry import resolve_model
+
+    torch.set_num_threads(1)
+    net, spec = load_checkpoint(resolve_model("nuclei-he"))
+    predictor = make_predictor(net, spec, "cpu", precision, compile=compile)
+    rng = np.random.default_rng(0)
+    tiles = {n: rng.integers(0, 256, (1, n, n, 3), dtype=np.uint8) for n in sizes}
+    for x in tiles.values():  # warm up (and compile every shape)
+        predictor(x)
+        predictor(x)
+    rates: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(rounds):
+        for n, x in tiles.items():
+            out = net.output_size(n)
+            k = max(1, round(2.5e6 / out**2))  # ~2.5 Mpx of output per measurement
+            t0 = time.thread_time()
+            for _ in range(k):
+                predictor(x)
+            rates[n].append(k * out * out / 1e6 / (time.thread_time() - t0))
+    print(json.dumps({str(n): statistics.median(v) for n, v in rates.items()}))
+
+
+def child_tile_rss(precision: str, size: int) -> None:
+    """In a child: peak RSS (MB) after three eager passes of the predictor on one tile size."""
+    import resource
+
+    import numpy as np
+    import torch
+
+    from tilesegment.infer.predict import make_predictor
+    from tilesegment.model import load_checkpoint
+    from tilesegment.model.registry import resolve_model
+
+    torch.set_num_threads(1)
+    net, spec = load_checkpoint(resolve_model("nuclei-he"))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    predictor = make_predictor(net, spec, "cpu", precision)
+    x = np.zeros((1, size, size, 3), np.uint8)
+    for _ in range(3):
+        predictor(x)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"before_mb": before, "peak_mb": peak}))
+
+
+def bare(processes: int, threads: int, compile: bool, size: int, tiles: int) -> float:
+    """Output Mpx/s of ``processes`` children of ``threads`` threads each on ``size`` px tiles,
+    run at once; ``tiles`` 572 px tiles' worth of output each (fewer larger tiles)."""
+    from tilesegment.geometry import UNetGeometry
+
+    geometry = UNetGeometry.of(depth=4)
+    tiles = max(1, round(tiles * (geometry.output_size(572) / geometry.output_size(size)) ** 2))
     cmd = [sys.executable, __file__, "child-bare", str(threads), str(int(compile)), str(tiles)]
+    cmd.append(str(size))
     kids = [
         subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env(REPO)
@@ -319,6 +383,15 @@ def bare(processes: int, threads: int, compile: bool, tiles: int) -> float:
         k.stdin.flush()
     rates = [json.loads(k.communicate()[0])["mpx_per_s"] for k in kids]
     return sum(rates)
+
+
+def _child(*argv: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, __file__, *argv], capture_output=True, text=True, env=_env(REPO)
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _median(rows: list[dict], *keys: str) -> float:
@@ -336,12 +409,16 @@ def _median(rows: list[dict], *keys: str) -> float:
 
 def part_default(args, cores: int) -> dict:
     image = slide(args.size)
+    from tilesegment.infer.options import DEFAULT_TILE_SIZE as tile
+
     configs = {
-        f"1 process x {cores} threads, eager": (1, cores, False),
-        f"1 process x {cores} threads, compiled": (1, cores, True),
-        f"{cores} processes x 1 thread, eager": (cores, 1, False),
-        f"{cores} processes x 1 thread, compiled": (cores, 1, True),
+        f"1 process x {cores} threads, eager, {tile} px": (1, cores, False, tile),
+        f"1 process x {cores} threads, compiled, {tile} px": (1, cores, True, tile),
+        f"{cores} processes x 1 thread, eager, {tile} px": (cores, 1, False, tile),
+        f"{cores} processes x 1 thread, compiled, {tile} px": (cores, 1, True, tile),
     }
+    for other in sorted({572, 1084} - {tile}):  # the tile size is part of the configuration
+        configs[f"{cores} processes x 1 thread, compiled, {other} px"] = (cores, 1, True, other)
     bare_rates: dict[str, list[float]] = {name: [] for name in configs}
     runs = []
     for _ in range(args.repeats):
@@ -366,6 +443,25 @@ def part_default(args, cores: int) -> dict:
         "ratio_stream": stream / medians[best],
         "ratio_wall": wall / medians[best],
     }
+
+
+def part_tiles(args) -> dict:
+    from tilesegment.infer.devices import cpu_has_native_bf16
+
+    precisions = ["fp32"] + (["bf16"] if cpu_has_native_bf16() else [])
+    sizes = [str(n) for n in args.tile_sizes]
+    rates, rss = {}, {}
+    for precision in precisions:
+        for compile in (False, True):
+            key = f"{precision} {'compiled' if compile else 'eager'}"
+            rounds = str(args.repeats)
+            rates[key] = _child("child-tiles", precision, str(int(compile)), rounds, *sizes)
+            print(json.dumps({"tiles": key, "mpx_per_cpu_s": rates[key]}), file=sys.stderr)
+        for n in sizes:
+            rss[f"{precision} {n}"] = _child("child-tile-rss", precision, n)
+            print(json.dumps({"tile_rss": f"{precision} {n}", **rss[f"{precision} {n}"]}),
+                  file=sys.stderr)  # fmt: skip
+    return {"sizes": args.tile_sizes, "mpx_per_cpu_s": rates, "rss": rss}
 
 
 def part_small(args) -> dict:
@@ -466,6 +562,24 @@ def markdown(results: dict, machine: str) -> str:
             f"**{d['ratio_stream']:.2f}**, whole process {d['ratio_wall']:.2f}.",
             "",
         ]
+    if "tiles" in results:
+        t = results["tiles"]
+        sizes = [str(n) for n in t["sizes"]]
+        lines += [
+            "(e) output Mpx per CPU-second of one thread, by input tile size (medians)",
+            "",
+            "| precision, mode | " + " | ".join(f"{n} px" for n in sizes) + " |",
+            "|---|" + "---|" * len(sizes),
+        ]
+        for key, row in t["mpx_per_cpu_s"].items():
+            lines.append(f"| {key} | " + " | ".join(f"{row[n]:.2f}" for n in sizes) + " |")
+        for precision in dict.fromkeys(k.split()[0] for k in t["rss"]):
+            lines.append(
+                f"| peak RSS MB, {precision} eager | "
+                + " | ".join(f"{t['rss'][f'{precision} {n}']['peak_mb']:.0f}" for n in sizes)
+                + " |"
+            )
+        lines.append("")
     if "small" in results:
         s = results["small"]
         res, old = s["results"], s["old"]
@@ -532,7 +646,14 @@ def markdown(results: dict, machine: str) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "child-bare":
-        child_bare(int(sys.argv[2]), bool(int(sys.argv[3])), int(sys.argv[4]))
+        child_bare(int(sys.argv[2]), bool(int(sys.argv[3])), int(sys.argv[4]), int(sys.argv[5]))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "child-tiles":
+        sizes = [int(n) for n in sys.argv[5:]]
+        child_tiles(sys.argv[2], bool(int(sys.argv[3])), sizes, int(sys.argv[4]))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "child-tile-rss":
+        child_tile_rss(sys.argv[2], int(sys.argv[3]))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "child-phases":
         child_phases(sys.argv[2:])
@@ -540,18 +661,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", action="append", choices=PARTS, help="parts to run (default all)")
     ap.add_argument("--size", type=int, default=20000, help="(a) slide edge; (c) tissue edge")
-    ap.add_argument("--repeats", type=int, default=3, help="(a), (d) repeats")
+    ap.add_argument("--repeats", type=int, default=3, help="(a), (d), (e) repeats")
     ap.add_argument("--bare-tiles", type=int, default=40, help="(a) tiles per bare measurement")
     ap.add_argument("--small-repeats", type=int, default=5)
     ap.add_argument("--old", default="8a6b24c", help="(b) the commit to compare with")
     ap.add_argument("--rss-sizes", type=int, nargs="+", default=[20000, 80000])
+    ap.add_argument("--tile-sizes", type=int, nargs="+", default=[572, 828, 1084, 1340])
     ap.add_argument("--crossover-sizes", type=int, nargs="+", default=[3000, 6000, 9000, 12000])
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     from tilesegment.machine import usable_cores
 
     cores = usable_cores()
-    parts = args.only or [p for p in PARTS if p != "crossover"]
+    parts = args.only or [p for p in PARTS if p not in ("crossover", "tiles")]
     results: dict = {}
     if "default" in parts:
         results["default"] = part_default(args, cores)
@@ -561,6 +683,8 @@ def main() -> None:
         results["rss"] = part_rss(args)
     if "crossover" in parts:
         results["crossover"] = part_crossover(args, cores)
+    if "tiles" in parts:
+        results["tiles"] = part_tiles(args)
     machine = (
         f"{platform.processor() or platform.machine()}, {cores} usable cores, "
         f"Python {platform.python_version()}; load average {os.getloadavg()[0]:.1f} at the end"

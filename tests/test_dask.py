@@ -48,12 +48,16 @@ def test_numpy_and_zarr_images_equal_the_whole_image_pass(model, predictor, imag
     import zarr
 
     expected = predict_image(image, predictor)
-    got = segment(image, model, precision="fp32")
+    got = segment(image, model, precision="fp32", tile_size=572)  # blocks of one 572 px stride
     assert got.shape == expected.shape and got.dtype == np.float32
     assert got.chunks == ((3,), (384, 384, 232), (384, 393))  # last x block merged (9 < depth)
+    # The default tile (828 px, strides of 640) gives other blocks and the same pixels.
+    default = segment(image, model, precision="fp32")
+    assert default.chunks == ((3,), (640, 360), (640, 137))
+    np.testing.assert_allclose(default.compute(scheduler="threads"), expected, rtol=0, atol=ATOL)
     np.testing.assert_allclose(got.compute(scheduler="threads"), expected, rtol=0, atol=ATOL)
     stored = zarr.create_array(zarr.storage.MemoryStore(), data=image, chunks=(256, 256, 3))
-    from_zarr = segment(stored, model, precision="fp32").compute(scheduler="threads")
+    from_zarr = segment(stored, model, precision="fp32", tile_size=572).compute(scheduler="threads")
     np.testing.assert_array_equal(from_zarr, got.compute(scheduler="threads"))
 
 

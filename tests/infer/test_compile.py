@@ -10,15 +10,15 @@ import numpy as np
 import torch
 
 from tests.conftest import data_path
-from tilesegment.infer.options import COMPILE_MIN_TILES, RunOptions, resolve_compile
+from tilesegment.infer.options import COMPILE_MIN_MPX, RunOptions, resolve_compile
 from tilesegment.infer.run import run_slide
 from tilesegment.store import OutputStore
 from tilesegment.store.layout import report_path
 
 
 def test_auto_compiles_only_runs_long_enough_to_repay_it():
-    assert resolve_compile(None, COMPILE_MIN_TILES) is True
-    assert resolve_compile(None, COMPILE_MIN_TILES - 1) is False
+    assert resolve_compile(None, COMPILE_MIN_MPX) is True
+    assert resolve_compile(None, COMPILE_MIN_MPX - 0.1) is False
     assert resolve_compile(True, 1) is True and resolve_compile(False, 10**6) is False
 
 

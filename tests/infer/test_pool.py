@@ -319,9 +319,15 @@ def test_persistent_failure_stops_with_the_failed_tiles_and_resumes(
     # (chunks are 3 x 3 tiles: only the chunk holding tile (4, 4) is missing)
     assert done_records(out) == done_records(pool_clean) - 1
     monkeypatch.delenv(FAULT_ENV)
-    again = invoke(*args, "--resume")
+    # Without --tile-size the resume takes the run's own 572 px, not today's default.
+    resume = [a for a in args if a not in ("--tile-size", "572")] + ["--resume"]
+    assert len(resume) == len(args) - 1
+    again = invoke(*resume)
     assert again.exit_code == 0, again.output
     assert_identical(out, pool_clean)
+    # Another tile size is still refused, naming the difference.
+    refused = invoke(*resume[:-1], "--tile-size", "828", "--resume")
+    assert refused.exit_code != 0 and "tile_size [572, 572] -> [828, 828]" in refused.output
 
 
 def test_killed_parent_leaves_no_worker_and_resumes_identically(

@@ -101,7 +101,7 @@ def test_aggregate_table_has_one_complete_row_per_slide(workflow_run):
         assert float(row["peak_rss_mb"]) > 0
         features = json.loads((outdir / f"{stem}.geojson").read_text())["features"]
         assert int(row["instances"]) == len(features)
-    assert int(rows["synthetic slide"]["tiles"]) == 16  # 1500 px in 388 px tile cores: 4 x 4
+    assert int(rows["synthetic slide"]["tiles"]) == 9  # 1500 px, default tile: 644 px cores, 3 x 3
 
 
 def test_a_second_run_has_nothing_to_do(workflow_run):

@@ -23,6 +23,7 @@ from tilesegment.cli.options import (
 )
 from tilesegment.cli.outcome import echo_summary, export_instances, sigterm_interrupts
 from tilesegment.infer.capacity import AUTO_MIN_MPX_PER_WORKER, WORKER_RSS_MB
+from tilesegment.infer.options import DEFAULT_TILE_SIZE
 from tilesegment.store.layout import FORMATS
 
 
@@ -59,7 +60,11 @@ def _auto_side() -> int:
     help="OUT.zarr to write; with several slides the folder OUTDIR for OUTDIR/<stem>.zarr.",
 )
 @model_option(default="nuclei-he")
-@tile_size_option(default=None, help="Input tile edge in px (a valid U-Net input size).")
+@tile_size_option(
+    default=None,
+    help="Input tile edge in px (a valid U-Net input size; default: the model's size nearest "
+    f"{DEFAULT_TILE_SIZE}, less for a small image; on --resume, the size the run began with).",
+)
 @click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True)
 @click.option(
     "--level",
@@ -123,7 +128,7 @@ def _auto_side() -> int:
     "--compile/--no-compile",
     "compile_model",
     default=None,
-    help="torch.compile the model (default: when the run computes >= 2000 tiles; falls back "
+    help="torch.compile the model (default: when the run computes >= 300 Mpx; falls back "
     "to eager mode if compiling fails).",
 )
 @click.option(

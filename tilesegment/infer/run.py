@@ -118,7 +118,7 @@ def run_slide(
     run = RunRecord.start()
     run.tta = opts.tta
     net, spec = load_checkpoint(model, device="cpu")
-    tile_size = resolve_tile_size(net.geometry, opts.tile_size)
+    tile_size = resolve_tile_size(net.geometry, opts.tile_size or _started_with(output, opts))
     devices = resolve_devices(opts.device, opts.workers)
     precisions = sorted({resolve_precision(opts.precision, d) for d in devices})
     if opts.in_process and len(devices) > 1:
@@ -146,6 +146,22 @@ def run_slide(
                 tissue_mask=tissue_mask,
             )
             return _run_locked(job, run)
+
+
+def _started_with(output: str | Path, opts: RunOptions) -> int | None:
+    """On ``--resume`` without ``--tile-size``, the tile size the run was started with (so a
+    run started under an older default resumes); otherwise None (the default)."""
+    if not opts.resume:
+        return None
+    try:
+        record = read_record(Path(output))
+    except TilesegmentError:
+        return None  # the resume check reports the unreadable record
+    tile = None if record is None else record[0].get("tile_size")
+    if isinstance(tile, list) and tile and all(isinstance(t, int) for t in tile):
+        # The larger side: a side shrunk to fit a small image shrinks again the same way.
+        return max(tile)
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +263,7 @@ def _run_locked(job: _Job, run: RunRecord) -> RunSummary:
         plan = plan_work(grid, opts, tissue=tissue, done=done_log.done, shards=files.shard_chunks)
         # Decided on the run's whole work, done or not, so that a resumed run compiles (or not)
         # like the interrupted one and writes the same bytes.
-        run.compiled = resolve_compile(opts.compile, plan.tiles_with_tissue)
+        run.compiled = resolve_compile(opts.compile, plan.work_px / 1e6)
         choice = _choose_workers(job, plan)
         if choice is not None:
             log.info("%s", choice.describe())
