@@ -13,11 +13,12 @@ from tilesegment.machine import available_memory_mb, usable_cores
 log = logging.getLogger(__name__)
 
 
-#: Peak RSS of one CPU worker process with the default model, in MB: 457 MB eager and
-#: 576 MB compiled in a 20000² default run of the shipped 3-class nuclei-he (389-404 and
-#: 511-522 with the earlier 2-class model; benchmarks/RESULTS.md). Caps ``--workers`` by free
-#: memory and is the per-worker cost of ``--workers auto``.
-WORKER_RSS_MB = 580
+#: Peak RSS of one CPU worker process with the default model and tile, in MB: 598-617 MB
+#: compiled (bf16) in a 20000² default run of the shipped 3-class nuclei-he on 828 px tiles
+#: (524-547 on 572 px tiles; 457 eager), plus ~40 MB for fp32 activations on CPUs without
+#: bf16 (benchmarks/RESULTS.md). Caps ``--workers`` by free memory and is the per-worker cost
+#: of ``--workers auto``.
+WORKER_RSS_MB = 660
 
 
 def cap_cpu_workers(workers: int) -> int:
@@ -95,7 +96,7 @@ def auto_workers(work_mpx: float, *, cores: int, memory_mb: float | None) -> Wor
     'workers auto: in-process (4.0 Mpx of tissue, under 25 Mpx per worker for 2 workers)'
     >>> auto_workers(400.0, cores=2, memory_mb=8000).processes
     2
-    >>> auto_workers(400.0, cores=2, memory_mb=1700).processes  # 2 workers + 1 need 1740 MB
+    >>> auto_workers(400.0, cores=2, memory_mb=1900).processes  # 2 workers + 1 need 1980 MB
     0
     """
     workers = cores
