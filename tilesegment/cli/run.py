@@ -118,7 +118,7 @@ def _auto_side() -> int:
     f"usable core (affinity, cgroup quota) when the run computes at least "
     f"{AUTO_MIN_MPX_PER_WORKER:g} Mpx of tissue per worker (a {_auto_side()}² all-tissue "
     f"image on 2 cores) and the available memory holds one worker more than that at "
-    f"~{WORKER_RSS_MB} MB each (2 workers on 2 cores: ~1.7 GB in all, in-process 0.4-0.7 GB); "
+    f"~{WORKER_RSS_MB} MB each (2 workers on 2 cores: ~1.7 GB in all, in-process 0.4-0.8 GB); "
     "in-process otherwise. 1: in-process. N: N workers, capped to the usable cores and the "
     "memory, with a warning. GPU devices ignore it (one worker per device).",
 )
