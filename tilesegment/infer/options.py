@@ -12,10 +12,10 @@ from tilesegment.geometry import tta_symmetries
 from tilesegment.store.layout import FORMATS, NGFF_04
 
 #: Default input tile edge (or the nearest valid size for other depths): 828 px, output 644 px
-#: for the shipped depth-4 models. Per CPU-second the bare bf16 network computes 15-25 % more
-#: output there than at the paper's 572 px (less of each tile is halo: 1.67 input px per
-#: output px against 2.17), and no less in fp32; larger tiles gain nothing more on this CPU
-#: and cost memory (~+80 MB per worker in bf16, +146 in fp32, over 572 px). Small images get
+#: for the shipped depth-4 models. Less of each tile is halo than at the paper's 572 px (1.67
+#: input px per output px against 2.17): as much or more output per CPU-second in 10 of 11
+#: same-round comparisons (bf16 +4 to +37 %, fp32 +1 to +7 %), for ~+105 MB (bf16) / +140 MB
+#: (fp32) per worker; 1084 px went both ways against it for more memory. Small images get
 #: smaller tiles (:func:`tilesegment.geometry.tile_grid`). See benchmarks/RESULTS.md.
 DEFAULT_TILE_SIZE = 828
 

@@ -331,10 +331,8 @@ class WorkerPool:
             exc = _unpack(blob)
             if exc is not None and (not retryable(exc) or _cannot_write(exc)):
                 raise exc
-        elif code is not None and code < 0:
-            reason = f"was killed by signal {-code}"
         else:
-            reason = f"exited with code {code}"
+            reason = _exit_reason(code)
         when = "" if s.ready else " during start-up"
         message = f"worker {s.slot} ({s.device}, pid {s.process.pid}) {reason}{when}"
         self.errors.append(message)
@@ -409,15 +407,10 @@ class WorkerPool:
         if s.error is not None:
             message = f"worker {s.slot} ({s.device}) raised {s.error[1]}"
         elif code != 0 or not s.finished:
-            how = (
-                f"was killed by signal {-code}"
-                if code is not None and code < 0
-                else (f"exited with code {code}")
-            )
             said = "after its goodbye" if s.finished else "without saying goodbye"
             message = (
-                f"worker {s.slot} ({s.device}, pid {s.process.pid}) {how} {said} once asked "
-                "to stop; the chunks it reported are written"
+                f"worker {s.slot} ({s.device}, pid {s.process.pid}) {_exit_reason(code)} "
+                f"{said} once asked to stop; the chunks it reported are written"
             )
         else:
             return
@@ -466,6 +459,13 @@ class WorkerPool:
         """The largest peak RSS a worker reported (each measures its own; the kernel's
         ``RUSAGE_CHILDREN`` figure would include the parent's peak, see :func:`peak_rss_mb`)."""
         return max((s.peak_rss_mb for s in self._slots), default=0.0)
+
+
+def _exit_reason(code: int | None) -> str:
+    """How a worker process ended, from its exit code (negative: the signal that killed it)."""
+    if code is not None and code < 0:
+        return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def _cannot_write(exc: BaseException) -> bool:
