@@ -569,3 +569,27 @@ def test_shard_options_are_checked(tmp_path):
         buffer.write_chunk(Box(0, 1024, *CHUNK), chunk_probabilities(Box(0, 1024, *CHUNK)))
     with pytest.raises(StoreError, match="not chunk-aligned"):
         buffer.write_chunk(Box(0, 10, *CHUNK), chunk_probabilities(Box(0, 10, *CHUNK)))
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 48), (2, 33, 47), (1, 7, 2), (5, 1), (1, 9), (4, 3, 3)])
+def test_uint8_mean_downsample_rounds_half_to_even_like_float_sums(shape):
+    from tilesegment.store.ngff import downsample_mean
+
+    rng = np.random.default_rng(len(shape) * 100 + shape[-1])
+    block = rng.integers(0, 256, shape, dtype=np.uint8)
+    h, w = shape[-2:]
+    if h >= 4 and w >= 4:  # exact halves: 6 / 4 = 1.5 rounds to 2, 10 / 4 = 2.5 to 2
+        block[..., :2, :2] = [[1, 2], [2, 1]]
+        block[..., 2:4, 2:4] = [[2, 3], [2, 3]]
+    padded = np.zeros((*shape[:-2], h + h % 2, w + w % 2))
+    counts = np.zeros((h + h % 2, w + w % 2))
+    padded[..., :h, :w] = block
+    counts[:h, :w] = 1
+    sums = padded.reshape(*shape[:-2], -1, 2, padded.shape[-1] // 2, 2).sum(axis=(-3, -1))
+    n = counts.reshape(-1, 2, counts.shape[-1] // 2, 2).sum(axis=(-3, -1))
+    got = downsample_mean(block)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, np.rint(sums / n).astype(np.uint8))
+    if h >= 4 and w >= 4:
+        assert got[..., 0, 0].tolist() == [2] * got[..., 0, 0].size
+        assert got[..., 1, 1].tolist() == [2] * got[..., 1, 1].size

@@ -63,7 +63,8 @@ def create_level(
     lead: tuple[int, ...] = (),
 ) -> zarr.Array:
     """Array ``k`` of ``group``, (*lead, *shape), with chunks (and shards) of the level-0 size
-    in px, the leading axes whole."""
+    in px, the leading axes whole. An array with leading axes holds probabilities (values
+    spread over the whole dtype); one without, a label (see :func:`create_array`)."""
     return create_array(
         group,
         str(k),
@@ -72,6 +73,7 @@ def create_level(
         dtype,
         shards=None if shard_shape is None else (*lead, *shard_shape),
         dimension_names=AXES[-len(lead) - 2 :],
+        spread=bool(lead),
     )
 
 
