@@ -102,6 +102,13 @@ def test_auto_starts_the_pool_when_the_work_repays_it_with_in_process_output(
     assert [d["threads"] for d in report["devices"]] == [max(1, cores // n)] * n
     assert sum(d["tiles"] for d in report["devices"]) == report["tiles"]["processed"]
     assert report["seconds"]["workers_ready"] > 0 and report["seconds"]["workers_stop"] >= 0
+    for d in report["devices"]:  # where each worker's time went
+        assert 0 < d["startup_seconds"] <= report["seconds"]["workers_ready"] + 1e-3
+        assert 0 < d["first_batch_seconds"] <= d["forward_seconds"] <= d["busy_seconds"]
+        assert d["cpu_seconds"] > d["forward_seconds"] * 0.5  # imports and model at least
+    inproc_device = json.loads(report_path(inproc).read_text())["devices"][0]
+    assert 0 < inproc_device["forward_seconds"] <= inproc_device["busy_seconds"]
+    assert inproc_device["cpu_seconds"] > 0
     a, b = OutputStore.open(auto), OutputStore.open(inproc)
     np.testing.assert_array_equal(a.probabilities[:], b.probabilities[:])
     np.testing.assert_array_equal(a.mask[:], b.mask[:])

@@ -134,6 +134,13 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) this process and the children it waited for have used:
+    every thread's, and the compiler's that ``torch.compile`` starts."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def peak_rss_mb() -> float:
     """This process's own peak RSS in MB.
 

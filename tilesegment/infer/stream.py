@@ -316,6 +316,10 @@ class StreamStats:
     core_px: int = 0
     chunks: int = 0
     seconds: float = 0.0
+    forward_seconds: float = 0.0
+    """Wall seconds inside the predictor (the forward passes, compilation included)."""
+    first_batch_seconds: float = 0.0
+    """Wall seconds of the first forward pass (with ``torch.compile``: the compilation)."""
     stopped: bool = False
     batch_size: int = 0
 
@@ -432,7 +436,13 @@ class _Batch:
 
     def flush(self) -> None:
         """Predict the queued tiles, place them, write the chunks they complete."""
-        probs = self.sizer.predict(self.predictor, np.stack(self.pixels))
+        batch = np.stack(self.pixels)
+        t0 = time.perf_counter()
+        probs = self.sizer.predict(self.predictor, batch)
+        seconds = time.perf_counter() - t0
+        if not self.stats.tiles:
+            self.stats.first_batch_seconds = seconds
+        self.stats.forward_seconds += seconds
         px = 0
         for tile, out in zip(self.tiles, probs, strict=True):
             finished = self.assembler.add(tile, out)

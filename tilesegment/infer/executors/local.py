@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import time
 
-from tilesegment.infer.devices import torch_threads_at_most
+from tilesegment.infer.devices import cpu_seconds, torch_threads_at_most
 from tilesegment.infer.executors.base import ExecutorStats, RunContext, device_entry
 from tilesegment.infer.plan import ChunkTask, WorkPlan
 from tilesegment.infer.predict import make_predictor
 from tilesegment.infer.record import Recorder
 from tilesegment.infer.source import Source
-from tilesegment.infer.stream import ListSource, stream_units
+from tilesegment.infer.stream import ListSource, StreamStats, stream_units
 from tilesegment.machine import usable_cores
 from tilesegment.model.unet import UNet
 from tilesegment.store import OutputStore
@@ -44,12 +44,13 @@ class LocalExecutor:
             tta=opts.tta,
         )
         store = OutputStore.open(ctx.output, mode="r+")
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_seconds()
         tiles0, px0 = recorder.tiles, recorder.core_px
         threads = torch.get_num_threads()
+        stats = StreamStats()
         try:
             with torch_threads_at_most(usable_cores()) as threads:
-                self._stream(plan, predictor, store, recorder)
+                stats = self._stream(plan, predictor, store, recorder)
         finally:
             seconds = time.perf_counter() - t0
             self._stats.seconds = seconds
@@ -62,16 +63,21 @@ class LocalExecutor:
                     tiles=recorder.tiles - tiles0,
                     core_px=recorder.core_px - px0,
                     busy_seconds=seconds,
+                    forward_seconds=round(stats.forward_seconds, 3),
+                    first_batch_seconds=round(stats.first_batch_seconds, 3),
+                    cpu_seconds=round(cpu_seconds() - cpu0, 3),
                 )
             ]
 
-    def _stream(self, plan: WorkPlan, predictor, store: OutputStore, recorder: Recorder) -> None:
+    def _stream(
+        self, plan: WorkPlan, predictor, store: OutputStore, recorder: Recorder
+    ) -> StreamStats:
         ctx, opts = self.ctx, self.ctx.options
 
         def on_chunk(task: ChunkTask) -> None:
             recorder.record(task, counted=True)
 
-        stream_units(
+        return stream_units(
             ListSource(plan.units),
             reader=self.source.reader,
             level=self.source.level,

@@ -64,6 +64,11 @@ class _Slot:
     busy_s: float = 0.0
     peak_rss_mb: float = 0.0
     precision: str = ""
+    t_spawned: float = 0.0
+    startup_s: float = 0.0
+    """Seconds from spawning to ``ready``, summed over the slot's processes."""
+    accounts: dict[str, float] = field(default_factory=dict)
+    """Forward, first-batch and CPU seconds the slot's processes reported at ``bye``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +213,7 @@ class WorkerPool:
         s.inflight = {}
         s.current = None
         s.t_ready = s.t_last = None
+        s.t_spawned = time.perf_counter()
         s.arguments = pickle.dumps(
             (
                 os.getpid(),
@@ -288,6 +294,7 @@ class WorkerPool:
             elif kind == "ready":
                 s.ready = True
                 s.t_ready = s.t_last = now
+                s.startup_s += now - s.t_spawned
                 s.precision = msg[1]["precision"]
                 if s.generation == 0 and all(x.ready or x.generation > 0 for x in self._slots):
                     self.phases.setdefault("workers_ready", now - self._t0)
@@ -309,6 +316,8 @@ class WorkerPool:
             elif kind == "bye":
                 s.finished = True
                 s.peak_rss_mb = max(s.peak_rss_mb, msg[1]["peak_rss_mb"])
+                for key, value in msg[1]["seconds"].items():
+                    s.accounts[key] = s.accounts.get(key, 0.0) + value
                 self.decode_warnings.extend(msg[1]["decode_warnings"])
 
     def _on_exit(
@@ -451,6 +460,8 @@ class WorkerPool:
                     busy_seconds=busy,
                     restarts=s.restarts,
                     peak_rss_mb=round(s.peak_rss_mb, 1),
+                    startup_seconds=round(s.startup_s, 3),
+                    **{k: round(v, 3) for k, v in s.accounts.items()},
                 )
             )
         return out

@@ -14,7 +14,7 @@ import threading
 import traceback
 from typing import Any
 
-from tilesegment.infer.devices import peak_rss_mb, resolve_precision, tune_malloc
+from tilesegment.infer.devices import cpu_seconds, peak_rss_mb, resolve_precision, tune_malloc
 from tilesegment.infer.executors.base import RunContext
 from tilesegment.infer.executors.faults import FaultInjector
 from tilesegment.infer.plan import ChunkTask, Unit
@@ -178,6 +178,11 @@ def worker_main(
                 "peak_rss_mb": peak_rss_mb(),
                 "batch_size": stats.batch_size,
                 "decode_warnings": decode_warnings,
+                "seconds": {
+                    "forward_seconds": stats.forward_seconds,
+                    "first_batch_seconds": stats.first_batch_seconds,
+                    "cpu_seconds": cpu_seconds(),
+                },
             },
         )
         fault.finished()
