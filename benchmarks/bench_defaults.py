@@ -432,11 +432,20 @@ def part_default(args, cores: int) -> dict:
         configs[f"{cores} processes x 1 thread, compiled, {other} px"] = (cores, 1, True, other)
     bare_rates: dict[str, list[float]] = {name: [] for name in configs}
     runs = []
-    for _ in range(args.repeats):
-        for name, config in configs.items():
-            bare_rates[name].append(bare(*config, args.bare_tiles))
+    # The VM's speed drifts by tens of percent within minutes: the order of the configurations
+    # turns with each repeat (none is always the one measured just before the default run), and
+    # the bare pool on the default's own tiles is measured right before and right after it.
+    own = f"{cores} processes x 1 thread, compiled, {tile} px"
+    others = [name for name in configs if name != own]
+    for r in range(args.repeats):
+        k = r % len(others)
+        for name in [*others[k:], *others[:k], own]:
+            bare_rates[name].append(bare(*configs[name], args.bare_tiles))
             print(json.dumps({"bare": name, "mpx_per_s": bare_rates[name][-1]}), file=sys.stderr)
         row = run_default(REPO, image, WORK / f"default-{args.size}.zarr")
+        after = bare(*configs[own], args.bare_tiles)
+        print(json.dumps({"bare after": own, "mpx_per_s": after}), file=sys.stderr)
+        row["adjacent_bare_mpx_per_s"] = (bare_rates[own][-1] + after) / 2
         row["stream_mpx_per_s"] = row["computed_mpx"] / row["seconds"]["stream"]
         row["wall_mpx_per_s"] = row["computed_mpx"] / row["wall_s"]
         # Per CPU-second of the whole process tree, times the cores: what the run would make
@@ -459,6 +468,9 @@ def part_default(args, cores: int) -> dict:
         "ratio_stream": stream / medians[best],
         "ratio_wall": wall / medians[best],
         "ratio_cpu": cpu / medians[best],
+        "ratio_adjacent": statistics.median(
+            r["wall_mpx_per_s"] / r["adjacent_bare_mpx_per_s"] for r in runs
+        ),
     }
 
 
@@ -574,12 +586,13 @@ def markdown(results: dict, machine: str) -> str:
             f"| `tilesegment run` default, stream ({_workers(w)}) "
             f"| {d['default_stream_mpx_per_s']:.2f} |",
             f"| `tilesegment run` default, whole process | {d['default_wall_mpx_per_s']:.2f} |",
-            "",
             f"| `tilesegment run` default, per CPU-second x cores | {_median_of(d, 'cpu')} |",
             "",
             f"Ratio to the fastest bare configuration ({d['fastest_bare']}): stream "
             f"**{d['ratio_stream']:.2f}**, whole process {d['ratio_wall']:.2f}, per CPU-second "
-            f"{d['ratio_cpu']:.2f}. The network's share of the workers' CPU: "
+            f"{d['ratio_cpu']:.2f}. Whole process against the bare pool on the default's own "
+            f"tiles measured just before and after each run: {d['ratio_adjacent']:.2f} "
+            "(median). The network's share of the workers' CPU: "
             + ", ".join(f"{r.get('forward_share', 0):.2f}" for r in d["default_runs"])
             + ".",
             "",
