@@ -15,8 +15,10 @@ from tilesegment.store.layout import FORMATS, NGFF_04
 #: for the shipped depth-4 models. Less of each tile is halo than at the paper's 572 px (1.67
 #: input px per output px against 2.17): as much or more output per CPU-second in 10 of 11
 #: same-round comparisons (bf16 +4 to +37 %, fp32 +1 to +7 %), for ~+105 MB (bf16) / +140 MB
-#: (fp32) per worker; 1084 px went both ways against it for more memory. Small images get
-#: smaller tiles (:func:`tilesegment.geometry.tile_grid`). See benchmarks/RESULTS.md.
+#: (fp32) per worker; 1084 px went both ways against it for more memory (whole default runs
+#: alternating on a 20000² slide: 0.98, 0.89 and 1.15 of 828's stream time, +100-120 MB per
+#: worker). Small images get smaller tiles (:func:`tilesegment.geometry.tile_grid`). See
+#: benchmarks/RESULTS.md.
 DEFAULT_TILE_SIZE = 828
 
 #: Output megapixels a run must compute before ``compile=None`` (auto) compiles the model:
