@@ -54,10 +54,10 @@ def downsample_mean(block: np.ndarray) -> np.ndarray:
 
     ``(..., h, w) -> (..., ceil(h / 2), ceil(w / 2))``; windows cut by an odd edge average
     the pixels present. Integer results are rounded half to even. uint8 blocks (the stored
-    probabilities) are summed in uint16 and rounded with integer operations, ~2x faster
-    than the float32 path every other dtype takes, with the same values; sums in float32 are exact
-    for them too (a sum of four uint8 needs 10 bits). Peak memory is one copy of the output
-    (uint16 or float32).
+    probabilities) are summed in uint16 and rounded with integer operations, ~2x faster than
+    the float32 sums every other dtype takes and with the same values (float32 sums of four
+    uint8 are exact too). Peak memory: a uint16 copy of half the block (uint8), else a float32
+    copy of the output.
     """
     h, w = block.shape[-2:]
     if block.dtype != np.uint8 or h < 2 or w < 2:
