@@ -19,7 +19,7 @@ from tilesegment.infer.executors.base import RunContext
 from tilesegment.infer.executors.faults import FaultInjector
 from tilesegment.infer.plan import ChunkTask, Unit
 from tilesegment.infer.source import open_source
-from tilesegment.infer.stream import stream_units
+from tilesegment.infer.stream import StreamStats, stream_units
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,21 @@ def _setup_process(slot: int, parent_pid: int, log_level: int) -> None:
     )
 
 
+def _goodbye(stats: StreamStats, decode_warnings: list[dict]) -> dict[str, Any]:
+    """What a worker tells its parent when its stream has ended: its peak memory, batch size,
+    decode warnings and where its time went (the report's per-worker accounts)."""
+    return {
+        "peak_rss_mb": peak_rss_mb(),
+        "batch_size": stats.batch_size,
+        "decode_warnings": decode_warnings,
+        "seconds": {
+            "forward_seconds": stats.forward_seconds,
+            "first_batch_seconds": stats.first_batch_seconds,
+            "cpu_seconds": cpu_seconds(),
+        },
+    }
+
+
 def worker_main(
     slot: int,
     generation: int,
@@ -172,19 +187,7 @@ def worker_main(
                 stop=inbox.stop,
             )
             decode_warnings = [w.as_dict() for w in reader.decode_warnings()]
-        out.send(
-            "bye",
-            {
-                "peak_rss_mb": peak_rss_mb(),
-                "batch_size": stats.batch_size,
-                "decode_warnings": decode_warnings,
-                "seconds": {
-                    "forward_seconds": stats.forward_seconds,
-                    "first_batch_seconds": stats.first_batch_seconds,
-                    "cpu_seconds": cpu_seconds(),
-                },
-            },
-        )
+        out.send("bye", _goodbye(stats, decode_warnings))
         fault.finished()
     except BaseException as exc:
         out.send("error", *pack_error(exc))
