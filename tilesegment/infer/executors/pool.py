@@ -200,9 +200,31 @@ class WorkerPool:
             except KeyboardInterrupt:
                 log.warning("interrupted again: killing the workers")
             raise
+        except BaseException:
+            self._stop_failing()
+            raise
         finally:
             self._kill_all()
         return PoolResult(failed, no_worker_left)
+
+    def _stop_failing(self) -> None:
+        """Stop the other workers of a run that has failed (bad input, a full or read-only
+        disk) instead of killing them: each ends its batch and exits on its own, so what it
+        holds is released. (A killed worker that has compressed a chunk leaves numcodecs'
+        Blosc semaphore behind, and multiprocessing's resource tracker then warns about it
+        after the run's one-line error.) A chunk that cannot be recorded now, the disk being
+        full, is computed again on --resume; the run's own error is the one raised."""
+        on_chunk = self._on_chunk
+
+        def record_if_possible(task: ChunkTask, slot: int) -> None:
+            with contextlib.suppress(OSError):
+                on_chunk(task, slot)
+
+        self._on_chunk = record_if_possible
+        try:
+            self._stop_all()
+        except Exception as exc:  # the original error matters more; the kill below follows
+            log.debug("stopping the workers after the run failed: %s", exc)
 
     def _spawn(self, s: _Slot) -> None:
         parent, child = self._mp.Pipe(duplex=True)
