@@ -274,6 +274,33 @@ def test_injected_worker_crash_is_retried_into_identical_output(
     assert "exited with code 86" in report["errors"][0]
 
 
+def test_worker_stuck_in_start_up_is_killed_and_replaced(
+    tiny_model, slide, pool_clean, tmp_path, monkeypatch
+):
+    """Both first workers hang in start-up (60 s, as on a hung GPU or filesystem); each is
+    killed at --startup-timeout and started again, and the run completes with the same bytes.
+    Without the timeout the parent waited for them for good."""
+    out = tmp_path / "out.zarr"
+    monkeypatch.setenv(FAULT_ENV, "startup=60")  # every slot's first process only
+    t0 = time.monotonic()
+    result = invoke(
+        "run", slide, "-o", out, "--model", tiny_model, *POOL_ARGS, "--startup-timeout", "15"
+    )
+    took = time.monotonic() - t0
+    assert result.exit_code == 0, result.output
+    assert took < 55, f"took {took:.1f} s: the stuck workers were waited for"
+    assert_identical(out, pool_clean)
+    report = json.loads(report_path(out).read_text())
+    assert report["status"] == "complete"
+    assert [d["restarts"] for d in report["devices"]] == [1, 1]
+    pattern = (
+        r"worker [01] \(cpu, pid \d+\) was killed: not ready 1[5-9] s after it was started "
+        r"\(--startup-timeout 15\)"
+    )
+    assert len(report["errors"]) == 2, report["errors"]
+    assert all(re.fullmatch(pattern, e) for e in report["errors"]), report["errors"]
+
+
 def test_worker_failing_after_its_goodbye_is_reported_and_the_output_stands(
     tiny_model, slide, pool_clean, tmp_path, monkeypatch, caplog
 ):

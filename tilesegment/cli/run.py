@@ -151,6 +151,16 @@ def _auto_side() -> int:
     help="Retries of a unit of work whose worker died or raised.",
 )
 @click.option(
+    "--startup-timeout",
+    "startup_timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=600,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds a worker process may take to start (import torch, load the model, open the "
+    "slide) before it is killed and started again, counting as a retry.",
+)
+@click.option(
     "--scheduler",
     metavar="ADDRESS",
     help="Compute on the workers of this dask scheduler (e.g. tcp://host:8786); the output "
@@ -185,6 +195,7 @@ def run(
     overwrite: bool,
     resume: bool,
     max_retries: int,
+    startup_timeout: float,
     scheduler: str | None,
     dask_workers: int | None,
     progress: bool | None,
@@ -241,6 +252,7 @@ def run(
         read_threads=read_threads,
         resume=resume,
         max_retries=max_retries,
+        startup_timeout_s=startup_timeout,
         scheduler=scheduler,
         dask_workers=dask_workers,
         progress=show_progress(progress),

@@ -89,6 +89,11 @@ class RunOptions:
     """Aim for read blocks (units of work) of about this edge; a whole number of chunks."""
     max_retries: int = 2
     """Times a unit of work is retried on another worker after its worker died or raised."""
+    startup_timeout_s: float = 600.0
+    """Seconds a pool worker may take from its spawn to ready (importing torch, loading the
+    model, opening the slide; a first CUDA context can take minutes) before it is killed and
+    counted as a failed start-up (respawned while respawns last). A worker stuck there, say on
+    a hung GPU or filesystem, used to stall the run for good."""
     fsync: bool = True
     """fsync chunk files and the done log (durable across power cuts, not only crashes)."""
     in_process: bool | None = None
@@ -122,6 +127,8 @@ def check_options(opts: RunOptions) -> None:
         raise ConfigError(f"`read_threads` ({opts.read_threads}) must be >= 1")
     if opts.max_retries < 0:
         raise ConfigError(f"`max_retries` ({opts.max_retries}) must be >= 0")
+    if not opts.startup_timeout_s > 0:
+        raise ConfigError(f"`startup_timeout_s` ({opts.startup_timeout_s}) must be > 0")
     if opts.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision {opts.precision!r} must be auto, fp32, bf16 or fp16")
     tta_symmetries(opts.tta)  # a ConfigError naming the modes

@@ -55,6 +55,8 @@ class _Slot:
     current: int | None = None
     """The unit the worker said it is computing (the one to blame if it fails)."""
     error: tuple[bytes | None, str, str] | None = None
+    killed_for: str | None = None
+    """Why the parent killed the worker (its start-up took too long), if it did."""
     finished: bool = False
     restarts: int = 0
     tiles: int = 0
@@ -142,6 +144,7 @@ class WorkerPool:
         self.max_retries = ctx.options.max_retries
         self.depth = depth
         self.stop_timeout_s = stop_timeout_s
+        self.startup_timeout_s = ctx.options.startup_timeout_s
         self.errors: list[str] = []
         self.decode_warnings: list[dict[str, Any]] = []
         """Corrupt-but-decodable segments the workers' readers found (``DecodeWarning.as_dict``)."""
@@ -190,6 +193,8 @@ class WorkerPool:
                     if s.process.sentinel in ready:
                         self._drain(s)
                         self._on_exit(s, pending, attempts, failed)
+                    elif not s.ready:
+                        self._enforce_startup_timeout(s)
             t_stop = time.perf_counter()
             self._stop_all()
             self.phases["workers_stop"] = time.perf_counter() - t_stop
@@ -231,6 +236,7 @@ class WorkerPool:
         s.generation += 1
         s.ready = False
         s.error = None
+        s.killed_for = None
         s.finished = False
         s.inflight = {}
         s.current = None
@@ -268,6 +274,19 @@ class WorkerPool:
         child.close()  # the worker's end lives only in the worker: its death breaks the pipe
         s.conn = parent
         log.info("started worker %d on %s (pid %d)", s.slot, s.device, s.process.pid)
+
+    def _enforce_startup_timeout(self, s: _Slot) -> None:
+        """Kill a worker that is not ready ``startup_timeout_s`` after its spawn (stuck on a hung
+        GPU, a hung filesystem...); it holds no work, and its exit is then handled as a failed
+        start-up (respawned while respawns last)."""
+        waited = time.perf_counter() - s.t_spawned
+        if s.killed_for is None and waited > self.startup_timeout_s:
+            s.killed_for = (
+                f"was killed: not ready {waited:.0f} s after it was started "
+                f"(--startup-timeout {self.startup_timeout_s:g})"
+            )
+            log.warning("worker %d (pid %d) %s", s.slot, s.process.pid, s.killed_for)
+            s.process.kill()
 
     def _dispatch(self, pending: deque[int]) -> None:
         """Top every ready worker up to ``depth`` units, round robin."""
@@ -363,8 +382,8 @@ class WorkerPool:
             if exc is not None and (not retryable(exc) or _cannot_write(exc)):
                 raise exc
         else:
-            reason = _exit_reason(code)
-        when = "" if s.ready else " during start-up"
+            reason = s.killed_for or _exit_reason(code)
+        when = "" if s.ready or s.killed_for else " during start-up"
         message = f"worker {s.slot} ({s.device}, pid {s.process.pid}) {reason}{when}"
         self.errors.append(message)
         requeue = f"; re-queuing its {len(s.inflight)} units of work" if s.inflight else ""
