@@ -69,6 +69,10 @@ def test_dask_workers_give_the_bytes_of_a_local_run(tiny_model, cmu_slide_module
     assert {d["executor"] for d in devices} == {"dask"}
     assert sum(d["tiles"] for d in devices) == report["tiles"]["processed"] > 0
     assert "worker 0: cpu" in result.output and "worker 1: cpu" in result.output
+    for d in devices:  # where each dask worker's time went, as for the pool's workers
+        assert 0 < d["startup_seconds"] and len(d["pids"]) == 1  # one model load each
+        assert 0 < d["first_batch_seconds"] <= d["forward_seconds"] <= d["busy_seconds"]
+        assert d["cpu_seconds"] > d["forward_seconds"] * 0.5  # wall, on a busy machine
 
 
 def test_a_worker_killed_mid_run_is_replaced_and_the_output_is_identical(

@@ -147,12 +147,21 @@ class _WorkerStats:
                 "core_px": 0,
                 "busy_seconds": 0.0,
                 "peak_rss_mb": 0.0,
+                "forward_seconds": 0.0,
+                "startup_seconds": 0.0,
+                "first_batch_seconds": 0.0,
+                "cpu_by_pid": {},
             },
         )
         d["tiles"] += r.tiles
         d["core_px"] += r.core_px
         d["busy_seconds"] += r.seconds
         d["peak_rss_mb"] = max(d["peak_rss_mb"], r.peak_rss_mb)
+        d["forward_seconds"] += r.forward_seconds
+        d["startup_seconds"] += r.load_seconds
+        d["first_batch_seconds"] += r.first_batch_seconds
+        cpu = d["cpu_by_pid"]  # each process's CPU in the run so far: the latest figure counts
+        cpu[r.pid] = max(cpu.get(r.pid, 0.0), r.process_cpu_seconds)
         self.pids[r.worker].add(r.pid)
 
     def report(self) -> list[dict[str, Any]]:
@@ -172,6 +181,13 @@ class _WorkerStats:
                 host=d["host"],
                 peak_rss_mb=round(d["peak_rss_mb"], 1),
                 pids=sorted(self.pids[name]),
+                # As the pool's accounts, but start-up is the model's load in the first task
+                # (the dask worker process was already running) and the CPU is each worker
+                # process's, all threads, from its first task of the run to its last.
+                startup_seconds=round(d["startup_seconds"], 3),
+                forward_seconds=round(d["forward_seconds"], 3),
+                first_batch_seconds=round(d["first_batch_seconds"], 3),
+                cpu_seconds=round(sum(d["cpu_by_pid"].values()), 3),
             )
             out.append(entry)
         return out

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from tilesegment.geometry import TileGrid
-from tilesegment.infer.devices import peak_rss_mb
+from tilesegment.infer.devices import cpu_seconds, peak_rss_mb
 from tilesegment.infer.options import RunOptions
 from tilesegment.infer.plan import Unit
 from tilesegment.infer.source import open_source
@@ -87,16 +87,27 @@ class UnitResult:
     peak_rss_mb: float
     decode_warnings: tuple[dict[str, Any], ...] = ()
     """Corrupt-but-decodable segments this worker's reader has found so far in the run."""
+    forward_seconds: float = 0.0
+    """Seconds of this task in the network's forward pass."""
+    load_seconds: float = 0.0
+    """Seconds this task spent loading the model (0 unless it was the process's first)."""
+    first_batch_seconds: float = 0.0
+    """The first forward pass of a task that loaded the model (with any compilation)."""
+    process_cpu_seconds: float = 0.0
+    """CPU seconds of the worker process (all its threads) from the start of its first task of
+    the run to this task's end."""
 
 
 class _JobResources:
     """What a worker process opens once per run (not once per task): the slide reader and its
     source, the tissue map, and one output-store handle per dask thread."""
 
-    def __init__(self, job: UnitJob, spec: ModelSpec) -> None:
+    def __init__(self, job: UnitJob, spec: ModelSpec, cpu0: float) -> None:
         from tilesegment.io import open_slide
 
         self.token = job.token
+        self.cpu0 = cpu0
+        """The process's CPU seconds when its first task of the run began."""
         self.reader = open_slide(job.slide)
         try:
             self.source = open_source(self.reader, spec, job.options)
@@ -130,16 +141,17 @@ _RESOURCES: dict[str, _JobResources] = {}
 _RESOURCES_LOCK = threading.Lock()
 
 
-def _job_resources(job: UnitJob, spec: ModelSpec) -> _JobResources:
-    """The run's resources in this process, opened by its first task. One run at a time per
-    worker is the rule: a new run's first task closes the previous run's (memory stays flat)."""
+def _job_resources(job: UnitJob, spec: ModelSpec, cpu0: float) -> _JobResources:
+    """The run's resources in this process, opened by its first task (which began at ``cpu0``
+    CPU seconds). One run at a time per worker is the rule: a new run's first task closes the
+    previous run's (memory stays flat)."""
     with _RESOURCES_LOCK:
         res = _RESOURCES.get(job.token)
         if res is None:
             for old in _RESOURCES.values():
                 old.close()
             _RESOURCES.clear()
-            res = _JobResources(job, spec)
+            res = _JobResources(job, spec, cpu0)
             _RESOURCES[job.token] = res
         return res
 
@@ -164,12 +176,14 @@ def compute_unit(job: UnitJob, unit: Unit) -> UnitResult:
     """
     import torch
 
-    from tilesegment.infer.executors.cache import cached_predictor
+    from tilesegment.infer.executors.cache import cached_predictor, loads
 
+    cpu0 = cpu_seconds()
     name, worker_threads = _worker_identity()
     threads = job.torch_threads or worker_threads or torch.get_num_threads()
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+    t_load, loads_before = time.perf_counter(), loads()
     predictor = cached_predictor(
         job.model,
         job.device,
@@ -177,8 +191,10 @@ def compute_unit(job: UnitJob, unit: Unit) -> UnitResult:
         compile=job.options.compile,
         tta=job.options.tta,
     )
+    loaded = loads() > loads_before
+    load_seconds = time.perf_counter() - t_load if loaded else 0.0
     spec = predictor.spec
-    res = _job_resources(job, spec)
+    res = _job_resources(job, spec, cpu0)
     keys: list[ChunkKey] = []
     t0 = time.perf_counter()
     stats = stream_units(
@@ -207,6 +223,10 @@ def compute_unit(job: UnitJob, unit: Unit) -> UnitResult:
         seconds=time.perf_counter() - t0,
         peak_rss_mb=peak_rss_mb(),
         decode_warnings=tuple(w.as_dict() for w in res.reader.decode_warnings()),
+        forward_seconds=stats.forward_seconds,
+        load_seconds=load_seconds,
+        first_batch_seconds=stats.first_batch_seconds if loaded else 0.0,
+        process_cpu_seconds=cpu_seconds() - res.cpu0,
     )
 
 
