@@ -9,6 +9,7 @@ chunks into the output (itself or in its workers) and hands each written chunk t
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections import Counter
 from collections.abc import Iterable
@@ -21,6 +22,7 @@ from tilesegment.infer.options import RunOptions
 from tilesegment.infer.plan import ChunkTask, WorkPlan
 from tilesegment.infer.record import Recorder
 from tilesegment.model.checkpoint import ModelSpec
+from tilesegment.store.destinations import NO_SPACE
 from tilesegment.store.resume import remove_partial_files
 
 log = logging.getLogger(__name__)
@@ -73,8 +75,12 @@ class Executor(Protocol):
 
 
 def retryable(exc: BaseException) -> bool:
-    """Whether computing a unit again may succeed after ``exc`` (not for bad input)."""
-    return not isinstance(exc, InputError)
+    """Whether computing a unit again may succeed after ``exc``: not for bad input, nor on a
+    full or read-only filesystem, where every worker would fail the same way (the run stops
+    at once with the error itself, which the command line turns into one line)."""
+    if isinstance(exc, InputError):
+        return False
+    return not (isinstance(exc, OSError) and exc.errno in NO_SPACE | {errno.EROFS})
 
 
 class Attempts:

@@ -7,7 +7,6 @@ run at once. The design, with its reasons, is in ``docs/architecture.md`` (Execu
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import pickle
@@ -33,7 +32,6 @@ from tilesegment.infer.executors.spawn import HELD_SIGNALS, run_worker
 from tilesegment.infer.plan import ChunkTask, WorkPlan, core_px
 from tilesegment.infer.record import Recorder
 from tilesegment.machine import usable_cores
-from tilesegment.store.destinations import NO_SPACE
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +377,7 @@ class WorkerPool:
             reason = f"raised {text}"
             log.debug("worker %d traceback:\n%s", s.slot, tb)
             exc = _unpack(blob)
-            if exc is not None and (not retryable(exc) or _cannot_write(exc)):
+            if exc is not None and not retryable(exc):
                 raise exc
         else:
             reason = s.killed_for or _exit_reason(code)
@@ -518,12 +516,6 @@ def _exit_reason(code: int | None) -> str:
     if code is not None and code < 0:
         return f"was killed by signal {-code}"
     return f"exited with code {code}"
-
-
-def _cannot_write(exc: BaseException) -> bool:
-    """A full or read-only filesystem: every worker would fail the same way, so the run stops
-    at once (with the error itself, which the command line turns into one line)."""
-    return isinstance(exc, OSError) and exc.errno in NO_SPACE | {errno.EROFS}
 
 
 def _unpack(blob: bytes | None) -> BaseException | None:
