@@ -145,3 +145,22 @@ def test_bad_dask_options_fail_in_one_line_before_any_work(tiny_model, tmp_path,
     assert result.exit_code == 2, result.output
     assert "pip install 'tilesegment[cluster]'" in result.output
     assert not out.exists()
+
+
+def test_dask_workers_beyond_the_cores_are_capped_with_a_warning(
+    tiny_model, cmu_slide_module, tmp_path, caplog
+):
+    """--dask-workers N starts no more local workers than --workers N would (usable cores and
+    memory): more only adds model copies, or ends in the OOM killer."""
+    from tilesegment.infer.capacity import cap_cpu_workers
+    from tilesegment.machine import usable_cores
+
+    asked = usable_cores() + 3
+    cap = cap_cpu_workers(asked)
+    out = tmp_path / "out.zarr"
+    args = ("run", cmu_slide_module, "-o", out, "--model", tiny_model, *RUN_ARGS)
+    result = invoke(*args, "--dask-workers", asked)
+    assert result.exit_code == 0, result.output
+    assert f"--dask-workers {asked} capped to {cap}: " in caplog.text
+    workers = {d["worker"] for d in _report(out)["devices"]}
+    assert 0 < len(workers) <= cap and workers <= {str(i) for i in range(cap)}

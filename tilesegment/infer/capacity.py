@@ -21,12 +21,12 @@ log = logging.getLogger(__name__)
 WORKER_RSS_MB = 660
 
 
-def cap_cpu_workers(workers: int) -> int:
+def cap_cpu_workers(workers: int, option: str = "--workers") -> int:
     """``workers``, capped by the usable CPU cores and by the memory available for workers.
 
     More workers than cores only add copies of the model and the torch runtime (each worker
     gets at least one thread); more than memory allows ends in the OOM killer. A capped value
-    is logged as a warning naming both limits. Never less than one.
+    is logged as a warning naming ``option`` and both limits. Never less than one.
     """
     cores = usable_cores()
     memory_mb = available_memory_mb()
@@ -36,8 +36,9 @@ def cap_cpu_workers(workers: int) -> int:
         return workers
     memory = "unknown" if memory_mb is None else f"{memory_mb / 1024:.1f} GB"
     log.warning(
-        "--workers %d capped to %d: %d usable CPU cores (affinity and cgroup quota), %s of "
+        "%s %d capped to %d: %d usable CPU cores (affinity and cgroup quota), %s of "
         "memory available at ~%d MB per worker",
+        option,
         workers,
         cap,
         cores,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tilesegment.errors import ConfigError, WorkerError
+from tilesegment.infer.capacity import cap_cpu_workers
 from tilesegment.infer.devices import worker_env
 from tilesegment.infer.executors.base import (
     Attempts,
@@ -103,10 +104,13 @@ def _client(distributed, scheduler: str | None, dask_workers: int | None) -> Ite
         yield client
 
 
-def make_job(ctx: RunContext, plan: WorkPlan, device: str, precision: str) -> UnitJob:
-    """The :class:`UnitJob` of a run (see :class:`DaskExecutor`)."""
+def make_job(
+    ctx: RunContext, plan: WorkPlan, device: str, precision: str, local_workers: int | None
+) -> UnitJob:
+    """The :class:`UnitJob` of a run (see :class:`DaskExecutor`); ``local_workers``: the size
+    of the LocalCluster the run starts (None with a scheduler)."""
     opts = ctx.options
-    threads = None if opts.scheduler is not None else max(1, usable_cores() // opts.dask_workers)
+    threads = None if local_workers is None else max(1, usable_cores() // local_workers)
     return UnitJob(
         token=uuid.uuid4().hex[:12],
         slide=str(Path(ctx.slide).resolve()),
@@ -217,9 +221,12 @@ class DaskExecutor:
         opts = self.ctx.options
         if not plan.units:
             return
-        job = make_job(self.ctx, plan, self.device, self.precision)
+        local = None
+        if opts.scheduler is None:  # a local cluster: capped like --workers, with a warning
+            local = cap_cpu_workers(opts.dask_workers or 1, option="--dask-workers")
+        job = make_job(self.ctx, plan, self.device, self.precision, local)
         driver = _Driver(self.ctx, plan, job, recorder, self._stats)
-        with connect(opts.scheduler, opts.dask_workers) as client:
+        with connect(opts.scheduler, local) as client:
             log.info("%d units of work on dask scheduler %s", len(plan.units), client.scheduler)
             try:
                 driver.run(client)
