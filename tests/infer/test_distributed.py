@@ -164,3 +164,25 @@ def test_dask_workers_beyond_the_cores_are_capped_with_a_warning(
     assert f"--dask-workers {asked} capped to {cap}: " in caplog.text
     workers = {d["worker"] for d in _report(out)["devices"]}
     assert 0 < len(workers) <= cap and workers <= {str(i) for i in range(cap)}
+
+
+def test_the_workers_filter_drops_only_the_runs_own_task_failures():
+    """The LocalCluster's workers stay quiet about the run's failed or cancelled unit tasks
+    (the driver reports them in one line) and keep every other record."""
+    import logging
+
+    from tilesegment.infer.executors.dask_logs import QuietUnitFailures
+
+    def record(msg: str, *args: object) -> logging.LogRecord:
+        return logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1, msg, args, None)
+
+    failed = "Compute Failed\nKey:       %s\nState:     %s\n"
+    quiet = QuietUnitFailures()
+    assert not quiet.filter(record(failed, "tilesegment-unit-ab12-4-0", "executing"))
+    assert quiet.filter(record(failed, "someone-elses-task-1", "executing"))
+    cancelled = (
+        "Async instruction for <Task cancelled name=\"execute('{}')\"> ended with CancelledError"
+    )
+    assert not quiet.filter(record(cancelled.format("tilesegment-unit-ab12-5-0")))
+    assert quiet.filter(record(cancelled.format("other-7")))
+    assert quiet.filter(record("Worker is at 85% memory usage. Pausing worker."))

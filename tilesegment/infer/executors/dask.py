@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import time
+import traceback
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from tilesegment.infer.executors.base import (
     retryable,
 )
 from tilesegment.infer.executors.dask_task import (
+    UNIT_KEY_PREFIX,
     PackedMask,
     UnitJob,
     UnitResult,
@@ -101,6 +103,10 @@ def _client(distributed, scheduler: str | None, dask_workers: int | None) -> Ite
         ) as cluster,
         distributed.Client(cluster, set_as_default=False) as client,
     ):
+        if logging.getLogger("tilesegment").getEffectiveLevel() > logging.DEBUG:
+            from tilesegment.infer.executors.dask_logs import QuietUnitFailuresPlugin
+
+            client.register_plugin(QuietUnitFailuresPlugin())
         yield client
 
 
@@ -288,6 +294,11 @@ class _Driver:
                         f"dask cancelled unit {uid} ({exc}); is the scheduler still running?"
                     ) from exc
                 except Exception as exc:
+                    log.debug(
+                        "unit %d raised on its dask worker:\n%s",
+                        uid,
+                        "".join(traceback.format_tb(future.traceback())),
+                    )
                     if not retryable(exc):
                         raise
                     self._retry_or_fail(uid, exc)
@@ -332,7 +343,7 @@ class _Driver:
         window = INFLIGHT_PER_THREAD * max(1, self._watch_workers())
         while self._pending and len(self._inflight) < window:
             uid = self._pending.pop()
-            key = f"tilesegment-unit-{self.job.token}-{uid}-{self._attempts[uid]}"
+            key = f"{UNIT_KEY_PREFIX}{self.job.token}-{uid}-{self._attempts[uid]}"
             future = self._client.submit(
                 compute_unit, self._job_future, self.plan.units[uid], key=key, pure=False
             )

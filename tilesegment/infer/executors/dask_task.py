@@ -25,6 +25,9 @@ from tilesegment.infer.stream import ListSource, stream_units
 from tilesegment.model.checkpoint import ModelSpec
 from tilesegment.store.layout import ChunkKey
 
+#: The prefix of the dask keys of a run's unit tasks.
+UNIT_KEY_PREFIX = "tilesegment-unit-"
+
 
 @dataclass(frozen=True, slots=True)
 class PackedMask:
