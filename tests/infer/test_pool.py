@@ -91,6 +91,7 @@ def test_fault_hook_grammar_and_targeting():
     assert FaultSpec.parse("tile=4.5").tile == (4, 5)
     with pytest.raises(ConfigError, match=FAULT_ENV):
         FaultSpec.parse("mode=explode")
+    assert FaultSpec.parse("after=0,mode=hang").mode == "hang"
     assert not FaultInjector(FaultSpec(worker=0), slot=1, generation=0).active
     assert not FaultInjector(FaultSpec(worker=0), slot=0, generation=1).active  # respawned
     hook = FaultInjector(FaultSpec(after=2, mode="raise"), slot=0, generation=0)
@@ -281,19 +282,44 @@ def test_worker_stuck_in_start_up_is_killed_and_replaced(
     killed at --startup-timeout and started again, and the run completes with the same bytes.
     Without the timeout the parent waited for them for good."""
     out = tmp_path / "out.zarr"
-    monkeypatch.setenv(FAULT_ENV, "startup=60")  # every slot's first process only
-    t0 = time.monotonic()
-    result = invoke(
-        "run", slide, "-o", out, "--model", tiny_model, *POOL_ARGS, "--startup-timeout", "15"
-    )
-    took = time.monotonic() - t0
-    assert result.exit_code == 0, result.output
-    assert took < 55, f"took {took:.1f} s: the stuck workers were waited for"
+    fault = "startup=60"  # every slot's first process only
+    _run_past_a_timeout(monkeypatch, fault, tiny_model, slide, out, "--startup-timeout", 15)
     pattern = (
         r"worker [01] \(cpu, pid \d+\) was killed: not ready 1[5-9] s after it was started "
         r"\(--startup-timeout 15\)"
     )
     _assert_whole_with_an_error_per_worker(out, pool_clean, pattern, restarts=1)
+
+
+def test_worker_hung_while_computing_is_killed_and_its_unit_retried(
+    tiny_model, slide, pool_clean, tmp_path, monkeypatch
+):
+    """Worker 0 hangs at its first tile, sending nothing (as on a hung GPU); at
+    --stall-timeout it is killed, its units go to the live worker or its replacement, and the
+    run completes with the pool's bytes. Without the timeout the parent waited for it for good."""
+    out = tmp_path / "out.zarr"
+    fault = "worker=0,after=0,mode=hang"
+    _run_past_a_timeout(monkeypatch, fault, tiny_model, slide, out, "--stall-timeout", 10)
+    assert_identical(out, pool_clean)
+    report = json.loads(report_path(out).read_text())
+    assert report["status"] == "complete"
+    assert [d["restarts"] for d in report["devices"]] == [1, 0]
+    assert len(report["errors"]) == 1, report["errors"]
+    pattern = (
+        r"worker 0 \(cpu, pid \d+\) was killed: silent 1\d s while computing \(--stall-timeout 10\)"
+    )
+    assert re.fullmatch(pattern, report["errors"][0]), report["errors"]
+
+
+def _run_past_a_timeout(monkeypatch, fault: str, model, slide, out, option: str, seconds: int):
+    """A pool run under the fault hook ``fault`` completes within ``seconds`` of ``option``
+    plus 40 s: the stuck worker was not waited for."""
+    monkeypatch.setenv(FAULT_ENV, fault)
+    t0 = time.monotonic()
+    result = invoke("run", slide, "-o", out, "--model", model, *POOL_ARGS, option, seconds)
+    took = time.monotonic() - t0
+    assert result.exit_code == 0, result.output
+    assert took < seconds + 40, f"took {took:.1f} s: the stuck worker was waited for"
 
 
 def _assert_whole_with_an_error_per_worker(out, reference, pattern: str, restarts: int) -> None:

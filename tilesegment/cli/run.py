@@ -50,6 +50,18 @@ def _auto_side() -> int:
     return int((2 * AUTO_MIN_MPX_PER_WORKER * 1e6) ** 0.5)
 
 
+def _seconds_option(name: str, default: float, help: str):
+    """A ``--NAME SECONDS`` option: a positive number of seconds, its default shown."""
+    return click.option(
+        name,
+        type=click.FloatRange(min=0, min_open=True),
+        default=default,
+        show_default=True,
+        metavar="SECONDS",
+        help=help,
+    )
+
+
 @click.command(cls=Command)
 @click.argument("slides", nargs=-1, required=True, metavar="SLIDE...")
 @click.option(
@@ -150,15 +162,17 @@ def _auto_side() -> int:
     show_default=True,
     help="Retries of a unit of work whose worker died or raised.",
 )
-@click.option(
+@_seconds_option(
     "--startup-timeout",
-    "startup_timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=600,
-    show_default=True,
-    metavar="SECONDS",
-    help="Seconds a worker process may take to start (import torch, load the model, open the "
+    600,
+    "Seconds a worker process may take to start (import torch, load the model, open the "
     "slide) before it is killed and started again, counting as a retry.",
+)
+@_seconds_option(
+    "--stall-timeout",
+    900,
+    "Seconds a worker process computing a unit of work may report nothing (a hung GPU, "
+    "a write stuck on a dead filesystem) before it is killed and the unit retried.",
 )
 @click.option(
     "--scheduler",
@@ -196,6 +210,7 @@ def run(
     resume: bool,
     max_retries: int,
     startup_timeout: float,
+    stall_timeout: float,
     scheduler: str | None,
     dask_workers: int | None,
     progress: bool | None,
@@ -253,6 +268,7 @@ def run(
         resume=resume,
         max_retries=max_retries,
         startup_timeout_s=startup_timeout,
+        stall_timeout_s=stall_timeout,
         scheduler=scheduler,
         dask_workers=dask_workers,
         progress=show_progress(progress),

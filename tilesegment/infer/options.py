@@ -94,6 +94,11 @@ class RunOptions:
     model, opening the slide; a first CUDA context can take minutes) before it is killed and
     counted as a failed start-up (respawned while respawns last). A worker stuck there, say on
     a hung GPU or filesystem, used to stall the run for good."""
+    stall_timeout_s: float = 900.0
+    """Seconds a ready pool worker holding work may stay silent (no unit begun, no chunk
+    written) before it is killed and its unit retried like a crash's. A chunk takes seconds on
+    a CPU (a minute with 8-fold TTA and a big model) and the first one's compilation well under
+    this; a hung GPU or a write stuck on a dead filesystem never ends."""
     fsync: bool = True
     """fsync chunk files and the done log (durable across power cuts, not only crashes)."""
     in_process: bool | None = None
@@ -129,6 +134,8 @@ def check_options(opts: RunOptions) -> None:
         raise ConfigError(f"`max_retries` ({opts.max_retries}) must be >= 0")
     if not opts.startup_timeout_s > 0:
         raise ConfigError(f"`startup_timeout_s` ({opts.startup_timeout_s}) must be > 0")
+    if not opts.stall_timeout_s > 0:
+        raise ConfigError(f"`stall_timeout_s` ({opts.stall_timeout_s}) must be > 0")
     if opts.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision {opts.precision!r} must be auto, fp32, bf16 or fp16")
     tta_symmetries(opts.tta)  # a ConfigError naming the modes

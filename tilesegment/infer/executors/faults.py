@@ -4,9 +4,10 @@
 the parent or the in-process path) makes worker slot 0 fail after writing 3 chunks. Keys:
 ``worker`` (slot; default any), ``after`` (chunks written first; 0 = at the first tile),
 ``tile=ROW.COL`` (fail when that tile is about to be predicted, whatever the worker),
-``mode`` = ``exit`` (``os._exit(86)``), ``kill`` (SIGKILL itself) or ``raise``
-(``RuntimeError``), ``gen`` = ``first`` (default: only the first process of the slot, so the
-respawned worker succeeds) or ``all``; ``startup=SECONDS`` makes the worker sleep that long
+``mode`` = ``exit`` (``os._exit(86)``), ``kill`` (SIGKILL itself), ``raise``
+(``RuntimeError``) or ``hang`` (sleep for good, sending nothing: a hung GPU), ``gen`` =
+``first`` (default: only the first process of the slot, so the respawned worker succeeds) or
+``all``; ``startup=SECONDS`` makes the worker sleep that long
 before loading the model (a slow start-up, to test signals during it; no fault then unless
 ``after``, ``tile`` or ``mode`` is also given); ``at=start`` fails at start-up instead, once the
 worker has asked the parent for its start-up arguments and before it reads them (a worker that
@@ -61,7 +62,7 @@ class FaultSpec:
                 elif key == "tile":
                     row, col = value.split(".")
                     values["tile"] = (int(row), int(col))
-                elif key == "mode" and value in ("exit", "kill", "raise"):
+                elif key == "mode" and value in ("exit", "kill", "raise", "hang"):
                     values["mode"] = value
                 elif key == "gen" and value in ("first", "all"):
                     values["every_generation"] = value == "all"
@@ -133,4 +134,7 @@ class FaultInjector:
             os._exit(86)
         if self.spec.mode == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.spec.mode == "hang":
+            while True:
+                time.sleep(3600)
         raise RuntimeError(f"injected fault in {self._where} {when}")

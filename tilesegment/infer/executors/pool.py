@@ -54,7 +54,9 @@ class _Slot:
     """The unit the worker said it is computing (the one to blame if it fails)."""
     error: tuple[bytes | None, str, str] | None = None
     killed_for: str | None = None
-    """Why the parent killed the worker (its start-up took too long), if it did."""
+    """Why the parent killed the worker (start-up too long, silent too long), if it did."""
+    t_heard: float = 0.0
+    """When the worker last sent anything (``perf_counter``)."""
     finished: bool = False
     restarts: int = 0
     tiles: int = 0
@@ -143,6 +145,7 @@ class WorkerPool:
         self.depth = depth
         self.stop_timeout_s = stop_timeout_s
         self.startup_timeout_s = ctx.options.startup_timeout_s
+        self.stall_timeout_s = ctx.options.stall_timeout_s
         self.errors: list[str] = []
         self.decode_warnings: list[dict[str, Any]] = []
         """Corrupt-but-decodable segments the workers' readers found (``DecodeWarning.as_dict``)."""
@@ -191,8 +194,8 @@ class WorkerPool:
                     if s.process.sentinel in ready:
                         self._drain(s)
                         self._on_exit(s, pending, attempts, failed)
-                    elif not s.ready:
-                        self._enforce_startup_timeout(s)
+                    else:
+                        self._enforce_deadlines(s)
             t_stop = time.perf_counter()
             self._stop_all()
             self.phases["workers_stop"] = time.perf_counter() - t_stop
@@ -273,18 +276,28 @@ class WorkerPool:
         s.conn = parent
         log.info("started worker %d on %s (pid %d)", s.slot, s.device, s.process.pid)
 
-    def _enforce_startup_timeout(self, s: _Slot) -> None:
-        """Kill a worker that is not ready ``startup_timeout_s`` after its spawn (stuck on a hung
-        GPU, a hung filesystem...); it holds no work, and its exit is then handled as a failed
-        start-up (respawned while respawns last)."""
-        waited = time.perf_counter() - s.t_spawned
-        if s.killed_for is None and waited > self.startup_timeout_s:
+    def _enforce_deadlines(self, s: _Slot) -> None:
+        """Kill a worker stuck on a hung GPU, a hung filesystem...: one not ready
+        ``startup_timeout_s`` after its spawn (it holds no work: a failed start-up), or one
+        holding work that has sent nothing for ``stall_timeout_s`` (its unit counts a failed
+        attempt, as if it had crashed). Its exit is then handled as any worker's."""
+        if s.killed_for is not None:
+            return
+        now = time.perf_counter()
+        if not s.ready and now - s.t_spawned > self.startup_timeout_s:
             s.killed_for = (
-                f"was killed: not ready {waited:.0f} s after it was started "
+                f"was killed: not ready {now - s.t_spawned:.0f} s after it was started "
                 f"(--startup-timeout {self.startup_timeout_s:g})"
             )
-            log.warning("worker %d (pid %d) %s", s.slot, s.process.pid, s.killed_for)
-            s.process.kill()
+        elif s.ready and s.inflight and now - s.t_heard > self.stall_timeout_s:
+            s.killed_for = (
+                f"was killed: silent {now - s.t_heard:.0f} s while computing "
+                f"(--stall-timeout {self.stall_timeout_s:g})"
+            )
+        else:
+            return
+        log.warning("worker %d (pid %d) %s", s.slot, s.process.pid, s.killed_for)
+        s.process.kill()
 
     def _dispatch(self, pending: deque[int]) -> None:
         """Top every ready worker up to ``depth`` units, round robin."""
@@ -297,6 +310,8 @@ class WorkerPool:
                 if len(s.inflight) >= self.depth:
                     continue
                 uid = pending.popleft()
+                if not s.inflight:  # an idle worker's silence counts from now
+                    s.t_heard = time.perf_counter()
                 try:
                     s.conn.send(("unit", self._unfinished(uid)))
                 except (BrokenPipeError, OSError):
@@ -327,7 +342,7 @@ class WorkerPool:
             except (EOFError, OSError):
                 return
             kind = msg[0]
-            now = time.perf_counter()
+            now = s.t_heard = time.perf_counter()
             if kind == "hello":
                 self._send_arguments(s)
             elif kind == "ready":
