@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
@@ -119,6 +119,9 @@ def test_instance_spec_validation():
 
 
 @settings(max_examples=60, deadline=None)
+# Found by hypothesis in CI: two unreached pieces of the chunk looked joined through pixels
+# near its window's edge whose seed lay outside the window.
+@example(seed=0, shape=(10, 9), chunk=(1, 9), growth=1, min_seed=0, min_area=0, noise=False)
 @given(
     seed=st.integers(0, 2**32 - 1),
     shape=st.tuples(st.integers(1, 48), st.integers(1, 48)),

@@ -31,8 +31,11 @@ max_growth_px + 1 + min_seed_px`` px wider than the chunk has at least ``min_see
 So each chunk is computed from its window (chunk + ``halo_px``, clipped to the image), which
 gives the right instance pieces on the chunk and on the one-pixel ring around it; two
 4-adjacent pixels across a chunk face are in one instance exactly when their pieces are one
-piece of the window. :func:`~tilesegment.postprocess.label.label_fragments` joins the pieces
-across faces by union-find. Memory: one window of the class map and its labels per thread,
+piece of the window. The pixels no seed reaches are joined only within the chunk and its
+ring: farther out a pixel may look unreached because its seed lies outside the window, and
+a path through such pixels once joined two nuclei (hypothesis found it).
+:func:`~tilesegment.postprocess.label.label_fragments` joins the pieces across faces by
+union-find. Memory: one window of the class map and its labels per thread,
 plus a few numbers per piece and face contact; never the image. The result equals
 :func:`seeded_instances` of the whole image, whatever the chunk shape (tested on random class
 maps with hypothesis, and on a slide for tile sizes 252, 572 and 1084 and every engine).
@@ -119,6 +122,7 @@ def window_instances(
     classes: np.ndarray,
     spec: InstanceSpec,
     open_edges: tuple[bool, bool, bool, bool] = (False, False, False, False),
+    rest_within: Box | None = None,
 ) -> tuple[np.ndarray, int]:
     """Instance pieces of a window of a class map, ids in no particular order.
 
@@ -129,6 +133,12 @@ def window_instances(
     spec : InstanceSpec
     open_edges : (top, bottom, left, right) tuple of bool
         Which window edges are not image edges (the image goes on there).
+    rest_within : Box, optional
+        Where, in window coordinates, the pixels no seed reaches are labelled (None: the whole
+        window). Near an open edge a pixel may look unreached because its seed lies outside
+        the window, so the connections of those pixels are trusted only in the box where each
+        pixel's seed is known (a chunk and its one-pixel ring); pieces outside it are joined
+        through the chunks' faces.
 
     Returns
     -------
@@ -152,7 +162,12 @@ def window_instances(
     if spec.min_seed_px > 1 and n:
         seeds = _keep_seeds(seeds, n, spec.min_seed_px, edges)[seeds] * seeds
     grown = grow_seeds(seeds, region[y0:y1, x0:x1], spec.max_growth_px)
-    rest, m = ndimage.label(region[y0:y1, x0:x1] & (grown == 0), structure=STRUCTURES[4])
+    unreached = region[y0:y1, x0:x1] & (grown == 0)
+    if rest_within is not None:
+        trusted = np.zeros(classes.shape, dtype=bool)
+        trusted[rest_within.slices] = True
+        unreached &= trusted[y0:y1, x0:x1]
+    rest, m = ndimage.label(unreached, structure=STRUCTURES[4])
     local[y0:y1, x0:x1] = np.where(rest > 0, rest + n, grown)
     return local, n + m
 
@@ -231,8 +246,15 @@ class SeededPieces:
             window.x > 0,
             window.x + window.w < self.image_shape[1],
         )
-        local, n = window_instances(classes, self.spec, open_edges)
         dy, dx = box.y - window.y, box.x - window.x
+        ring_y, ring_x = max(dy - 1, 0), max(dx - 1, 0)  # the chunk and its one-pixel ring
+        ring = Box(
+            ring_y,
+            ring_x,
+            min(dy + box.h + 1, window.h) - ring_y,
+            min(dx + box.w + 1, window.w) - ring_x,
+        )
+        local, n = window_instances(classes, self.spec, open_edges, rest_within=ring)
         core = local[dy : dy + box.h, dx : dx + box.w]
         top = core[0] == local[dy - 1, dx : dx + box.w] if dy > 0 else None
         left = core[:, 0] == local[dy : dy + box.h, dx - 1] if dx > 0 else None
