@@ -247,13 +247,7 @@ class SeededPieces:
             window.x + window.w < self.image_shape[1],
         )
         dy, dx = box.y - window.y, box.x - window.x
-        ring_y, ring_x = max(dy - 1, 0), max(dx - 1, 0)  # the chunk and its one-pixel ring
-        ring = Box(
-            ring_y,
-            ring_x,
-            min(dy + box.h + 1, window.h) - ring_y,
-            min(dx + box.w + 1, window.w) - ring_x,
-        )
+        ring = _window(Box(dy, dx, box.h, box.w), window.shape, 1)  # the chunk and its ring
         local, n = window_instances(classes, self.spec, open_edges, rest_within=ring)
         core = local[dy : dy + box.h, dx : dx + box.w]
         top = core[0] == local[dy - 1, dx : dx + box.w] if dy > 0 else None
